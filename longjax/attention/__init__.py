@@ -1,0 +1,17 @@
+"""Attention ops of longjax: `[batch, seq, heads, head_dim]` in, same shape out."""
+
+from longjax.attention import masks
+from longjax.attention import reference
+from longjax.attention.api import IMPLEMENTATIONS
+from longjax.attention.api import Implementation
+from longjax.attention.api import sliding_window_attention
+from longjax.attention.reference import dense_attention
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Implementation",
+    "dense_attention",
+    "masks",
+    "reference",
+    "sliding_window_attention",
+]

@@ -1,0 +1,147 @@
+"""Public attention ops: one function per pattern, dispatching to an implementation.
+
+Every op takes `impl=None | 'xla' | 'pallas' | 'reference'`. An explicit
+implementation either serves the call or raises `NotImplementedError` saying
+what it cannot do; it never falls back. `impl=None` tries the backend's
+preferred implementations in order and takes the first that does not raise.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import jax
+
+from longjax.attention import arguments
+from longjax.attention import reference
+from longjax.attention import sliding_window as sliding_window_lib
+
+Implementation = Literal["xla", "pallas", "reference"]
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "reference")
+
+# Interpret-mode Pallas on CPU is a correctness tool, not a fast path, so the
+# CPU prefers XLA; accelerators prefer the kernels.
+_PREFERENCE: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
+    {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")}
+)
+
+
+def _dispatch(op_name: str, table: Mapping[str, Callable], impl, *args, **kwargs):
+    if impl is not None:
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"impl must be None or one of {IMPLEMENTATIONS}, got {impl!r}")
+        return table[impl](*args, **kwargs)
+    errors = []
+    for name in _PREFERENCE.get(jax.default_backend(), ("xla",)):
+        try:
+            return table[name](*args, **kwargs)
+        except NotImplementedError as e:
+            errors.append(f"{name}: {e}")
+    raise NotImplementedError(f"no implementation of {op_name} serves this call: " + "; ".join(errors))
+
+
+def _sliding_window_reference(q, k, v, *, block_size, max_global_tokens, **kwargs):
+    del max_global_tokens  # the dense oracle needs no bound on the global count
+    if block_size is not None:
+        raise NotImplementedError("impl='reference' is dense and takes no block_size")
+    return reference.sliding_window_reference(q, k, v, **kwargs)
+
+
+def _sliding_window_pallas(q, k, v, **kwargs):
+    raise NotImplementedError("impl='pallas' for sliding_window_attention has no kernel yet")
+
+
+def _sliding_window_xla(q, k, v, *, global_mask, padding_mask, max_global_tokens, **kwargs):
+    if global_mask is not None:
+        max_global_tokens = sliding_window_lib.resolve_max_global_tokens(
+            global_mask, padding_mask, max_global_tokens
+        )
+    return sliding_window_lib.sliding_window_xla(
+        q, k, v, global_mask=global_mask, padding_mask=padding_mask,
+        max_global_tokens=max_global_tokens, **kwargs,
+    )
+
+
+_SLIDING_WINDOW_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
+    {
+        "xla": _sliding_window_xla,
+        "pallas": _sliding_window_pallas,
+        "reference": _sliding_window_reference,
+    }
+)
+
+
+def sliding_window_attention(
+    q,
+    k,
+    v,
+    *,
+    window,
+    dilation=1,
+    causal: bool = False,
+    global_mask=None,
+    global_qkv=None,
+    padding_mask=None,
+    scale=None,
+    max_global_tokens: int | None = None,
+    block_size: int | None = None,
+    impl: Implementation | None = None,
+):
+    """Longformer attention: a (dilated) sliding window plus global tokens.
+
+    Query i of head h attends key j when `j - i = dilation[h] * t` for an
+    integer t in `[-left, right]`. A global query attends every key; every
+    query attends every global key; each key is counted once.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`, one shape and dtype.
+      window: `w` (w keys each side) or `(left, right)`, in dilated steps; any
+        size, 0 and beyond the sequence length included.
+      dilation: an int, or one int per head; >= 1.
+      causal: no key after the query is attended, global keys included; an int
+        window then means `(w, 0)`, and a tuple window must have right == 0.
+      global_mask: optional bool `[batch, seq]`, True for global tokens;
+        positions and counts may differ per row.
+      global_qkv: optional `(q_g, k_g, v_g)`, each shaped like q: Longformer's
+        separate projections, used by global queries (queries from q_g at the
+        global positions, keys and values from k_g, v_g everywhere). Needs
+        global_mask.
+      padding_mask: optional bool `[batch, seq]`, True for real tokens. Padded
+        keys are never attended; outputs at padded queries are zero.
+      scale: score multiplier, default `1 / sqrt(head_dim)`.
+      max_global_tokens: static bound on the global tokens per row, which the
+        linear-time implementation needs to give its global passes a fixed
+        shape. When None it is read from a concrete global_mask; under jit or
+        vmap (a traced global_mask) it must be given. A row with more global
+        tokens than this comes out as NaN rather than silently wrong.
+      block_size: query-block length of the blocked implementation; None picks
+        one per shape.
+      impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
+
+    Returns:
+      `[batch, seq, heads, head_dim]`, q's dtype.
+    """
+    arguments.check_qkv(q, k, v)
+    batch, seq, heads, _ = q.shape
+    spec = arguments.parse_sliding_window(window, dilation, causal, heads)
+    arguments.check_token_mask("global_mask", global_mask, batch, seq)
+    arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
+    arguments.check_global_qkv(global_qkv, global_mask, q)
+    arguments.check_scale(scale)
+    arguments.check_max_global_tokens(max_global_tokens, seq)
+    arguments.check_block_size(block_size)
+    return _dispatch(
+        "sliding_window_attention",
+        _SLIDING_WINDOW_IMPLS,
+        impl,
+        q, k, v,
+        spec=spec,
+        global_mask=global_mask,
+        global_qkv=global_qkv,
+        padding_mask=padding_mask,
+        scale=scale,
+        max_global_tokens=max_global_tokens,
+        block_size=block_size,
+    )

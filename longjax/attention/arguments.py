@@ -1,0 +1,141 @@
+"""Validation of attention-op arguments, shared by every implementation.
+
+Each public op checks its inputs here once, before dispatch, so every
+implementation sees the same normalised options and every bad input gets the
+same error naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_qkv(q, k, v) -> None:
+    """Checks that q, k, v are `[batch, seq, heads, head_dim]` of one shape and dtype."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(
+                f"{name} must have shape [batch, seq, heads, head_dim], got shape "
+                f"{getattr(x, 'shape', None)}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k and v must have the same shape, got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k and v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+
+
+def check_token_mask(name: str, mask, batch: int, seq: int) -> None:
+    """Checks a per-token boolean mask of shape `[batch, seq]`."""
+    if mask is None:
+        return
+    shape = getattr(mask, "shape", None)
+    if shape != (batch, seq):
+        raise ValueError(f"{name} must have shape [batch, seq] = {(batch, seq)}, got {shape}")
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"{name} must be a boolean array, got dtype {mask.dtype}")
+
+
+def check_scale(scale) -> None:
+    if scale is None or isinstance(scale, jax.Array):
+        return
+    if not isinstance(scale, (int, float, np.floating, np.integer)) or not np.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowSpec:
+    """The static description of a Longformer pattern, after validation.
+
+    Attributes:
+      left: keys attended before the query, counted in dilated steps.
+      right: keys attended after the query, counted in dilated steps (0 when causal).
+      dilation: one dilation per head.
+      causal: whether keys after the query are excluded everywhere, globals included.
+    """
+
+    left: int
+    right: int
+    dilation: tuple[int, ...]
+    causal: bool
+
+
+def parse_sliding_window(window, dilation, causal, num_heads: int) -> SlidingWindowSpec:
+    """Normalises `window`, `dilation` and `causal` into a `SlidingWindowSpec`."""
+    if isinstance(window, (bool, np.bool_)):
+        raise ValueError(f"window must be an int or a (left, right) tuple, got {window!r}")
+    if isinstance(window, (int, np.integer)):
+        left, right = int(window), int(window)
+        if causal:
+            right = 0
+    elif isinstance(window, Sequence) and len(window) == 2 and all(
+        isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window
+    ):
+        left, right = int(window[0]), int(window[1])
+        if causal and right != 0:
+            raise ValueError(
+                f"window=(left, right) must have right == 0 when causal=True, got {window!r}"
+            )
+    else:
+        raise ValueError(f"window must be an int or a (left, right) tuple of ints, got {window!r}")
+    if left < 0 or right < 0:
+        raise ValueError(f"window must be non-negative, got {window!r}")
+
+    if isinstance(dilation, (int, np.integer)) and not isinstance(dilation, bool):
+        dilations = (int(dilation),) * num_heads
+    elif isinstance(dilation, Sequence) and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dilation
+    ):
+        dilations = tuple(int(d) for d in dilation)
+        if len(dilations) != num_heads:
+            raise ValueError(
+                f"dilation must have one entry per head ({num_heads}), got {len(dilations)}: "
+                f"{tuple(dilation)!r}"
+            )
+    else:
+        raise ValueError(f"dilation must be an int or a sequence of ints, got {dilation!r}")
+    if any(d < 1 for d in dilations):
+        raise ValueError(f"dilation must be >= 1, got {dilation!r}")
+    return SlidingWindowSpec(left=left, right=right, dilation=dilations, causal=bool(causal))
+
+
+def check_global_qkv(global_qkv, global_mask, q) -> None:
+    """Checks Longformer's separate global projections against q."""
+    if global_qkv is None:
+        return
+    if global_mask is None:
+        raise ValueError("global_qkv was given without global_mask; global_mask says which tokens are global")
+    if not isinstance(global_qkv, (tuple, list)) or len(global_qkv) != 3:
+        raise ValueError("global_qkv must be a tuple (q_g, k_g, v_g)")
+    for name, x in zip(("q_g", "k_g", "v_g"), global_qkv):
+        if getattr(x, "shape", None) != q.shape or x.dtype != q.dtype:
+            raise ValueError(
+                f"global_qkv {name} must match q (shape {q.shape}, dtype {q.dtype}), got "
+                f"shape {getattr(x, 'shape', None)}, dtype {getattr(x, 'dtype', None)}"
+            )
+
+
+def check_max_global_tokens(max_global_tokens, seq: int) -> None:
+    if max_global_tokens is None:
+        return
+    if not isinstance(max_global_tokens, (int, np.integer)) or isinstance(max_global_tokens, bool):
+        raise ValueError(f"max_global_tokens must be an int or None, got {max_global_tokens!r}")
+    if not 1 <= max_global_tokens <= seq:
+        raise ValueError(f"max_global_tokens must be in [1, seq={seq}], got {max_global_tokens}")
+
+
+def check_block_size(block_size) -> None:
+    if block_size is None:
+        return
+    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")

@@ -1,0 +1,65 @@
+"""The shared attention test battery: any implementation against the reference.
+
+`assert_matches_reference` compares the output and the gradients of every
+floating-point input (q, k, v and any extra ones such as global projections)
+of an implementation with those of the reference, with the fixed per-dtype
+tolerances below. Tolerances are written once and never loosened to pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Inputs are unit normals, so outputs and gradients are O(1).
+TOLERANCES = {
+    jnp.dtype(jnp.float32): dict(atol=2e-5, rtol=2e-5),
+    jnp.dtype(jnp.bfloat16): dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def random_inputs(seed: int, shape, dtype, count: int):
+    keys = jax.random.split(jax.random.key(seed), count)
+    return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys)
+
+
+def value_and_grads(fn, arrays, cotangent):
+    """Output of `fn(*arrays)` and the gradients of `sum(out * cotangent)` wrt every array."""
+
+    def loss(*xs):
+        out = fn(*xs)
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=tuple(range(len(arrays))), has_aux=True)(
+        *arrays
+    )
+    return out, grads
+
+
+def assert_matches_reference(fn, reference_fn, arrays, *, seed: int = 0, check_grads: bool = True):
+    """Asserts fn and reference_fn agree in value (and gradients) at `arrays`."""
+    dtype = jnp.dtype(arrays[0].dtype)
+    tol = TOLERANCES[dtype]
+    if not check_grads:
+        out, ref = jax.jit(fn)(*arrays), jax.jit(reference_fn)(*arrays)
+        chex.assert_equal_shape([out, ref])
+        chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **tol)
+        return
+    cotangent = jax.random.normal(jax.random.key(seed + 1), arrays[0].shape, jnp.float32)
+    # One compiled program per side: op-by-op dispatch would compile every primitive.
+    out, grads = jax.jit(functools.partial(value_and_grads, fn))(arrays, cotangent)
+    ref, ref_grads = jax.jit(functools.partial(value_and_grads, reference_fn))(arrays, cotangent)
+    chex.assert_equal_shape([out, ref])
+    assert out.dtype == ref.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(out, np.float32))), "output has NaN or Inf"
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref.astype(jnp.float32), **tol)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), f"gradient {i} has NaN or Inf"
+        chex.assert_trees_all_close(
+            g.astype(jnp.float32), rg.astype(jnp.float32), **tol,
+            custom_message=f"gradient wrt input {i}",
+        )

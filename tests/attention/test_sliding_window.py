@@ -1,0 +1,206 @@
+"""The sliding-window (Longformer) battery: every implementation against the dense reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from longjax.attention import sliding_window_attention
+from tests.attention import battery
+
+# Each entry: (impl, extra options). A Pallas implementation joins here.
+IMPLEMENTATIONS = [
+    pytest.param(("xla", {}), id="xla"),
+    # Tiny blocks put several blocks and every span edge case into small shapes.
+    pytest.param(("xla", {"block_size": 4}), id="xla-block4"),
+]
+DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
+
+
+def _globals(batch: int, seq: int, positions_per_row):
+    mask = np.zeros((batch, seq), bool)
+    for row, positions in enumerate(positions_per_row):
+        mask[row, list(positions)] = True
+    return jnp.asarray(mask)
+
+
+def _padding(batch: int, seq: int, lengths):
+    return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
+
+
+# (shape [batch, seq, heads, head_dim], options). Globals and padding are built per case.
+CASES = {
+    "seq_not_multiple": ((2, 37, 2, 8), dict(window=3)),
+    "seq_shorter_than_window": ((1, 10, 2, 8), dict(window=16)),
+    "window_zero": ((1, 13, 2, 8), dict(window=0)),
+    "asymmetric": ((1, 29, 2, 8), dict(window=(2, 5))),
+    "asymmetric_left_only": ((1, 29, 2, 8), dict(window=(6, 0))),
+    "asymmetric_right_only": ((1, 29, 2, 8), dict(window=(0, 4))),
+    "causal": ((2, 31, 2, 8), dict(window=5, causal=True)),
+    "dilation_per_head": ((1, 41, 4, 8), dict(window=3, dilation=(1, 2, 3, 1))),
+    "dilation_causal": ((1, 33, 2, 8), dict(window=(4, 0), dilation=(2, 3), causal=True)),
+    "dilation_beyond_seq": ((1, 9, 2, 8), dict(window=2, dilation=(5, 11))),
+    "globals": ((2, 35, 2, 8), dict(window=2, global_mask=((0, 17, 34), (9,)))),
+    "globals_in_window": ((1, 30, 2, 8), dict(window=4, global_mask=((10, 11, 13),))),
+    "globals_separate_qkv": (
+        (2, 35, 2, 8), dict(window=2, global_mask=((0, 20), (3, 4, 30)), separate_global_qkv=True)
+    ),
+    "causal_globals": ((2, 34, 2, 8), dict(window=3, causal=True, global_mask=((0, 12, 30), (5,)))),
+    "causal_globals_qkv_dilation": (
+        (2, 34, 2, 8),
+        dict(window=3, causal=True, dilation=(1, 2), global_mask=((0, 12), (5, 33)),
+             separate_global_qkv=True),
+    ),
+    "padding_with_empty_row": ((3, 27, 2, 8), dict(window=3, padding=(27, 15, 0))),
+    "padding_globals": (
+        (3, 27, 2, 8),
+        dict(window=3, padding=(20, 27, 0), global_mask=((1, 22), (0, 26), (4,)),
+             separate_global_qkv=True),
+    ),
+}
+
+
+def _build(case: str, dtype):
+    """Returns (arrays, fn(impl, options) -> callable on arrays, reference callable)."""
+    shape, options = CASES[case]
+    options = dict(options)
+    batch, seq = shape[:2]
+    separate = options.pop("separate_global_qkv", False)
+    if "global_mask" in options:
+        options["global_mask"] = _globals(batch, seq, options["global_mask"])
+    if "padding" in options:
+        options["padding_mask"] = _padding(batch, seq, options.pop("padding"))
+    arrays = battery.random_inputs(hash(case) % 1000, shape, dtype, 6 if separate else 3)
+
+    def make(impl, extra):
+        def fn(q, k, v, *global_qkv):
+            return sliding_window_attention(
+                q, k, v, global_qkv=global_qkv or None, impl=impl, **options, **extra
+            )
+
+        return fn
+
+    return arrays, make
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_matches_reference(implementation, case, dtype):
+    impl, extra = implementation
+    arrays, make = _build(case, dtype)
+    battery.assert_matches_reference(make(impl, extra), make("reference", {}), arrays)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_under_jit_and_vmap(implementation):
+    impl, extra = implementation
+    batch, seq, heads, dim = 3, 26, 2, 8
+    q, k, v = battery.random_inputs(7, (batch, seq, heads, dim), jnp.float32, 3)
+    global_mask = _globals(batch, seq, ((0,), (3, 20), ()))
+    padding_mask = _padding(batch, seq, (26, 22, 10))
+    options = dict(window=3, dilation=(1, 2), max_global_tokens=2)
+
+    def single(impl_name, extra_options, q, k, v, g, p):
+        # vmap strips the batch axis; the op wants it, so each example is a batch of one.
+        out = sliding_window_attention(
+            q[None], k[None], v[None], global_mask=g[None], padding_mask=p[None],
+            impl=impl_name, **options, **extra_options,
+        )
+        return out[0]
+
+    fast = jax.jit(jax.vmap(functools.partial(single, impl, extra)))
+    ref = jax.vmap(functools.partial(single, "reference", {}))
+    args = (q, k, v, global_mask, padding_mask)
+    np.testing.assert_allclose(fast(*args), ref(*args), **battery.TOLERANCES[jnp.dtype(jnp.float32)])
+    grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, global_mask, padding_mask) ** 2), (0, 1, 2))
+    for g, rg in zip(jax.jit(grad(fast))(q, k, v), grad(ref)(q, k, v)):
+        np.testing.assert_allclose(g, rg, **battery.TOLERANCES[jnp.dtype(jnp.float32)])
+
+
+@st.composite
+def _problems(draw):
+    batch = draw(st.integers(1, 2))
+    seq = draw(st.integers(1, 40))
+    heads = draw(st.integers(1, 3))
+    causal = draw(st.booleans())
+    left = draw(st.integers(0, 12))
+    right = 0 if causal else draw(st.integers(0, 12))
+    window = left if (causal or left == right) and draw(st.booleans()) else (left, right)
+    dilation = tuple(draw(st.lists(st.integers(1, 4), min_size=heads, max_size=heads)))
+    bits = st.lists(st.booleans(), min_size=seq, max_size=seq)
+    global_mask = padding_mask = None
+    if draw(st.booleans()):
+        global_mask = jnp.asarray([draw(bits) for _ in range(batch)])
+    if draw(st.booleans()):
+        padding_mask = jnp.asarray([draw(bits) for _ in range(batch)])
+    block_size = draw(st.sampled_from([None, 1, 3, 8]))
+    seed = draw(st.integers(0, 2**16))
+    return (batch, seq, heads), dict(
+        window=window, dilation=dilation, causal=causal, global_mask=global_mask,
+        padding_mask=padding_mask,
+    ), block_size, seed
+
+
+@settings(max_examples=40)
+@given(_problems())
+def test_property_matches_reference(problem):
+    (batch, seq, heads), options, block_size, seed = problem
+    q, k, v = battery.random_inputs(seed, (batch, seq, heads, 4), jnp.float32, 3)
+    fast = functools.partial(sliding_window_attention, impl="xla", block_size=block_size, **options)
+    ref = functools.partial(sliding_window_attention, impl="reference", **options)
+    battery.assert_matches_reference(fast, ref, (q, k, v), check_grads=False)
+
+
+def test_too_many_globals_is_nan_not_wrong():
+    q, k, v = battery.random_inputs(3, (2, 16, 1, 4), jnp.float32, 3)
+    global_mask = _globals(2, 16, ((1, 5, 9), (2,)))
+    out = jax.jit(
+        lambda q, k, v, g: sliding_window_attention(
+            q, k, v, window=2, global_mask=g, max_global_tokens=2, impl="xla"
+        )
+    )(q, k, v, global_mask)
+    assert np.all(np.isnan(out[0]))
+    ref = sliding_window_attention(q, k, v, window=2, global_mask=global_mask, impl="reference")
+    np.testing.assert_allclose(out[1], ref[1], **battery.TOLERANCES[jnp.dtype(jnp.float32)])
+
+
+def test_no_seq_by_seq_array_in_xla_program():
+    seq = 4096
+    q = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, seq), jnp.bool_)
+    fn = lambda q, k, v, g, p: sliding_window_attention(
+        q, k, v, window=8, dilation=(1, 3), global_mask=g, padding_mask=p,
+        max_global_tokens=4, impl="xla",
+    )
+    grad = jax.grad(lambda q, k, v, g, p: jnp.sum(fn(q, k, v, g, p)), (0, 1, 2))
+    for f in (fn, grad):
+        text = jax.jit(f).lower(q, q, q, mask, mask).as_text()
+        # Any array with two sequence-length axes would show as seqxseq in the HLO types.
+        assert f"{seq}x{seq}" not in text
+        assert f"{seq // 3 + 1}x{seq // 3 + 1}" not in text
+
+
+def test_output_of_padded_query_is_zero_and_finite():
+    q, k, v = battery.random_inputs(5, (2, 12, 2, 4), jnp.float32, 3)
+    padding_mask = _padding(2, 12, (0, 5))
+    out = sliding_window_attention(q, k, v, window=2, padding_mask=padding_mask, impl="xla")
+    assert np.all(np.asarray(out[0]) == 0) and np.all(np.asarray(out[1, 5:]) == 0)
+    grads = jax.grad(
+        lambda q: jnp.sum(sliding_window_attention(q, k, v, window=2, padding_mask=padding_mask))
+    )(q)
+    assert np.all(np.isfinite(grads))
+
+
+def test_default_impl_is_exact():
+    q, k, v = battery.random_inputs(9, (1, 20, 2, 8), jnp.float32, 3)
+    np.testing.assert_allclose(
+        sliding_window_attention(q, k, v, window=3),
+        sliding_window_attention(q, k, v, window=3, impl="reference"),
+        **battery.TOLERANCES[jnp.dtype(jnp.float32)],
+    )
