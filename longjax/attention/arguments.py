@@ -47,10 +47,16 @@ def check_token_mask(name: str, mask, batch: int, seq: int) -> None:
 
 
 def check_scale(scale) -> None:
-    if scale is None or isinstance(scale, jax.Array):
+    """scale is static (a Python or NumPy number): the kernels specialise on it."""
+    if scale is None:
         return
-    if not isinstance(scale, (int, float, np.floating, np.integer)) or not np.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if (
+        not isinstance(scale, (int, float, np.floating, np.integer))
+        or isinstance(scale, bool)
+        or not np.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"scale must be a positive finite Python number or None, got {scale!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,9 @@ Layout inside this module is `[batch, heads, seq, head_dim]`, transposed once at
 the boundary. Nothing here builds a `seq x seq` array:
 
 * The band is computed in query blocks of length B, each against the key span
-  covering its window (`W` consecutive key blocks), so time and memory are
-  `O(seq * W * B)`. Unlike Longformer's overlapping chunks, only the blocks the
-  window touches are computed.
+  covering its window (`band.py`), so time and memory are linear in seq.
+  Unlike Longformer's overlapping chunks, only the blocks the window touches
+  are computed.
 * Dilation d is reduced exactly to an undilated window: the positions
   `r, r + d, r + 2d, ...` form d interleaved subsequences, and on each one the
   dilated window is an ordinary window. Heads are grouped by dilation.
@@ -25,110 +25,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longjax.attention import band
 from longjax.attention import softmax_stats
 from longjax.attention.arguments import SlidingWindowSpec
 from longjax.attention.softmax_stats import PartialAttention
-
-# Relative matmul efficiency of XLA:CPU batched dots by block length, measured
-# with experiments/bench_attention.py; small blocks cost far more per FLOP.
-_BLOCK_EFFICIENCY = {16: 0.1, 32: 0.2, 64: 0.4, 128: 0.8, 256: 1.0, 512: 1.0, 1024: 1.0}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _band_geometry(seq: int, left: int, right: int, block: int) -> tuple[int, int, int]:
-    """(query blocks, key blocks before, key blocks after) of the blocked band."""
-    num_blocks = _cdiv(seq, block)
-    blocks_left = min(_cdiv(left, block), num_blocks - 1)
-    blocks_right = min(_cdiv(right, block), num_blocks - 1)
-    return num_blocks, blocks_left, blocks_right
-
-
-def _efficiency(block: int) -> float:
-    smaller = [b for b in sorted(_BLOCK_EFFICIENCY) if b <= block]
-    if not smaller:
-        return _BLOCK_EFFICIENCY[min(_BLOCK_EFFICIENCY)] * block / min(_BLOCK_EFFICIENCY)
-    return _BLOCK_EFFICIENCY[smaller[-1]]
-
-
-def choose_block_size(seq: int, left: int, right: int) -> int:
-    """Query-block length minimising the estimated cost of the blocked band.
-
-    Candidates are the tabulated block lengths below `seq` and one block
-    covering the whole (8-aligned) sequence, which is best for short inputs.
-    """
-    largest = max(_BLOCK_EFFICIENCY)
-    candidates = [b for b in _BLOCK_EFFICIENCY if b < seq] + [min(8 * _cdiv(seq, 8), largest)]
-
-    def cost(block):
-        num_blocks, bl, br = _band_geometry(seq, left, right, block)
-        return num_blocks * block * (bl + br + 1) * block / _efficiency(block)
-
-    return min(candidates, key=cost)
-
-
-def _band(q, k, v, key_valid, *, left: int, right: int, block: int, scale) -> PartialAttention:
-    """Undilated band attention: query i attends keys i - left .. i + right.
-
-    Args:
-      q, k, v: `[batch, heads, seq, head_dim]`.
-      key_valid: bool `[batch, seq]` or None (all keys valid).
-    Returns:
-      PartialAttention with acc `[batch, heads, seq, head_dim]`, stats `[batch, heads, seq]`.
-    """
-    b, h, n, d = q.shape
-    num_blocks, bl, br = _band_geometry(n, left, right, block)
-    span_blocks = bl + br + 1
-    padded = num_blocks * block
-
-    qb = jnp.pad(q, ((0, 0), (0, 0), (0, padded - n), (0, 0))).reshape(b, h, num_blocks, block, d)
-    kv_pad = ((0, 0), (0, 0), (bl * block, padded - n + br * block), (0, 0))
-
-    def key_span(x):
-        # [.., (num_blocks + span_blocks - 1) * block, ..] -> [.., num_blocks, span_blocks * block, ..]:
-        # query block a sees key blocks a - bl .. a + br.
-        xb = x.reshape(x.shape[:2] + (num_blocks + span_blocks - 1, block) + x.shape[3:])
-        return jnp.concatenate([xb[:, :, o : o + num_blocks] for o in range(span_blocks)], axis=3)
-
-    k_span = key_span(jnp.pad(k, kv_pad))
-    v_span = key_span(jnp.pad(v, kv_pad))
-
-    if key_valid is None:
-        key_valid = jnp.ones((b, n), dtype=bool)
-    valid = jnp.pad(key_valid, ((0, 0), (bl * block, padded - n + br * block)))
-    valid_span = key_span(valid[:, None, :, None])[:, 0, :, :, 0]  # [b, num_blocks, span]
-
-    rel = np.arange(span_blocks * block)[None, :] - bl * block - np.arange(block)[:, None]
-    band = (rel >= -left) & (rel <= right)  # [block, span], the same for every block
-    mask = band[None, None, None] & valid_span[:, None, :, None, :]
-
-    scores = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, k_span, preferred_element_type=jnp.float32)
-    probs, row_max, row_sum = softmax_stats.masked_exp(scores * scale, mask)
-    acc = jnp.einsum(
-        "bhnqk,bhnkd->bhnqd", probs.astype(v.dtype), v_span, preferred_element_type=jnp.float32
-    )
-    return PartialAttention(
-        acc=acc.reshape(b, h, padded, d)[:, :, :n],
-        row_max=row_max.reshape(b, h, padded)[:, :, :n],
-        row_sum=row_sum.reshape(b, h, padded)[:, :, :n],
-    )
 
 
 def _dilated_band(q, k, v, key_valid, *, left, right, dilation, block_size, scale):
     """Band attention with dilation, via the `dilation` interleaved subsequences."""
     b, h, n, d = q.shape
-    sub_len = _cdiv(n, dilation)
+    sub_len = -(-n // dilation)
     # Steps further than the subsequence length reach no key: clipping keeps the span small.
     left, right = min(left, sub_len - 1), min(right, sub_len - 1)
-    block = block_size or choose_block_size(sub_len, left, right)
+    block = block_size or band.choose_block_size(sub_len, left, right)
     if dilation == 1:
-        return _band(q, k, v, key_valid, left=left, right=right, block=block, scale=scale)
+        return band.band_attention(q, k, v, key_valid, left=left, right=right, block=block, scale=scale)
 
     padded = sub_len * dilation
-    if key_valid is None:
-        key_valid = jnp.ones((b, n), dtype=bool)
 
     def split(x):
         # position p = s * dilation + r goes to subsequence r, index s.
@@ -138,7 +51,9 @@ def _dilated_band(q, k, v, key_valid, *, left, right, dilation, block_size, scal
         return x.reshape((b * dilation,) + x.shape[2:])
 
     valid = split(key_valid[:, None])[:, 0]
-    part = _band(split(q), split(k), split(v), valid, left=left, right=right, block=block, scale=scale)
+    part = band.band_attention(
+        split(q), split(k), split(v), valid, left=left, right=right, block=block, scale=scale
+    )
 
     def merge_back(x):
         x = x.reshape((b, dilation) + x.shape[1:])
@@ -192,9 +107,9 @@ def _to_global_keys(q, k, v, positions, used, causal, scale) -> PartialAttention
     mask = used[:, None, None, :]
     if causal:
         mask = mask & (positions[:, None, None, :] <= jnp.arange(n)[None, None, :, None])
-    probs, row_max, row_sum = softmax_stats.masked_exp(scores * scale, mask)
-    acc = jnp.einsum("bhng,bhgd->bhnd", probs.astype(v.dtype), gather(v), preferred_element_type=jnp.float32)
-    return PartialAttention(acc, row_max, row_sum)
+    probs, lse = softmax_stats.masked_softmax(scores * scale, mask)
+    out = jnp.einsum("bhng,bhgd->bhnd", probs.astype(v.dtype), gather(v), preferred_element_type=jnp.float32)
+    return PartialAttention(out, lse)
 
 
 def _from_global_queries(q, k, v, key_valid, positions, used, causal, scale):
@@ -207,9 +122,8 @@ def _from_global_queries(q, k, v, key_valid, positions, used, causal, scale):
         mask = mask & key_valid[:, None, None, :]
     if causal:
         mask = mask & (jnp.arange(n)[None, None, None, :] <= positions[:, None, :, None])
-    probs, row_max, row_sum = softmax_stats.masked_exp(scores * scale, mask)
-    acc = jnp.einsum("bhgn,bhnd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return softmax_stats.normalize(PartialAttention(acc, row_max, row_sum))
+    probs, _ = softmax_stats.masked_softmax(scores * scale, mask)
+    return jnp.einsum("bhgn,bhnd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 def sliding_window_xla(
@@ -221,16 +135,15 @@ def sliding_window_xla(
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     Rows with more global tokens than `max_global_tokens` come out as NaN.
     """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
     qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
 
-    key_valid = padding_mask
+    key_valid = jnp.ones(q.shape[:2], bool) if padding_mask is None else padding_mask
     if global_mask is not None:
-        is_global = global_mask if padding_mask is None else global_mask & padding_mask
+        is_global = global_mask & key_valid
         # Global keys are attended through the global-key pass, so the band skips them.
-        key_valid = ~is_global if padding_mask is None else padding_mask & ~is_global
+        key_valid = key_valid & ~global_mask
 
     part = _local(qh, kh, vh, key_valid, spec, block_size, scale)
 
@@ -239,7 +152,7 @@ def sliding_window_xla(
         part = softmax_stats.merge(
             part, _to_global_keys(qh, kh, vh, positions, used, spec.causal, scale)
         )
-        out = softmax_stats.normalize(part)
+        out = part.out
         gq, gk, gv = (qh, kh, vh) if global_qkv is None else map(to_bhnd, global_qkv)
         global_out = _from_global_queries(gq, gk, gv, padding_mask, positions, used, spec.causal, scale)
         n = q.shape[1]
@@ -247,7 +160,7 @@ def sliding_window_xla(
         out = jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, slot_target, global_out)
         out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     else:
-        out = softmax_stats.normalize(part)
+        out = part.out
 
     out = to_bhnd(out)
     if padding_mask is not None:

@@ -1,0 +1,168 @@
+"""Forward+backward time and memory of the attention ops against sequence length.
+
+    python experiments/bench_attention.py [--seqs 1024,4096,16384,65536] [--out experiments/results]
+
+For each op and sequence length it compiles one program computing the output
+and the gradients wrt q, k and v, reports the median wall time over repeats
+and the program's peak memory as XLA plans it (arguments + outputs + temporaries),
+and skips a point whose plan exceeds --memory-budget-gb. In the same run it
+measures this machine's float32 matmul throughput with one large matmul, and
+reports each op's useful FLOP/s as a fraction of it:
+useful FLOPs = 4 * seq * keys_per_query * head_dim * heads forward, x3.5 for
+forward+backward. It prints a table and writes CSV and a log-log PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from longjax.attention import dense_attention, masks, sliding_window_attention
+
+HEADS, HEAD_DIM, WINDOW = 12, 64, 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    attention: Callable  # (q, k, v) -> out
+    keys_per_query: Callable[[int], float]  # seq -> attended keys per query (for useful FLOPs)
+
+
+def _cases() -> list[Case]:
+    def reference(q, k, v):
+        return dense_attention(q, k, v, masks.dilated_window_mask(q.shape[1], left=WINDOW, right=WINDOW)[None, None])
+
+    def sliding(q, k, v):
+        return sliding_window_attention(q, k, v, window=WINDOW, impl="xla")
+
+    band = lambda seq: min(seq, 2 * WINDOW + 1)
+    return [
+        Case("reference (dense, window mask)", reference, band),
+        Case(f"sliding_window w={WINDOW}", sliding, band),
+    ]
+
+
+def _median_seconds(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 4096, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    return 2 * n**3 / _median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
+
+
+def _fwd_bwd(attention):
+    def run(q, k, v, cotangent):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return out, vjp(cotangent)
+
+    return jax.jit(run)
+
+
+def bench(seqs, budget_bytes: float, repeats: int):
+    peak = matmul_flops_per_second()
+    print(f"float32 matmul throughput (4096^3): {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for case in _cases():
+        for seq in seqs:
+            shape = jax.ShapeDtypeStruct((1, seq, HEADS, HEAD_DIM), jnp.float32)
+            compiled = _fwd_bwd(case.attention).lower(shape, shape, shape, shape).compile()
+            mem = compiled.memory_analysis()
+            planned = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            row = dict(op=case.name, seq=seq, planned_peak_gb=planned / 1e9)
+            if planned > budget_bytes:
+                row.update(seconds=float("nan"), useful_gflops=float("nan"), fraction_of_matmul=float("nan"))
+                rows.append(row)
+                print(f"{case.name:34s} seq {seq:6d}: skipped, plans {planned / 1e9:.1f} GB")
+                continue
+            keys = jax.random.split(jax.random.key(seq), 4)
+            args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
+            seconds = _median_seconds(compiled, *args, repeats=repeats)
+            useful = 3.5 * 4 * seq * case.keys_per_query(seq) * HEAD_DIM * HEADS
+            row.update(seconds=seconds, useful_gflops=useful / seconds / 1e9,
+                       fraction_of_matmul=useful / seconds / peak)
+            rows.append(row)
+            print(f"{case.name:34s} seq {seq:6d}: {seconds * 1e3:9.1f} ms  {planned / 1e9:6.2f} GB  "
+                  f"{row['useful_gflops']:6.1f} GFLOP/s = {row['fraction_of_matmul']:.1%} of matmul")
+            del args
+    return peak, rows
+
+
+def _table(rows) -> str:
+    header = f"| op | seq | fwd+bwd ms | planned peak GB | useful GFLOP/s | of matmul |\n|---|---:|---:|---:|---:|---:|"
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['seq']} | {r['seconds'] * 1e3:.1f} | {r['planned_peak_gb']:.2f} | "
+            f"{r['useful_gflops']:.1f} | {r['fraction_of_matmul']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        pts = [r for r in rows if r["op"] == op and r["seconds"] == r["seconds"]]
+        if pts:
+            ax_t.loglog([r["seq"] for r in pts], [r["seconds"] for r in pts], "o-", label=op)
+            ax_m.loglog([r["seq"] for r in pts], [r["planned_peak_gb"] for r in pts], "o-", label=op)
+    ax_t.set(xlabel="sequence length", ylabel="forward+backward seconds", title="time")
+    ax_m.set(xlabel="sequence length", ylabel="planned peak GB", title="memory")
+    for ax in (ax_t, ax_m):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xscale("log", base=2)
+    ax_t.legend(fontsize=8)
+    fig.suptitle(f"attention fwd+bwd, heads {HEADS}, head_dim {HEAD_DIM}, float32, {jax.devices()[0].device_kind}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", default="1024,2048,4096,8192,16384,32768,65536")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--memory-budget-gb", type=float, default=16.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    seqs = [int(s) for s in args.seqs.split(",")]
+    peak, rows = bench(seqs, args.memory_budget_gb * 1e9, args.repeats)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "bench_attention.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["matmul_gflops"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "matmul_gflops": peak / 1e9})
+    png_path = os.path.join(args.out, "bench_attention.png")
+    _plot(rows, png_path)
+    print()
+    print(f"matmul throughput: {peak / 1e9:.1f} GFLOP/s; process max RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
+    print(_table(rows))
+    print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
