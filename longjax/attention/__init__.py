@@ -4,12 +4,16 @@ from longjax.attention import masks
 from longjax.attention import reference
 from longjax.attention.api import IMPLEMENTATIONS
 from longjax.attention.api import Implementation
+from longjax.attention.api import block_sparse_attention
+from longjax.attention.block_sparse import bigbird_random_layout
 from longjax.attention.api import sliding_window_attention
 from longjax.attention.reference import dense_attention
 
 __all__ = [
     "IMPLEMENTATIONS",
     "Implementation",
+    "bigbird_random_layout",
+    "block_sparse_attention",
     "dense_attention",
     "masks",
     "reference",

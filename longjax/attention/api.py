@@ -15,6 +15,8 @@ from typing import Literal
 import jax
 
 from longjax.attention import arguments
+from longjax.attention import block_sparse as block_sparse_lib
+from longjax.attention import global_tokens
 from longjax.attention import reference
 from longjax.attention import sliding_window as sliding_window_lib
 
@@ -53,20 +55,25 @@ def _sliding_window_pallas(q, k, v, **kwargs):
     raise NotImplementedError("impl='pallas' for sliding_window_attention has no kernel yet")
 
 
-def _sliding_window_xla(q, k, v, *, global_mask, padding_mask, max_global_tokens, **kwargs):
-    if global_mask is not None:
-        max_global_tokens = sliding_window_lib.resolve_max_global_tokens(
-            global_mask, padding_mask, max_global_tokens
+def _with_global_slots(xla_impl):
+    """Resolves max_global_tokens (static slots for token-level globals) before an XLA implementation."""
+
+    def impl(q, k, v, *, global_mask, padding_mask, max_global_tokens, **kwargs):
+        if global_mask is not None:
+            max_global_tokens = global_tokens.resolve_max_global_tokens(
+                global_mask, padding_mask, max_global_tokens
+            )
+        return xla_impl(
+            q, k, v, global_mask=global_mask, padding_mask=padding_mask,
+            max_global_tokens=max_global_tokens, **kwargs,
         )
-    return sliding_window_lib.sliding_window_xla(
-        q, k, v, global_mask=global_mask, padding_mask=padding_mask,
-        max_global_tokens=max_global_tokens, **kwargs,
-    )
+
+    return impl
 
 
 _SLIDING_WINDOW_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
-        "xla": _sliding_window_xla,
+        "xla": _with_global_slots(sliding_window_lib.sliding_window_xla),
         "pallas": _sliding_window_pallas,
         "reference": _sliding_window_reference,
     }
@@ -144,4 +151,109 @@ def sliding_window_attention(
         scale=scale,
         max_global_tokens=max_global_tokens,
         block_size=block_size,
+    )
+
+
+def _block_sparse_reference(q, k, v, *, max_global_tokens, **kwargs):
+    del max_global_tokens  # the dense oracle needs no bound on the global count
+    return reference.block_sparse_reference(q, k, v, **kwargs)
+
+
+def _block_sparse_pallas(q, k, v, **kwargs):
+    raise NotImplementedError("impl='pallas' for block_sparse_attention has no kernel yet")
+
+
+_BLOCK_SPARSE_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
+    {
+        "xla": _with_global_slots(block_sparse_lib.block_sparse_xla),
+        "pallas": _block_sparse_pallas,
+        "reference": _block_sparse_reference,
+    }
+)
+
+
+def block_sparse_attention(
+    q,
+    k,
+    v,
+    *,
+    block_size: int,
+    num_window_blocks: int = 3,
+    global_blocks=(0, -1),
+    num_random_blocks: int = 3,
+    random_layout=None,
+    seed: int = 0,
+    global_mask=None,
+    padding_mask=None,
+    causal: bool = False,
+    scale=None,
+    max_global_tokens: int | None = None,
+    impl: Implementation | None = None,
+):
+    """BigBird attention: window, global and random key blocks.
+
+    The sequence is cut into blocks of `block_size` (padded internally to a
+    whole number of blocks). Query block a of head h attends every key if a is
+    a global block; otherwise the union, each key once, of the window blocks
+    `a - s .. a + s` (`num_window_blocks = 2s + 1`), the global blocks and the
+    random blocks `random_layout[h, a]`. The pattern applies as defined at every
+    length; a short input simply has every block in its window.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`, one shape and dtype.
+      block_size: tokens per block, >= 1.
+      num_window_blocks: odd, >= 1.
+      global_blocks: block indices, negative ones from the end; the default is
+        BigBird's ITC layout (first and last block).
+      num_random_blocks: random key blocks per query block (r).
+      random_layout: optional int `[heads, blocks, r]` of block indices, -1 for
+        none; rows of global blocks are ignored. None draws one with
+        `bigbird_random_layout(..., seed=seed)`; a model passes a seed derived
+        from the layer, so the layout is fixed for training and evaluation.
+      seed: seed of the drawn layout.
+      global_mask: optional bool `[batch, seq]`: extra token-level global tokens
+        (ETC-style) that attend every key and that every query attends.
+      padding_mask: optional bool `[batch, seq]`, True for real tokens.
+      causal: no key after the query; the drawn random blocks come from earlier
+        blocks only.
+      scale: score multiplier, default `1 / sqrt(head_dim)`.
+      max_global_tokens: static bound on global_mask tokens per row, as for
+        `sliding_window_attention`; needed when global_mask is traced.
+      impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
+
+    Returns:
+      `[batch, seq, heads, head_dim]`, q's dtype.
+    """
+    arguments.check_qkv(q, k, v)
+    batch, seq, heads, _ = q.shape
+    arguments.check_block_sparse_shape(block_size, num_window_blocks, num_random_blocks)
+    num_blocks = -(-seq // block_size)
+    normalized_globals = arguments.normalize_global_blocks(global_blocks, num_blocks)
+    if random_layout is None:
+        random_layout = block_sparse_lib.bigbird_random_layout(
+            num_blocks, heads, num_random_blocks, num_window_blocks=num_window_blocks,
+            global_blocks=global_blocks, causal=causal, seed=seed,
+        )
+    spec = arguments.BlockSparseSpec(
+        block_size=block_size,
+        num_blocks=num_blocks,
+        window_radius=num_window_blocks // 2,
+        global_blocks=normalized_globals,
+        random_layout=arguments.check_random_layout(random_layout, heads, num_blocks, num_random_blocks),
+        causal=bool(causal),
+    )
+    arguments.check_token_mask("global_mask", global_mask, batch, seq)
+    arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
+    arguments.check_scale(scale)
+    arguments.check_max_global_tokens(max_global_tokens, seq)
+    return _dispatch(
+        "block_sparse_attention",
+        _BLOCK_SPARSE_IMPLS,
+        impl,
+        q, k, v,
+        spec=spec,
+        global_mask=global_mask,
+        padding_mask=padding_mask,
+        scale=scale,
+        max_global_tokens=max_global_tokens,
     )

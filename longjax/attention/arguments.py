@@ -145,3 +145,73 @@ def check_block_size(block_size) -> None:
         return
     if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseSpec:
+    """The static description of a BigBird pattern, after validation.
+
+    Attributes:
+      block_size: tokens per block.
+      num_blocks: blocks covering the sequence (the last one may be partial).
+      window_radius: s, with num_window_blocks = 2s + 1.
+      global_blocks: sorted, distinct, non-negative global block indices.
+      random_layout: int32 `[heads, num_blocks, num_random_blocks]`, -1 = none.
+      causal: no key after the query.
+    """
+
+    block_size: int
+    num_blocks: int
+    window_radius: int
+    global_blocks: tuple[int, ...]
+    random_layout: np.ndarray
+    causal: bool
+
+
+def check_block_sparse_shape(block_size, num_window_blocks, num_random_blocks) -> None:
+    if not _is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if not _is_int(num_window_blocks) or num_window_blocks < 1 or num_window_blocks % 2 == 0:
+        raise ValueError(
+            f"num_window_blocks must be a positive odd int (2s + 1), got {num_window_blocks!r}"
+        )
+    if not _is_int(num_random_blocks) or num_random_blocks < 0:
+        raise ValueError(f"num_random_blocks must be an int >= 0, got {num_random_blocks!r}")
+
+
+def normalize_global_blocks(global_blocks, num_blocks: int) -> tuple[int, ...]:
+    """Sorted distinct block indices; negative ones count from the end."""
+    if not isinstance(global_blocks, Sequence) or not all(_is_int(g) for g in global_blocks):
+        raise ValueError(f"global_blocks must be a sequence of ints, got {global_blocks!r}")
+    for g in global_blocks:
+        if not -num_blocks <= g < num_blocks:
+            raise ValueError(
+                f"global_blocks entry {g} is out of range for {num_blocks} blocks "
+                f"(valid: {-num_blocks} .. {num_blocks - 1})"
+            )
+    return tuple(sorted({int(g) % num_blocks for g in global_blocks}))
+
+
+def check_random_layout(random_layout, num_heads: int, num_blocks: int, num_random_blocks: int) -> np.ndarray:
+    """The layout as int32 numpy, checked for shape and range; it must be concrete."""
+    try:
+        layout = np.asarray(random_layout)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("random_layout must be concrete (a NumPy array), not traced") from e
+    expected = (num_heads, num_blocks, num_random_blocks)
+    if layout.shape != expected:
+        raise ValueError(
+            f"random_layout must have shape [heads, blocks, num_random_blocks] = {expected}, got {layout.shape}"
+        )
+    if layout.size and not np.issubdtype(layout.dtype, np.integer):
+        raise ValueError(f"random_layout must hold integers, got dtype {layout.dtype}")
+    if layout.size and (layout.min() < -1 or layout.max() >= num_blocks):
+        raise ValueError(
+            f"random_layout entries must be block indices in [0, {num_blocks}) or -1, "
+            f"got range [{layout.min()}, {layout.max()}]"
+        )
+    return layout.astype(np.int32)

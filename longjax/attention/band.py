@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention.softmax_stats import MASK_VALUE, PartialAttention
+from longjax.attention import blockwise
+from longjax.attention.blockwise import attend, masked_scores, pad_seq, slice_seq, stack_blocks
+from longjax.attention.softmax_stats import PartialAttention
 
 # Relative FLOP rate of one scan step by block length: XLA:CPU's small batched
 # dots cost far more per FLOP (measured at seq 16384, window 256, 12 heads of 64,
@@ -83,70 +85,34 @@ def _geometry(seq: int, left: int, right: int, block: int) -> tuple[int, int]:
     return num_blocks, min(block + left + right, num_blocks * block)
 
 
-def _span_start(a, block: int, left: int, keys: int, span: int):
-    """First key of block a's span, kept inside the (padded) keys."""
-    return jnp.clip(a * block - left, 0, keys - span)
+def _span_of_block(a, validp, *, block: int, left: int, right: int, span: int):
+    """(first key, bool mask `[batch, 1, block, span]`) of query block a's key span.
 
-
-def _span_mask(a, start, key_valid_span, *, block, left, right):
-    """bool `[batch, 1, block, span]`: the band and key validity inside block a's span."""
-    span = key_valid_span.shape[-1]
+    The span starts at `a*B - left`, shifted to stay inside the (padded) keys;
+    the mask holds the band and key validity inside it.
+    """
+    start = jnp.clip(a * block - left, 0, validp.shape[1] - span)
     rel = (start + jnp.arange(span)[None, :]) - (a * block + jnp.arange(block)[:, None])
     band = (rel >= -left) & (rel <= right)
-    return band[None, None] & key_valid_span[:, None, None, :]
-
-
-def _pad_seq(x, before, after):
-    return jnp.pad(x, [(0, 0), (0, 0), (before, after)] + [(0, 0)] * (x.ndim - 3))
-
-
-def _block_scores(q_blk, k_span, mask, scale):
-    """Masked float32 scores `[batch, heads, block, span]`."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q_blk, k_span, preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores * scale, MASK_VALUE)
-
-
-def _slice_seq(x, start, size):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
-
-
-def _stack_blocks(ys, seq):
-    """Scan outputs `[blocks, batch, heads, block, ...]` -> `[batch, heads, seq, ...]`."""
-    ys = jnp.moveaxis(ys, 0, 2)
-    return ys.reshape(ys.shape[:2] + (-1,) + ys.shape[4:])[:, :, :seq]
+    valid = jax.lax.dynamic_slice_in_dim(validp, start, span, axis=1)
+    return start, band[None, None] & valid[:, None, None, :]
 
 
 def _forward(q, k, v, key_valid, left, right, block, scale):
     seq = q.shape[2]
     num_blocks, span = _geometry(seq, left, right, block)
     keys = max(seq, span)
-    qp = _pad_seq(q, 0, num_blocks * block - seq)
-    kp, vp = _pad_seq(k, 0, keys - seq), _pad_seq(v, 0, keys - seq)
+    qp = pad_seq(q, 0, num_blocks * block - seq)
+    kp, vp = pad_seq(k, 0, keys - seq), pad_seq(v, 0, keys - seq)
     validp = jnp.pad(key_valid, ((0, 0), (0, keys - seq)))
 
     def step(_, a):
-        start = _span_start(a, block, left, keys, span)
-        mask = _span_mask(
-            a, start, jax.lax.dynamic_slice_in_dim(validp, start, span, axis=1),
-            block=block, left=left, right=right,
-        )
-        scores = _block_scores(_slice_seq(qp, a * block, block), _slice_seq(kp, start, span), mask, scale)
-        row_max = jnp.max(scores, axis=-1, keepdims=True)
-        # A row with no allowed key has row_max == MASK_VALUE and weights exp(0):
-        # it is zeroed once per row below rather than masking every weight.
-        has_key = row_max > MASK_VALUE / 2
-        weights = jnp.exp(scores - row_max)
-        total = jnp.sum(weights, axis=-1, keepdims=True)
-        out = jnp.einsum(
-            "bhqk,bhkd->bhqd", weights.astype(v.dtype), _slice_seq(vp, start, span),
-            preferred_element_type=jnp.float32,
-        )
-        out = jnp.where(has_key, out / total, 0.0)
-        lse = jnp.where(has_key, row_max + jnp.log(total), MASK_VALUE)[..., 0]
-        return None, (out, lse)
+        start, mask = _span_of_block(a, validp, block=block, left=left, right=right, span=span)
+        scores = masked_scores(slice_seq(qp, a * block, block), slice_seq(kp, start, span), mask, scale)
+        return None, attend(scores, slice_seq(vp, start, span))
 
     _, (out, lse) = jax.lax.scan(step, None, jnp.arange(num_blocks))
-    return _stack_blocks(out, seq), _stack_blocks(lse, seq)
+    return stack_blocks(out, seq), stack_blocks(lse, seq)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -167,44 +133,32 @@ def _band_bwd(left, right, block, scale, residuals, cotangents):
     keys = max(seq, span)
     qpad = num_blocks * block - seq
     f32 = lambda x: x.astype(jnp.float32)
-    qp = _pad_seq(f32(q), 0, qpad)
-    kp, vp = _pad_seq(f32(k), 0, keys - seq), _pad_seq(f32(v), 0, keys - seq)
+    qp = pad_seq(f32(q), 0, qpad)
+    kp, vp = pad_seq(f32(k), 0, keys - seq), pad_seq(f32(v), 0, keys - seq)
     validp = jnp.pad(key_valid, ((0, 0), (0, keys - seq)))
-    d_outp = _pad_seq(f32(d_out), 0, qpad)
-    # d lse / d s_j = p_j, so the lse cotangent enters beside the usual rowsum(dO * O).
-    row_term = _pad_seq(f32(d_lse) - jnp.sum(f32(d_out) * out, axis=-1), 0, qpad)
-    # Rows that attended nothing get lse = +1e30, so exp(score - lse) is 0 for
-    # every key without masking each weight.
-    lsep = _pad_seq(jnp.where(lse > MASK_VALUE / 2, lse, -MASK_VALUE), 0, qpad)
+    d_outp = pad_seq(f32(d_out), 0, qpad)
+    row_term, lse = blockwise.backward_row_terms(out, lse, d_out, d_lse)
+    row_term, lse = pad_seq(row_term, 0, qpad), pad_seq(lse, 0, qpad)
 
     def step(carry, a):
         dk, dv = carry
-        start = _span_start(a, block, left, keys, span)
+        start, mask = _span_of_block(a, validp, block=block, left=left, right=right, span=span)
         q_start = a * block
-        q_blk, k_span, v_span = _slice_seq(qp, q_start, block), _slice_seq(kp, start, span), _slice_seq(vp, start, span)
-        d_out_blk = _slice_seq(d_outp, q_start, block)
-        mask = _span_mask(
-            a, start, jax.lax.dynamic_slice_in_dim(validp, start, span, axis=1),
-            block=block, left=left, right=right,
+        q_blk, k_span, v_span = slice_seq(qp, q_start, block), slice_seq(kp, start, span), slice_seq(vp, start, span)
+        dq_blk, dk_span, dv_span = blockwise.attend_grads(
+            masked_scores(q_blk, k_span, mask, scale), slice_seq(lse, q_start, block),
+            slice_seq(row_term, q_start, block), q_blk, k_span, v_span,
+            slice_seq(d_outp, q_start, block), scale,
         )
-        scores = _block_scores(q_blk, k_span, mask, scale)
-        probs = jnp.exp(scores - _slice_seq(lsep, q_start, block)[..., None])
-        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out_blk, v_span)
-        d_scores = probs * (d_probs + _slice_seq(row_term, q_start, block)[..., None]) * scale
-        dq_blk = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k_span)
-        dk = jax.lax.dynamic_update_slice_in_dim(
-            dk, _slice_seq(dk, start, span) + jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_blk), start, axis=2
-        )
-        dv = jax.lax.dynamic_update_slice_in_dim(
-            dv, _slice_seq(dv, start, span) + jnp.einsum("bhqk,bhqd->bhkd", probs, d_out_blk), start, axis=2
-        )
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, slice_seq(dk, start, span) + dk_span, start, axis=2)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, slice_seq(dv, start, span) + dv_span, start, axis=2)
         return (dk, dv), dq_blk
 
     zeros = jnp.zeros_like(kp)
     (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), jnp.arange(num_blocks))
     unpad = lambda x: x[:, :, :seq]
     return (
-        _stack_blocks(dq, seq).astype(q.dtype),
+        stack_blocks(dq, seq).astype(q.dtype),
         unpad(dk).astype(k.dtype),
         unpad(dv).astype(v.dtype),
         None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def _relative_positions(seq_len: int):
@@ -74,3 +75,53 @@ def sliding_window_mask(
     if padding_mask is not None:
         local = local & padding_key_mask(padding_mask) & padding_query_mask(padding_mask)
     return local
+
+
+def block_sparse_mask(
+    seq_len: int,
+    *,
+    block_size: int,
+    window_radius: int,
+    global_blocks: Sequence[int],
+    random_layout,
+    causal: bool = False,
+    global_mask=None,
+    padding_mask=None,
+):
+    """The full BigBird pattern as a dense mask.
+
+    Query block a of head h sees every block if a is global; otherwise the
+    blocks within `window_radius` of a, the global blocks and the blocks listed
+    in `random_layout[h, a]` (-1 = none). Token-level `global_mask` tokens see
+    and are seen by everything; then causal and padding apply.
+
+    Args:
+      seq_len: sequence length; blocks are `ceil(seq_len / block_size)`.
+      global_blocks: block indices, negative ones counted from the end.
+      random_layout: int `[heads, blocks, r]`.
+
+    Returns:
+      bool `[batch or 1, heads, seq, seq]`.
+    """
+    layout = np.asarray(random_layout)
+    heads, num_blocks = layout.shape[:2]
+    globals_ = {g % num_blocks for g in global_blocks}
+    allowed = np.zeros((heads, num_blocks, num_blocks), bool)
+    for h in range(heads):
+        for a in range(num_blocks):
+            for b in range(num_blocks):
+                allowed[h, a, b] = (
+                    a in globals_
+                    or b in globals_
+                    or abs(a - b) <= window_radius
+                    or b in set(layout[h, a].tolist())
+                )
+    token_block = np.arange(seq_len) // block_size
+    mask = jnp.asarray(allowed[:, token_block][:, :, token_block])[None]
+    if global_mask is not None:
+        mask = mask | global_mask[:, None, :, None] | global_mask[:, None, None, :]
+    if causal:
+        mask = mask & causal_mask(seq_len)
+    if padding_mask is not None:
+        mask = mask & padding_key_mask(padding_mask) & padding_query_mask(padding_mask)
+    return mask

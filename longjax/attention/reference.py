@@ -62,3 +62,18 @@ def sliding_window_reference(
         global_out = dense_attention(*global_qkv, mask, scale=scale)
         out = jnp.where(global_mask[:, :, None, None], global_out, out)
     return out
+
+
+def block_sparse_reference(q, k, v, *, spec, global_mask=None, padding_mask=None, scale=None):
+    """BigBird attention through `dense_attention` and `masks.block_sparse_mask`."""
+    mask = masks_lib.block_sparse_mask(
+        q.shape[1],
+        block_size=spec.block_size,
+        window_radius=spec.window_radius,
+        global_blocks=spec.global_blocks,
+        random_layout=spec.random_layout,
+        causal=spec.causal,
+        global_mask=global_mask,
+        padding_mask=padding_mask,
+    )
+    return dense_attention(q, k, v, mask, scale=scale)

@@ -10,11 +10,8 @@ the boundary. Nothing here builds a `seq x seq` array:
 * Dilation d is reduced exactly to an undilated window: the positions
   `r, r + d, r + 2d, ...` form d interleaved subsequences, and on each one the
   dilated window is an ordinary window. Heads are grouped by dilation.
-* Global tokens are few: every query against the global keys, and the global
-  queries against every key, are dense passes over `max_global_tokens` slots.
-  The first merges with the band through the log-sum-exp (global keys are
-  removed from the band so each key counts once); the second overwrites the
-  rows of global queries.
+* Global tokens are few: dense passes over `max_global_tokens` slots merged
+  with the band through the log-sum-exp (`global_tokens.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longjax.attention import band
-from longjax.attention import softmax_stats
+from longjax.attention import global_tokens
 from longjax.attention.arguments import SlidingWindowSpec
 from longjax.attention.softmax_stats import PartialAttention
 
@@ -87,45 +84,6 @@ def _local(q, k, v, key_valid, spec: SlidingWindowSpec, block_size, scale) -> Pa
     )
 
 
-def _global_slots(is_global, num_slots: int):
-    """Positions of the global tokens of each row, in order, padded to `num_slots`.
-
-    Returns (positions int32 `[batch, slots]`, slot_used bool `[batch, slots]`,
-    overflow bool `[batch]` where a row has more globals than slots).
-    """
-    positions = jnp.argsort(~is_global, axis=-1, stable=True)[:, :num_slots].astype(jnp.int32)
-    used = jnp.take_along_axis(is_global, positions, axis=-1)
-    overflow = jnp.sum(is_global, axis=-1) > num_slots
-    return positions, used, overflow
-
-
-def _to_global_keys(q, k, v, positions, used, causal, scale) -> PartialAttention:
-    """Every query against the global keys (the part of its key set outside the band)."""
-    n = q.shape[2]
-    gather = lambda x: jnp.take_along_axis(x, positions[:, None, :, None], axis=2)
-    scores = jnp.einsum("bhnd,bhgd->bhng", q, gather(k), preferred_element_type=jnp.float32)
-    mask = used[:, None, None, :]
-    if causal:
-        mask = mask & (positions[:, None, None, :] <= jnp.arange(n)[None, None, :, None])
-    probs, lse = softmax_stats.masked_softmax(scores * scale, mask)
-    out = jnp.einsum("bhng,bhgd->bhnd", probs.astype(v.dtype), gather(v), preferred_element_type=jnp.float32)
-    return PartialAttention(out, lse)
-
-
-def _from_global_queries(q, k, v, key_valid, positions, used, causal, scale):
-    """Global queries against every key: `[batch, heads, slots, head_dim]`, normalised."""
-    n = q.shape[2]
-    q_sel = jnp.take_along_axis(q, positions[:, None, :, None], axis=2)
-    scores = jnp.einsum("bhgd,bhnd->bhgn", q_sel, k, preferred_element_type=jnp.float32)
-    mask = used[:, None, :, None]
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :]
-    if causal:
-        mask = mask & (jnp.arange(n)[None, None, None, :] <= positions[:, None, :, None])
-    probs, _ = softmax_stats.masked_softmax(scores * scale, mask)
-    return jnp.einsum("bhgn,bhnd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-
-
 def sliding_window_xla(
     q, k, v, *, spec: SlidingWindowSpec, global_mask=None, global_qkv=None, padding_mask=None,
     scale=None, max_global_tokens=None, block_size=None,
@@ -139,46 +97,16 @@ def sliding_window_xla(
     to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
     qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
 
-    key_valid = jnp.ones(q.shape[:2], bool) if padding_mask is None else padding_mask
+    part = _local(
+        qh, kh, vh, global_tokens.local_key_valid(q, global_mask, padding_mask), spec, block_size, scale
+    )
     if global_mask is not None:
-        is_global = global_mask & key_valid
-        # Global keys are attended through the global-key pass, so the band skips them.
-        key_valid = key_valid & ~global_mask
-
-    part = _local(qh, kh, vh, key_valid, spec, block_size, scale)
-
-    if global_mask is not None:
-        positions, used, overflow = _global_slots(is_global, max_global_tokens)
-        part = softmax_stats.merge(
-            part, _to_global_keys(qh, kh, vh, positions, used, spec.causal, scale)
+        global_qkv = None if global_qkv is None else tuple(map(to_bhnd, global_qkv))
+        out = global_tokens.add_global_tokens(
+            part, qh, kh, vh, global_mask=global_mask, global_qkv=global_qkv,
+            padding_mask=padding_mask, max_global_tokens=max_global_tokens,
+            causal=spec.causal, scale=scale,
         )
-        out = part.out
-        gq, gk, gv = (qh, kh, vh) if global_qkv is None else map(to_bhnd, global_qkv)
-        global_out = _from_global_queries(gq, gk, gv, padding_mask, positions, used, spec.causal, scale)
-        n = q.shape[1]
-        slot_target = jnp.where(used, positions, n)  # unused slots scatter out of bounds: dropped
-        out = jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, slot_target, global_out)
-        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     else:
         out = part.out
-
-    out = to_bhnd(out)
-    if padding_mask is not None:
-        out = jnp.where(padding_mask[:, :, None, None], out, 0.0)
-    return out.astype(q.dtype)
-
-
-def resolve_max_global_tokens(global_mask, padding_mask, max_global_tokens):
-    """The static number of global slots: given, or counted from a concrete mask."""
-    if max_global_tokens is not None:
-        return max_global_tokens
-    try:
-        is_global = np.asarray(global_mask)
-        if padding_mask is not None:
-            is_global = is_global & np.asarray(padding_mask)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
-        raise ValueError(
-            "max_global_tokens must be given when global_mask is traced (under jit or vmap): "
-            "it fixes the shape of the global-token passes"
-        ) from e
-    return max(1, int(is_global.sum(axis=-1).max()))
+    return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)

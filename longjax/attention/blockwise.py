@@ -1,0 +1,78 @@
+"""One query block against its gathered keys: the flash-attention step, forward and backward.
+
+Shared by the scanned XLA implementations (the Longformer band and the BigBird
+block layout): they differ only in which keys a query block sees and how its
+mask is built. Layout: `[batch, heads, rows, head_dim]`; scores are float32
+and already masked (`MASK_VALUE` where a key is not allowed).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longjax.attention.softmax_stats import MASK_VALUE
+
+
+def pad_seq(x, before: int, after: int):
+    """Pads axis 2 (the sequence of `[batch, heads, seq, ...]`) with zeros."""
+    return jnp.pad(x, [(0, 0), (0, 0), (before, after)] + [(0, 0)] * (x.ndim - 3))
+
+
+def slice_seq(x, start, size: int):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
+def stack_blocks(ys, seq: int):
+    """Scan outputs `[blocks, batch, heads, block, ...]` -> `[batch, heads, seq, ...]`."""
+    ys = jnp.moveaxis(ys, 0, 2)
+    return ys.reshape(ys.shape[:2] + (-1,) + ys.shape[4:])[:, :, :seq]
+
+
+def masked_scores(q_blk, keys, mask, scale: float):
+    """float32 `[batch, heads, block, keys]`, `MASK_VALUE` where mask is False."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q_blk, keys, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores * scale, MASK_VALUE)
+
+
+def attend(scores, values):
+    """Softmax of masked scores applied to values: (out float32, lse float32 `[.., rows]`)."""
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    # A row with no allowed key has row_max == MASK_VALUE and weights exp(0):
+    # it is zeroed once per row rather than masking every weight.
+    has_key = row_max > MASK_VALUE / 2
+    weights = jnp.exp(scores - row_max)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32
+    )
+    out = jnp.where(has_key, out / total, 0.0)
+    lse = jnp.where(has_key, row_max + jnp.log(total), MASK_VALUE)[..., 0]
+    return out, lse
+
+
+def backward_row_terms(out, lse, d_out, d_lse):
+    """Per-row quantities of the backward pass: (row_term, lse with empty rows at +1e30).
+
+    `d s_j = p_j (dp_j + row_term)` with `row_term = d_lse - sum(d_out * out)`:
+    d lse / d s_j = p_j, so the lse cotangent enters beside flash attention's
+    usual rowsum. Rows that attended nothing get lse = +1e30, so that
+    exp(score - lse) is 0 for every key without masking each weight.
+    """
+    row_term = d_lse.astype(jnp.float32) - jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
+    return row_term, jnp.where(lse > MASK_VALUE / 2, lse, -MASK_VALUE)
+
+
+def attend_grads(scores, lse, row_term, q_blk, keys, values, d_out, scale: float):
+    """Gradients of one block: (dq `[.., block, d]`, dk and dv `[.., keys, d]`), float32.
+
+    `scores` are recomputed masked scores; lse and row_term come from
+    `backward_row_terms` for the block's rows; all other inputs float32.
+    """
+    probs = jnp.exp(scores - lse[..., None])
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, values)
+    d_scores = probs * (d_probs + row_term[..., None]) * scale
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, keys)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_blk)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
+    return dq, dk, dv
