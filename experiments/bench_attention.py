@@ -26,9 +26,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from longjax.attention import dense_attention, masks, sliding_window_attention
+from longjax.attention import block_sparse_attention, dense_attention, masks, sliding_window_attention
+from longjax.attention import block_sparse
 
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
+BIGBIRD = dict(block_size=64, num_window_blocks=3, global_blocks=(0, -1), num_random_blocks=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +47,34 @@ def _cases() -> list[Case]:
     def sliding(q, k, v):
         return sliding_window_attention(q, k, v, window=WINDOW, impl="xla")
 
+    def bigbird(q, k, v):
+        return block_sparse_attention(q, k, v, impl="xla", **BIGBIRD)
+
     band = lambda seq: min(seq, 2 * WINDOW + 1)
     return [
         Case("reference (dense, window mask)", reference, band),
         Case(f"sliding_window w={WINDOW}", sliding, band),
+        Case("block_sparse b=64 3w+2g+3r", bigbird, _bigbird_keys_per_query),
     ]
+
+
+def _bigbird_keys_per_query(seq: int) -> float:
+    """Attended blocks x block_size, averaged over queries (global blocks see every key)."""
+    block = BIGBIRD["block_size"]
+    num_blocks = -(-seq // block)
+    layout = block_sparse.bigbird_random_layout(
+        num_blocks, HEADS, BIGBIRD["num_random_blocks"], num_window_blocks=BIGBIRD["num_window_blocks"],
+        global_blocks=BIGBIRD["global_blocks"],
+    )
+    spec = block_sparse.arguments.BlockSparseSpec(
+        block_size=block, num_blocks=num_blocks, window_radius=BIGBIRD["num_window_blocks"] // 2,
+        global_blocks=block_sparse.arguments.normalize_global_blocks(BIGBIRD["global_blocks"], num_blocks),
+        random_layout=layout, causal=False,
+    )
+    _, _, used = block_sparse.key_block_lists(spec)
+    sparse_keys = used.sum() / HEADS * block * block  # per head: sum over sparse query rows
+    global_keys = len(spec.global_blocks) * block * seq
+    return (sparse_keys + global_keys) / seq
 
 
 def _median_seconds(fn, *args, repeats: int) -> float:

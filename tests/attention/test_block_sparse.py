@@ -1,0 +1,252 @@
+"""The block-sparse (BigBird) battery: every implementation against the dense reference,
+and the guarantees of the random layout generator."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from longjax.attention import bigbird_random_layout, block_sparse_attention
+from tests.attention import battery
+
+# Each entry: (impl, extra options). A Pallas implementation joins here.
+IMPLEMENTATIONS = [pytest.param(("xla", {}), id="xla")]
+DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
+
+
+def _token_mask(batch, seq, positions_per_row):
+    mask = np.zeros((batch, seq), bool)
+    for row, positions in enumerate(positions_per_row):
+        mask[row, list(positions)] = True
+    return jnp.asarray(mask)
+
+
+def _padding(batch, seq, lengths):
+    return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
+
+
+def _given_layout(heads, blocks, r):
+    """A hand-written layout with a repeat, an entry inside the window and a -1."""
+    layout = np.full((heads, blocks, r), -1, np.int32)
+    for h in range(heads):
+        for a in range(blocks):
+            layout[h, a] = [(a + 3 + h) % blocks, (a + 3 + h) % blocks, a][:r]
+    return layout
+
+
+# (shape [batch, seq, heads, head_dim], options).
+CASES = {
+    "itc_defaults": ((2, 48, 2, 8), dict(block_size=4)),
+    "seq_not_multiple_of_block": ((1, 45, 2, 8), dict(block_size=4)),
+    "short_sequence": ((1, 7, 2, 8), dict(block_size=4)),
+    "single_block": ((1, 5, 2, 8), dict(block_size=8)),
+    "other_global_blocks": ((1, 40, 2, 8), dict(block_size=4, global_blocks=(3, -3), num_random_blocks=2)),
+    "no_globals_wide_window": ((1, 40, 2, 8), dict(block_size=4, global_blocks=(), num_window_blocks=5)),
+    "given_layout": ((1, 36, 2, 8), dict(block_size=4, random_layout=_given_layout(2, 9, 3))),
+    "causal": ((2, 41, 2, 8), dict(block_size=4, causal=True)),
+    "causal_given_layout": ((1, 36, 2, 8), dict(block_size=4, causal=True, random_layout=_given_layout(2, 9, 3))),
+    "padding_with_empty_row": ((3, 40, 2, 8), dict(block_size=4, padding=(40, 17, 0))),
+    "global_mask": ((2, 40, 2, 8), dict(block_size=4, global_mask=((5, 22), (13,)))),
+    "causal_global_mask_padding": (
+        (2, 40, 2, 8), dict(block_size=4, causal=True, global_mask=((5, 22), (13, 38)), padding=(40, 30))
+    ),
+}
+
+
+def _build(case, dtype):
+    shape, options = CASES[case]
+    options = dict(options)
+    batch, seq = shape[:2]
+    if "global_mask" in options:
+        options["global_mask"] = _token_mask(batch, seq, options["global_mask"])
+    if "padding" in options:
+        options["padding_mask"] = _padding(batch, seq, options.pop("padding"))
+    arrays = battery.random_inputs(sum(map(ord, case)), shape, dtype, 3)
+
+    def make(impl, extra):
+        return functools.partial(block_sparse_attention, impl=impl, **options, **extra)
+
+    return arrays, make
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_matches_reference(implementation, case, dtype):
+    impl, extra = implementation
+    arrays, make = _build(case, dtype)
+    battery.assert_matches_reference(make(impl, extra), make("reference", {}), arrays)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_under_jit_and_vmap(implementation):
+    impl, extra = implementation
+    batch, seq, heads, dim = 3, 30, 2, 8
+    q, k, v = battery.random_inputs(11, (batch, seq, heads, dim), jnp.float32, 3)
+    global_mask = _token_mask(batch, seq, ((0,), (3, 20), ()))
+    padding_mask = _padding(batch, seq, (30, 22, 9))
+
+    def single(impl_name, extra_options, q, k, v, g, p):
+        out = block_sparse_attention(
+            q[None], k[None], v[None], block_size=4, global_mask=g[None], padding_mask=p[None],
+            max_global_tokens=2, seed=3, impl=impl_name, **extra_options,
+        )
+        return out[0]
+
+    fast = jax.jit(jax.vmap(functools.partial(single, impl, extra)))
+    ref = jax.vmap(functools.partial(single, "reference", {}))
+    args = (q, k, v, global_mask, padding_mask)
+    tol = battery.TOLERANCES[jnp.dtype(jnp.float32)]
+    np.testing.assert_allclose(fast(*args), ref(*args), **tol)
+    grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, global_mask, padding_mask) ** 2), (0, 1, 2))
+    for g, rg in zip(jax.jit(grad(fast))(q, k, v), grad(ref)(q, k, v)):
+        np.testing.assert_allclose(g, rg, **tol)
+
+
+@settings(max_examples=25)
+@given(
+    batch=st.integers(1, 2), seq=st.integers(1, 40), heads=st.integers(1, 2),
+    block_size=st.integers(1, 9), radius=st.integers(0, 2), r=st.integers(0, 3),
+    causal=st.booleans(), num_globals=st.integers(0, 2), seed=st.integers(0, 1000), data=st.data(),
+)
+def test_property_matches_reference(batch, seq, heads, block_size, radius, r, causal, num_globals, seed, data):
+    blocks = -(-seq // block_size)
+    global_blocks = tuple(data.draw(st.lists(st.integers(-blocks, blocks - 1), max_size=num_globals)))
+    bits = st.lists(st.booleans(), min_size=seq, max_size=seq)
+    global_mask = jnp.asarray([data.draw(bits) for _ in range(batch)]) if data.draw(st.booleans()) else None
+    padding_mask = jnp.asarray([data.draw(bits) for _ in range(batch)]) if data.draw(st.booleans()) else None
+    q, k, v = battery.random_inputs(seed, (batch, seq, heads, 4), jnp.float32, 3)
+    options = dict(
+        block_size=block_size, num_window_blocks=2 * radius + 1, global_blocks=global_blocks,
+        num_random_blocks=r, causal=causal, seed=seed, global_mask=global_mask, padding_mask=padding_mask,
+    )
+    battery.assert_matches_reference(
+        functools.partial(block_sparse_attention, impl="xla", **options),
+        functools.partial(block_sparse_attention, impl="reference", **options),
+        (q, k, v), check_grads=False,
+    )
+
+
+def test_no_seq_by_seq_array_in_xla_program():
+    seq = 4096
+    q = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, seq), jnp.bool_)
+    fn = lambda q, k, v, g, p: block_sparse_attention(
+        q, k, v, block_size=64, global_mask=g, padding_mask=p, max_global_tokens=4, impl="xla"
+    )
+    grad = jax.grad(lambda q, k, v, g, p: jnp.sum(fn(q, k, v, g, p)), (0, 1, 2))
+    for f in (fn, grad):
+        assert f"{seq}x{seq}" not in jax.jit(f).lower(q, q, q, mask, mask).as_text()
+
+
+# --- the random layout generator -------------------------------------------------------------
+
+
+def _covered(a, blocks, radius, globals_):
+    return {b for b in range(a - radius, a + radius + 1) if 0 <= b < blocks} | set(globals_)
+
+
+@settings(max_examples=80)
+@given(
+    blocks=st.integers(1, 30), heads=st.integers(1, 4), r=st.integers(0, 5), radius=st.integers(0, 3),
+    causal=st.booleans(), seed=st.integers(0, 2**31 - 1), data=st.data(),
+)
+def test_layout_guarantees(blocks, heads, r, radius, causal, seed, data):
+    global_blocks = tuple(data.draw(st.lists(st.integers(-blocks, blocks - 1), max_size=3)))
+    globals_ = {g % blocks for g in global_blocks}
+    layout = bigbird_random_layout(
+        blocks, heads, r, num_window_blocks=2 * radius + 1, global_blocks=global_blocks,
+        causal=causal, seed=seed,
+    )
+    assert layout.shape == (heads, blocks, r) and layout.dtype == np.int32
+    again = bigbird_random_layout(
+        blocks, heads, r, num_window_blocks=2 * radius + 1, global_blocks=global_blocks,
+        causal=causal, seed=seed,
+    )
+    np.testing.assert_array_equal(layout, again)
+    for h in range(heads):
+        for a in range(blocks):
+            row = layout[h, a]
+            chosen = [int(b) for b in row if b != -1]
+            if a in globals_:
+                assert not chosen
+                continue
+            assert len(set(chosen)) == len(chosen), "a block repeats within a row"
+            assert all(0 <= b < blocks for b in chosen)
+            assert not set(chosen) & _covered(a, blocks, radius, globals_), "random block already covered"
+            if causal:
+                assert all(b < a for b in chosen), "causal row drew a later block"
+            candidates = [
+                b for b in range(blocks)
+                if b not in _covered(a, blocks, radius, globals_) and (not causal or b < a)
+            ]
+            assert len(chosen) == min(r, len(candidates))
+            assert all(b == -1 for b in row[len(chosen):]), "-1 fills only the tail"
+
+
+def test_layout_differs_across_heads_and_seeds():
+    layout = bigbird_random_layout(64, 4, 3, seed=0)
+    for h in range(1, 4):
+        assert not np.array_equal(layout[0], layout[h])
+    assert not np.array_equal(layout, bigbird_random_layout(64, 4, 3, seed=1))
+
+
+def test_layout_draws_every_candidate_eventually():
+    # Over many seeds, every candidate block of a row is drawn: the draw is not biased to a subset.
+    seen = set()
+    for seed in range(200):
+        seen |= set(bigbird_random_layout(12, 1, 2, seed=seed)[0, 5].tolist())
+    assert seen == set(range(12)) - {0, 4, 5, 6, 11}
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+SHAPE = (1, 16, 2, 4)
+BAD = {
+    "block_size_zero": (dict(block_size=0), "block_size must be an int >= 1"),
+    "window_even": (dict(num_window_blocks=2), "num_window_blocks must be a positive odd"),
+    "window_zero": (dict(num_window_blocks=0), "num_window_blocks must be a positive odd"),
+    "global_out_of_range": (dict(global_blocks=(0, 4)), "global_blocks entry 4 is out of range"),
+    "global_negative_out_of_range": (dict(global_blocks=(-5,)), "global_blocks entry -5 is out of range"),
+    "random_negative": (dict(num_random_blocks=-1), "num_random_blocks must be"),
+    "layout_wrong_shape": (dict(random_layout=np.zeros((2, 3, 3), np.int32)), "random_layout must have shape"),
+    "layout_out_of_range": (dict(random_layout=np.full((2, 4, 3), 4, np.int32)), "random_layout entries"),
+    "layout_below_minus_one": (dict(random_layout=np.full((2, 4, 3), -2, np.int32)), "random_layout entries"),
+    "layout_float": (dict(random_layout=np.zeros((2, 4, 3), np.float32)), "random_layout must hold integers"),
+    "global_mask_wrong_shape": (dict(global_mask=jnp.zeros((1, 15), bool)), "global_mask must have shape"),
+    "padding_mask_not_bool": (dict(padding_mask=jnp.ones((1, 16))), "padding_mask must be a boolean"),
+    "mismatched_shapes": (dict(k=jnp.ones((1, 16, 2, 5))), "same shape"),
+    "scale_negative": (dict(scale=-1.0), "scale must be"),
+    "unknown_impl": (dict(impl="triton"), "impl must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_names_the_argument(case):
+    overrides, message = BAD[case]
+    overrides = dict(overrides)
+    q = jnp.ones(SHAPE)
+    k = overrides.pop("k", q)
+    options = dict(block_size=4)
+    options.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention(q, k, q, **options)
+
+
+def test_pallas_not_available_yet_raises_not_implemented():
+    with pytest.raises(NotImplementedError, match="pallas"):
+        block_sparse_attention(*(jnp.ones(SHAPE),) * 3, block_size=4, impl="pallas")
+
+
+def test_layout_generator_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_blocks"):
+        bigbird_random_layout(0, 1, 1)
+    with pytest.raises(ValueError, match="num_window_blocks"):
+        bigbird_random_layout(8, 1, 1, num_window_blocks=4)
+    with pytest.raises(ValueError, match="global_blocks"):
+        bigbird_random_layout(8, 1, 1, global_blocks=(9,))
