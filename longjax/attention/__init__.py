@@ -5,7 +5,9 @@ from longjax.attention import reference
 from longjax.attention.api import IMPLEMENTATIONS
 from longjax.attention.api import Implementation
 from longjax.attention.api import block_sparse_attention
+from longjax.attention.api import favor_attention
 from longjax.attention.block_sparse import bigbird_random_layout
+from longjax.attention.favor import favor_projection
 from longjax.attention.api import sliding_window_attention
 from longjax.attention.reference import dense_attention
 
@@ -15,6 +17,8 @@ __all__ = [
     "bigbird_random_layout",
     "block_sparse_attention",
     "dense_attention",
+    "favor_attention",
+    "favor_projection",
     "masks",
     "reference",
     "sliding_window_attention",

@@ -16,6 +16,7 @@ import jax
 
 from longjax.attention import arguments
 from longjax.attention import block_sparse as block_sparse_lib
+from longjax.attention import favor as favor_lib
 from longjax.attention import global_tokens
 from longjax.attention import reference
 from longjax.attention import sliding_window as sliding_window_lib
@@ -256,4 +257,75 @@ def block_sparse_attention(
         padding_mask=padding_mask,
         scale=scale,
         max_global_tokens=max_global_tokens,
+    )
+
+
+def _favor_pallas(q, k, v, **kwargs):
+    raise NotImplementedError("impl='pallas' for favor_attention has no kernel yet")
+
+
+def _favor_reference(q, k, v, *, chunk_size, **kwargs):
+    del chunk_size  # the dense form has no chunks; the result does not depend on them
+    return reference.favor_reference(q, k, v, **kwargs)
+
+
+_FAVOR_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
+    {"xla": favor_lib.favor_xla, "pallas": _favor_pallas, "reference": _favor_reference}
+)
+
+
+def favor_attention(
+    q,
+    k,
+    v,
+    *,
+    projection,
+    feature_map: str = "softmax",
+    causal: bool = False,
+    padding_mask=None,
+    scale=None,
+    chunk_size: int | None = None,
+    impl: Implementation | None = None,
+):
+    """Performer FAVOR+ attention, linear in sequence length.
+
+    `out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j)` over allowed j.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`, one shape and dtype.
+      projection: `[features, head_dim]` (shared by heads) or
+        `[heads, features, head_dim]`, e.g. from `favor_projection`.
+      feature_map: 'softmax': positive random features whose inner product is
+        an unbiased estimate of `exp(scale * q.k)`; 'relu': the generalised
+        ReLU kernel `relu(x' W^T) + 1e-3`, with `x' = sqrt(scale) x`.
+      causal: position i attends positions <= i only, and nothing at a later
+        position enters its computation (the stabiliser included).
+      padding_mask: optional bool `[batch, seq]`, True for real tokens; padded
+        keys enter neither numerator nor denominator, padded rows are zero.
+      scale: default `1 / sqrt(head_dim)`.
+      chunk_size: causal chunk length; None picks a fast default.
+      impl: None (best for the backend), 'xla', 'pallas' or 'reference'
+        (the dense product of the same features).
+
+    Returns:
+      `[batch, seq, heads, head_dim]`, q's dtype; computed in float32.
+    """
+    arguments.check_qkv(q, k, v)
+    batch, seq, heads, head_dim = q.shape
+    projection = arguments.check_favor(
+        projection, feature_map, chunk_size, heads, head_dim, favor_lib.FEATURE_MAPS
+    )
+    arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
+    arguments.check_scale(scale)
+    return _dispatch(
+        "favor_attention",
+        _FAVOR_IMPLS,
+        impl,
+        q, k, v,
+        projection=projection,
+        feature_map=feature_map,
+        causal=bool(causal),
+        padding_mask=padding_mask,
+        scale=scale,
+        chunk_size=chunk_size,
     )

@@ -215,3 +215,27 @@ def check_random_layout(random_layout, num_heads: int, num_blocks: int, num_rand
             f"got range [{layout.min()}, {layout.max()}]"
         )
     return layout.astype(np.int32)
+
+
+def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: int, feature_maps):
+    """Validates FAVOR+ options; returns the projection as `[heads, features, head_dim]`."""
+    shape = getattr(projection, "shape", None)
+    if shape is None or len(shape) not in (2, 3):
+        raise ValueError(
+            f"projection must be [features, head_dim] or [heads, features, head_dim], got shape {shape}"
+        )
+    if shape[-1] != head_dim:
+        raise ValueError(f"projection last dim must equal head_dim={head_dim}, got shape {shape}")
+    if len(shape) == 3 and shape[0] != num_heads:
+        raise ValueError(f"projection must have one entry per head ({num_heads}), got shape {shape}")
+    if shape[-2] < 1:
+        raise ValueError(f"projection must have at least one feature, got shape {shape}")
+    if not jnp.issubdtype(projection.dtype, jnp.floating):
+        raise ValueError(f"projection must be floating-point, got dtype {projection.dtype}")
+    if feature_map not in feature_maps:
+        raise ValueError(f"feature_map must be one of {feature_maps}, got {feature_map!r}")
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    if len(shape) == 2:
+        projection = jnp.broadcast_to(projection, (num_heads,) + tuple(shape))
+    return projection

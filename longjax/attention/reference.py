@@ -27,8 +27,16 @@ def dense_attention(q, k, v, mask, *, scale=None):
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    qf, kf = (x.astype(jnp.float32) for x in (q, k))
     scores = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    return attention_from_scores(scores, mask, v).astype(q.dtype)
+
+
+def attention_from_scores(scores, mask, v):
+    """Masked softmax of float32 scores `[batch, heads, q_seq, kv_seq]` applied to v.
+
+    Returns float32 `[batch, q_seq, heads, head_dim]`; rows with no allowed key are zero.
+    """
     # Masking the scores (not the exponentials) keeps gradients finite: exp(-inf)
     # has a zero derivative, while exp of a large masked score could overflow.
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -37,7 +45,7 @@ def dense_attention(q, k, v, mask, *, scale=None):
     weights = jnp.exp(scores - row_max)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     probs = weights / jnp.where(total > 0, total, 1.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, vf).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(scores.dtype))
 
 
 def sliding_window_reference(
@@ -77,3 +85,40 @@ def block_sparse_reference(q, k, v, *, spec, global_mask=None, padding_mask=None
         padding_mask=padding_mask,
     )
     return dense_attention(q, k, v, mask, scale=scale)
+
+
+def favor_reference(q, k, v, *, projection, feature_map, causal=False, padding_mask=None, scale=None):
+    """FAVOR+ as a dense masked product of the features: the algebra the linear-time
+    implementation must reproduce exactly, computed in the log domain.
+
+    With features phi, the output is `sum_j A_ij v_j / sum_j A_ij` over allowed j,
+    `A_ij = phi(q_i) . phi(k_j)`. For softmax features `log A_ij` is a logsumexp
+    over features of the two logits, so no stabiliser is needed. Quadratic in
+    seq and `[.., seq, seq, features]` in memory: for tests.
+
+    Args:
+      projection: `[heads, features, head_dim]`.
+    """
+    dtype = jnp.promote_types(q.dtype, jnp.float32)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qs, ks = (x.astype(dtype) * jnp.sqrt(jnp.asarray(scale, dtype)) for x in (q, k))
+    w = projection.astype(dtype)
+    q_proj = jnp.einsum("bqhd,hmd->bhqm", qs, w)
+    k_proj = jnp.einsum("bkhd,hmd->bhkm", ks, w)
+    if feature_map == "softmax":
+        q_logits = q_proj - 0.5 * jnp.sum(qs * qs, axis=-1).transpose(0, 2, 1)[..., None]
+        k_logits = k_proj - 0.5 * jnp.sum(ks * ks, axis=-1).transpose(0, 2, 1)[..., None]
+        log_a = jax.nn.logsumexp(q_logits[:, :, :, None, :] + k_logits[:, :, None, :, :], axis=-1)
+    elif feature_map == "relu":
+        eps = 1e-3
+        log_a = jnp.log(jnp.einsum("bhqm,bhkm->bhqk", jax.nn.relu(q_proj) + eps, jax.nn.relu(k_proj) + eps))
+    else:
+        raise ValueError(f"feature_map must be 'softmax' or 'relu', got {feature_map!r}")
+    seq = q.shape[1]
+    mask = jnp.ones((1, 1, seq, seq), bool)
+    if causal:
+        mask = mask & masks_lib.causal_mask(seq)
+    if padding_mask is not None:
+        mask = mask & masks_lib.padding_key_mask(padding_mask) & masks_lib.padding_query_mask(padding_mask)
+    return attention_from_scores(log_a, mask, v).astype(q.dtype)

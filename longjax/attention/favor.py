@@ -1,0 +1,239 @@
+"""Performer FAVOR+ attention: random projections and the XLA implementation.
+
+softmax(QK^T)V is replaced by phi(Q) (phi(K)^T V), normalised by
+phi(Q) (phi(K)^T 1), so cost is linear in sequence length.
+
+Positive softmax features (FAVOR+): with x' = sqrt(scale) x and Gaussian rows
+w_f, `exp(w_f . x' - |x'|^2 / 2)` has `E[phi(q) . phi(k)] = exp(scale q . k)`.
+Each feature vector may be multiplied by any positive constant common to the
+terms it is summed with, which cancels between numerator and denominator; the
+stabilisers below choose those constants so exponentials never overflow:
+
+* queries: `c_i = max_f (logit_if + log z_if)`, where z_i is the (stabilised)
+  sum of the key features row i attends, so the largest terms of its
+  denominator are about 1, and the gradient stays finite (`_query_features`);
+* keys, bidirectional: the maximum over all valid keys;
+* keys, causal: `M_i`, the running maximum over the keys at positions <= i.
+  Key j is stored as `exp(logit_j - M_j)`, and query i rescales the terms it
+  sums by `exp(M_j - M_i) <= 1`: within a chunk as a `[chunk, chunk]` factor on
+  the masked feature product, across chunks through the carried state. No
+  later position enters position i's computation, so changing the future
+  cannot change the past, not even through underflow (Performer's reference
+  implementation takes the key maximum over the whole sequence, which does).
+
+Causal attention is computed chunk by chunk: within a chunk the exact masked
+product of the features, across chunks a carried float32 `[features, head_dim]`
+state and `[features]` normaliser. Features, states and sums are float32
+(float64 for float64 inputs) whatever the input dtype. Gradients are by autodiff, with the stabilisers
+(which cancel exactly) held constant.
+
+Layout inside: `[batch, heads, seq, head_dim]`; projections `[heads, features, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longjax.attention.softmax_stats import MASK_VALUE
+
+FEATURE_MAPS = ("softmax", "relu")
+SCALINGS = ("chi", "sqrt_d")
+# Added to every ReLU feature (Performer's generalised-kernel stabiliser), so a
+# row whose projections are all negative still has a positive normaliser.
+RELU_EPSILON = 1e-3
+# Causal chunk length when the caller gives none: measured fastest on CPU for
+# 256 features and head_dim 64 (experiments/bench_attention.py).
+DEFAULT_CHUNK_SIZE = 128
+
+
+def favor_projection(key, num_features: int, head_dim: int, *, orthogonal: bool = True, scaling: str = "chi"):
+    """Random feature directions for FAVOR+.
+
+    Args:
+      key: a JAX PRNG key.
+      num_features: m, the number of random features.
+      head_dim: d.
+      orthogonal: stack blocks of d orthogonal rows (QR of a Gaussian matrix;
+        the last block truncated), instead of i.i.d. Gaussian rows.
+      scaling: row norms: 'chi' draws them from the chi(d) distribution, the
+        norms of Gaussian vectors (so each row is marginally Gaussian);
+        'sqrt_d' sets them all to sqrt(d).
+
+    Returns:
+      float32 `[num_features, head_dim]`.
+    """
+    if not isinstance(num_features, (int, np.integer)) or num_features < 1:
+        raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+    if not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
+        raise ValueError(f"head_dim must be an int >= 1, got {head_dim!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    direction_key, norm_key = jax.random.split(key)
+    if orthogonal:
+        num_blocks = -(-num_features // head_dim)
+        gaussian = jax.random.normal(direction_key, (num_blocks, head_dim, head_dim), jnp.float32)
+        qs, rs = jnp.linalg.qr(gaussian)
+        # Fixing the signs by R's diagonal makes each block Haar-distributed.
+        qs = qs * jnp.sign(jnp.diagonal(rs, axis1=-2, axis2=-1))[:, None, :]
+        directions = jnp.swapaxes(qs, -1, -2).reshape(-1, head_dim)[:num_features]
+    else:
+        gaussian = jax.random.normal(direction_key, (num_features, head_dim), jnp.float32)
+        directions = gaussian / jnp.linalg.norm(gaussian, axis=-1, keepdims=True)
+    if scaling == "chi":
+        norms = jnp.linalg.norm(jax.random.normal(norm_key, (num_features, head_dim), jnp.float32), axis=-1)
+    else:
+        norms = jnp.full((num_features,), math.sqrt(head_dim), jnp.float32)
+    return directions * norms[:, None]
+
+
+def feature_logits(x, projection, scale: float):
+    """`w_f . x' - |x'|^2 / 2` with `x' = sqrt(scale) x`: float32 `[batch, heads, seq, features]`."""
+    x = x * math.sqrt(scale)
+    proj = jnp.einsum("bhnd,hmd->bhnm", x, projection.astype(x.dtype))
+    return proj - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def relu_features(x, projection, scale: float):
+    """Generalised ReLU kernel features `relu(x' W^T) + eps`: float32 `[batch, heads, seq, features]`."""
+    x = x * math.sqrt(scale)
+    return jax.nn.relu(jnp.einsum("bhnd,hmd->bhnm", x, projection.astype(x.dtype))) + RELU_EPSILON
+
+
+def _key_features(k, projection, key_valid, feature_map, scale, *, causal: bool):
+    """Key features, zero at invalid keys, and the key stabiliser per position.
+
+    Softmax keys are stored as `exp(logit - M)`: M is the maximum logit over
+    all valid keys (bidirectional) or over the valid keys up to each position
+    (causal: the running max, so no later key enters). ReLU features need no
+    stabiliser (M = 0).
+    """
+    b, h, n = k.shape[:3]
+    if feature_map == "relu":
+        return relu_features(k, projection, scale) * key_valid[:, None, :, None], jnp.zeros((b, h, n), k.dtype)
+    logits = feature_logits(k, projection, scale)
+    key_max = jnp.where(key_valid[:, None, :], jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MASK_VALUE)
+    if causal:
+        stabiliser = jax.lax.cummax(key_max, axis=2)
+    else:
+        stabiliser = jnp.broadcast_to(jnp.max(key_max, axis=-1, keepdims=True), key_max.shape)
+    # Masking the exponent, not the result: an invalid key's exponent may be +huge
+    # (no valid key yet sets the stabiliser), and exp(+huge) * 0 is NaN.
+    exponent = jnp.where(key_valid[:, None, :, None], logits - stabiliser[..., None], MASK_VALUE)
+    return jnp.exp(exponent), stabiliser
+
+
+def _query_features(q_in, normaliser, feature_map):
+    """Query features given each row's key normaliser `z` (`[.., rows, features]`).
+
+    Softmax: `exp(logit_f - c_i)` with `c_i = max_f (logit_if + log z_if)` over
+    the features whose key mass `z_if` is at least eps = sqrt(smallest normal)
+    (about 1e-19 in float32). Some key feature has `z >= 1` (the one that set
+    the key stabiliser), so the largest term of the denominator
+    `sum_f phi_f(q_i) z_if` is exactly 1, and every query feature is at most
+    1/eps: neither the output nor the backward pass's `phi(q) / den` products
+    can overflow or underflow, however large the scores. Features whose key
+    mass is below eps (key features at the edge of underflow, 19 orders below
+    the largest) are left out; c_i uses only what row i attends.
+    """
+    if feature_map == "relu":
+        return q_in
+    usable = normaliser >= math.sqrt(jnp.finfo(normaliser.dtype).tiny)
+    shifted = jnp.where(usable, q_in + jnp.log(jnp.where(usable, normaliser, 1.0)), -jnp.inf)
+    c = jax.lax.stop_gradient(jnp.max(shifted, axis=-1, keepdims=True))
+    c = jnp.where(jnp.isfinite(c), c, 0.0)  # a row with no key: every feature unusable
+    return jnp.where(usable, jnp.exp(jnp.where(usable, q_in - c, -jnp.inf)), 0.0)
+
+
+def _query_inputs(q, projection, feature_map, scale):
+    """What `_query_features` needs: softmax logits, or the ReLU features themselves."""
+    if feature_map == "relu":
+        return relu_features(q, projection, scale)
+    return feature_logits(q, projection, scale)
+
+
+def _safe_divide(num, den):
+    """num / den, and 0 where den is below the smallest normal number (no key):
+    never NaN or Inf, in value or gradient."""
+    ok = den >= jnp.finfo(den.dtype).tiny
+    safe_den = jnp.where(ok, den, 1.0)  # before dividing: 0/0 poisons the gradient through where
+    return jnp.where(ok[..., None], num / safe_den[..., None], 0.0)
+
+
+def _bidirectional(q, k, v, projection, key_valid, feature_map, scale):
+    kf, _ = _key_features(k, projection, key_valid, feature_map, scale, causal=False)
+    kv = jnp.einsum("bhnm,bhnd->bhmd", kf, v)
+    normaliser = jnp.sum(kf, axis=2)[:, :, None, :]  # [b, h, 1, m]
+    qf = _query_features(_query_inputs(q, projection, feature_map, scale), normaliser, feature_map)
+    num = jnp.einsum("bhnm,bhmd->bhnd", qf, kv)
+    den = jnp.sum(qf * normaliser, axis=-1)
+    return _safe_divide(num, den)
+
+
+def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk):
+    b, h, n, d = q.shape
+    kf, running_max = _key_features(k, projection, key_valid, feature_map, scale, causal=True)
+    q_in = _query_inputs(q, projection, feature_map, scale)
+    num_chunks = -(-n // chunk)
+    pad = num_chunks * chunk - n
+
+    def chunked(x, mode="constant"):
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), mode=mode)
+        return jnp.moveaxis(x.reshape(x.shape[:2] + (num_chunks, chunk) + x.shape[3:]), 2, 0)
+
+    causal_mask = np.tril(np.ones((chunk, chunk), bool))
+
+    def step(carry, xs):
+        state, normaliser, prev_max = carry
+        qc, kc, vc, mc = xs
+        # Row i rescales every term it sums to its own running max M_i: the carried
+        # state by exp(M_prev - M_i), key j of the chunk by exp(M_j - M_i); both <= 1.
+        decay = jnp.exp(prev_max[..., None] - mc)  # [b, h, chunk]
+        rescale = jnp.where(causal_mask, jnp.exp(jnp.minimum(mc[..., None, :] - mc[..., :, None], 0.0)), 0.0)
+        row_normaliser = decay[..., None] * normaliser[:, :, None, :] + jnp.einsum("bhck,bhkm->bhcm", rescale, kc)
+        qf = _query_features(qc, row_normaliser, feature_map)
+        scores = jnp.einsum("bhcm,bhkm->bhck", qf, kc) * rescale
+        num = jnp.einsum("bhcm,bhmd->bhcd", qf, state) * decay[..., None] + jnp.einsum("bhck,bhkd->bhcd", scores, vc)
+        den = jnp.sum(qf * row_normaliser, axis=-1)
+        new_max = mc[..., -1]
+        carry_decay = jnp.exp(prev_max - new_max)
+        to_end = kc * jnp.exp(mc - new_max[..., None])[..., None]
+        state = state * carry_decay[..., None, None] + jnp.einsum("bhcm,bhcd->bhmd", to_end, vc)
+        normaliser = normaliser * carry_decay[..., None] + jnp.sum(to_end, axis=2)
+        return (state, normaliser, new_max), _safe_divide(num, den)
+
+    m = kf.shape[-1]
+    init = (
+        jnp.zeros((b, h, m, d), q.dtype),
+        jnp.zeros((b, h, m), q.dtype),
+        jnp.full((b, h), MASK_VALUE, q.dtype),
+    )
+    # Padded positions hold no key; repeating the last running max keeps every decay <= 1.
+    xs = (chunked(q_in), chunked(kf), chunked(v), chunked(running_max, mode="edge"))
+    _, out = jax.lax.scan(step, init, xs)
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, num_chunks * chunk, d)
+    return out[:, :, :n]
+
+
+def favor_xla(q, k, v, *, projection, feature_map, causal, padding_mask, scale, chunk_size):
+    """FAVOR+ in pure JAX; arguments as `longjax.attention.favor_attention`.
+
+    `projection` is `[heads, features, head_dim]` here.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # Features, states and sums in float32 at least (float64 inputs stay float64).
+    compute_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    to_bhnd = lambda x: jnp.swapaxes(x, 1, 2).astype(compute_dtype)
+    qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
+    key_valid = jnp.ones(q.shape[:2], bool) if padding_mask is None else padding_mask
+    if causal:
+        out = _causal(qh, kh, vh, projection, key_valid, feature_map, scale, chunk_size or DEFAULT_CHUNK_SIZE)
+    else:
+        out = _bidirectional(qh, kh, vh, projection, key_valid, feature_map, scale)
+    out = to_bhnd(out)
+    if padding_mask is not None:
+        out = jnp.where(padding_mask[:, :, None, None], out, 0.0)
+    return out.astype(q.dtype)
