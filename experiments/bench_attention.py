@@ -26,22 +26,25 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from longjax.attention import block_sparse_attention, dense_attention, masks, sliding_window_attention
-from longjax.attention import block_sparse
+from longjax.attention import block_sparse, block_sparse_attention, dense_attention, favor_attention
+from longjax.attention import favor_projection, masks, sliding_window_attention
 
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
 BIGBIRD = dict(block_size=64, num_window_blocks=3, global_blocks=(0, -1), num_random_blocks=3)
+PERFORMER_FEATURES = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
     attention: Callable  # (q, k, v) -> out
-    keys_per_query: Callable[[int], float]  # seq -> attended keys per query (for useful FLOPs)
+    # seq -> attended keys per query, for useful FLOPs; None where the op has no such count (Performer).
+    keys_per_query: Callable[[int], float] | None
 
 
 def _cases() -> list[Case]:
     def reference(q, k, v):
+        # Dense: seq x seq scores whatever the mask, so its cost is that of full attention.
         return dense_attention(q, k, v, masks.dilated_window_mask(q.shape[1], left=WINDOW, right=WINDOW)[None, None])
 
     def sliding(q, k, v):
@@ -50,11 +53,23 @@ def _cases() -> list[Case]:
     def bigbird(q, k, v):
         return block_sparse_attention(q, k, v, impl="xla", **BIGBIRD)
 
+    def dense_xla(q, k, v):
+        # XLA's own dense attention: the fair "dense" baseline for the Performer crossover.
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+    projection = favor_projection(jax.random.key(0), PERFORMER_FEATURES, HEAD_DIM)
+
+    def performer(causal):
+        return lambda q, k, v: favor_attention(q, k, v, projection=projection, causal=causal, impl="xla")
+
     band = lambda seq: min(seq, 2 * WINDOW + 1)
     return [
-        Case("reference (dense, window mask)", reference, band),
+        Case("dense reference (window mask)", reference, band),
+        Case("dense jax.nn.dot_product_attention", dense_xla, lambda seq: seq),
         Case(f"sliding_window w={WINDOW}", sliding, band),
         Case("block_sparse b=64 3w+2g+3r", bigbird, _bigbird_keys_per_query),
+        Case(f"favor bidirectional m={PERFORMER_FEATURES}", performer(False), None),
+        Case(f"favor causal m={PERFORMER_FEATURES}", performer(True), None),
     ]
 
 
@@ -120,9 +135,12 @@ def bench(seqs, budget_bytes: float, repeats: int):
             keys = jax.random.split(jax.random.key(seq), 4)
             args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
             seconds = _median_seconds(compiled, *args, repeats=repeats)
-            useful = 3.5 * 4 * seq * case.keys_per_query(seq) * HEAD_DIM * HEADS
-            row.update(seconds=seconds, useful_gflops=useful / seconds / 1e9,
-                       fraction_of_matmul=useful / seconds / peak)
+            if case.keys_per_query is None:
+                row.update(seconds=seconds, useful_gflops=float("nan"), fraction_of_matmul=float("nan"))
+            else:
+                useful = 3.5 * 4 * seq * case.keys_per_query(seq) * HEAD_DIM * HEADS
+                row.update(seconds=seconds, useful_gflops=useful / seconds / 1e9,
+                           fraction_of_matmul=useful / seconds / peak)
             rows.append(row)
             print(f"{case.name:34s} seq {seq:6d}: {seconds * 1e3:9.1f} ms  {planned / 1e9:6.2f} GB  "
                   f"{row['useful_gflops']:6.1f} GFLOP/s = {row['fraction_of_matmul']:.1%} of matmul")
@@ -131,7 +149,7 @@ def bench(seqs, budget_bytes: float, repeats: int):
 
 
 def _table(rows) -> str:
-    header = f"| op | seq | fwd+bwd ms | planned peak GB | useful GFLOP/s | of matmul |\n|---|---:|---:|---:|---:|---:|"
+    header = "| op | seq | fwd+bwd ms | planned peak GB | useful GFLOP/s | of matmul |\n|---|---:|---:|---:|---:|---:|"
     lines = [header]
     for r in rows:
         lines.append(
@@ -186,7 +204,19 @@ def main():
     print(f"matmul throughput: {peak / 1e9:.1f} GFLOP/s; process max RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
     print(_table(rows))
+    print(_performer_crossover(rows))
     print(f"wrote {csv_path} and {png_path}")
+
+
+def _performer_crossover(rows) -> str:
+    """The shortest measured seq at which each Performer variant is faster than XLA's dense attention."""
+    dense = {r["seq"]: r["seconds"] for r in rows if r["op"].startswith("dense jax") and r["seconds"] == r["seconds"]}
+    lines = []
+    for op in dict.fromkeys(r["op"] for r in rows if r["op"].startswith("favor")):
+        faster = [r["seq"] for r in rows if r["op"] == op and r["seq"] in dense and r["seconds"] < dense[r["seq"]]]
+        where = f"from seq {min(faster)}" if faster else "at no seq where dense was measured"
+        lines.append(f"{op} beats dense {where}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

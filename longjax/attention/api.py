@@ -312,9 +312,7 @@ def favor_attention(
     """
     arguments.check_qkv(q, k, v)
     batch, seq, heads, head_dim = q.shape
-    projection = arguments.check_favor(
-        projection, feature_map, chunk_size, heads, head_dim, favor_lib.FEATURE_MAPS
-    )
+    arguments.check_favor(projection, feature_map, chunk_size, heads, head_dim, favor_lib.FEATURE_MAPS)
     arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
     arguments.check_scale(scale)
     return _dispatch(

@@ -218,7 +218,7 @@ def check_random_layout(random_layout, num_heads: int, num_blocks: int, num_rand
 
 
 def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: int, feature_maps):
-    """Validates FAVOR+ options; returns the projection as `[heads, features, head_dim]`."""
+    """Validates FAVOR+ options; projection is `[features, head_dim]` or `[heads, features, head_dim]`."""
     shape = getattr(projection, "shape", None)
     if shape is None or len(shape) not in (2, 3):
         raise ValueError(
@@ -236,6 +236,3 @@ def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: i
         raise ValueError(f"feature_map must be one of {feature_maps}, got {feature_map!r}")
     if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
-    if len(shape) == 2:
-        projection = jnp.broadcast_to(projection, (num_heads,) + tuple(shape))
-    return projection

@@ -23,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from longjax.attention import blockwise
 from longjax.attention.blockwise import attend, masked_scores, pad_seq, slice_seq, stack_blocks

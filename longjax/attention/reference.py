@@ -97,13 +97,13 @@ def favor_reference(q, k, v, *, projection, feature_map, causal=False, padding_m
     seq and `[.., seq, seq, features]` in memory: for tests.
 
     Args:
-      projection: `[heads, features, head_dim]`.
+      projection: `[features, head_dim]` (shared by heads) or `[heads, features, head_dim]`.
     """
     dtype = jnp.promote_types(q.dtype, jnp.float32)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     qs, ks = (x.astype(dtype) * jnp.sqrt(jnp.asarray(scale, dtype)) for x in (q, k))
-    w = projection.astype(dtype)
+    w = jnp.broadcast_to(projection.astype(dtype), (q.shape[2],) + projection.shape[-2:])
     q_proj = jnp.einsum("bqhd,hmd->bhqm", qs, w)
     k_proj = jnp.einsum("bkhd,hmd->bhkm", ks, w)
     if feature_map == "softmax":
