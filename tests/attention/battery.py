@@ -63,3 +63,30 @@ def assert_matches_reference(fn, reference_fn, arrays, *, seed: int = 0, check_g
             g.astype(jnp.float32), rg.astype(jnp.float32), **tol,
             custom_message=f"gradient wrt input {i}",
         )
+
+
+def token_mask(batch: int, seq: int, positions_per_row):
+    """bool `[batch, seq]`, True at the listed positions of each row."""
+    mask = np.zeros((batch, seq), bool)
+    for row, positions in enumerate(positions_per_row):
+        mask[row, list(positions)] = True
+    return jnp.asarray(mask)
+
+
+def padding_mask(batch: int, seq: int, lengths):
+    """bool `[batch, seq]`, True for the first `lengths[row]` tokens of each row."""
+    return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
+
+
+def assert_jit_vmap_matches_reference(single, reference_single, arrays, masks):
+    """`jit(vmap(single))` against `vmap(reference_single)`, values and gradients.
+
+    Both take one example, `(q, k, v, *masks) -> out` without the batch axis,
+    which vmap adds back. Gradients are wrt the float arrays; float32 tolerances.
+    """
+    tol = TOLERANCES[jnp.dtype(jnp.float32)]
+    fast, ref = jax.jit(jax.vmap(single)), jax.vmap(reference_single)
+    np.testing.assert_allclose(fast(*arrays, *masks), ref(*arrays, *masks), **tol)
+    grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, *masks) ** 2), tuple(range(len(arrays))))
+    for g, rg in zip(jax.jit(grad(fast))(*arrays), grad(ref)(*arrays)):
+        np.testing.assert_allclose(g, rg, **tol)

@@ -19,17 +19,6 @@ IMPLEMENTATIONS = [pytest.param(("xla", {}), id="xla")]
 DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
 
 
-def _token_mask(batch, seq, positions_per_row):
-    mask = np.zeros((batch, seq), bool)
-    for row, positions in enumerate(positions_per_row):
-        mask[row, list(positions)] = True
-    return jnp.asarray(mask)
-
-
-def _padding(batch, seq, lengths):
-    return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
-
-
 def _given_layout(heads, blocks, r):
     """A hand-written layout with a repeat, an entry inside the window and a -1."""
     layout = np.full((heads, blocks, r), -1, np.int32)
@@ -63,9 +52,9 @@ def _build(case, dtype):
     options = dict(options)
     batch, seq = shape[:2]
     if "global_mask" in options:
-        options["global_mask"] = _token_mask(batch, seq, options["global_mask"])
+        options["global_mask"] = battery.token_mask(batch, seq, options["global_mask"])
     if "padding" in options:
-        options["padding_mask"] = _padding(batch, seq, options.pop("padding"))
+        options["padding_mask"] = battery.padding_mask(batch, seq, options.pop("padding"))
     arrays = battery.random_inputs(sum(map(ord, case)), shape, dtype, 3)
 
     def make(impl, extra):
@@ -87,9 +76,11 @@ def test_matches_reference(implementation, case, dtype):
 def test_under_jit_and_vmap(implementation):
     impl, extra = implementation
     batch, seq, heads, dim = 3, 30, 2, 8
-    q, k, v = battery.random_inputs(11, (batch, seq, heads, dim), jnp.float32, 3)
-    global_mask = _token_mask(batch, seq, ((0,), (3, 20), ()))
-    padding_mask = _padding(batch, seq, (30, 22, 9))
+    arrays = battery.random_inputs(11, (batch, seq, heads, dim), jnp.float32, 3)
+    masks = (
+        battery.token_mask(batch, seq, ((0,), (3, 20), ())),
+        battery.padding_mask(batch, seq, (30, 22, 9)),
+    )
 
     def single(impl_name, extra_options, q, k, v, g, p):
         out = block_sparse_attention(
@@ -98,14 +89,9 @@ def test_under_jit_and_vmap(implementation):
         )
         return out[0]
 
-    fast = jax.jit(jax.vmap(functools.partial(single, impl, extra)))
-    ref = jax.vmap(functools.partial(single, "reference", {}))
-    args = (q, k, v, global_mask, padding_mask)
-    tol = battery.TOLERANCES[jnp.dtype(jnp.float32)]
-    np.testing.assert_allclose(fast(*args), ref(*args), **tol)
-    grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, global_mask, padding_mask) ** 2), (0, 1, 2))
-    for g, rg in zip(jax.jit(grad(fast))(q, k, v), grad(ref)(q, k, v)):
-        np.testing.assert_allclose(g, rg, **tol)
+    battery.assert_jit_vmap_matches_reference(
+        functools.partial(single, impl, extra), functools.partial(single, "reference", {}), arrays, masks
+    )
 
 
 @settings(max_examples=25)

@@ -24,10 +24,6 @@ def _projection(seed, features, head_dim, heads=None):
     return jnp.stack([favor_projection(jax.random.key(seed + h), features, head_dim) for h in range(heads)])
 
 
-def _padding(batch, seq, lengths):
-    return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
-
-
 # (shape, options); every case uses 32 features unless it says otherwise.
 CASES = {
     "bidirectional": ((2, 23, 2, 8), dict()),
@@ -49,7 +45,7 @@ def _build(case, dtype):
     batch, seq, heads, dim = shape
     options["projection"] = _projection(5, 32, dim, heads if options.pop("per_head", False) else None)
     if "padding" in options:
-        options["padding_mask"] = _padding(batch, seq, options.pop("padding"))
+        options["padding_mask"] = battery.padding_mask(batch, seq, options.pop("padding"))
     arrays = battery.random_inputs(sum(map(ord, case)), shape, dtype, 3)
 
     def make(impl, extra):
@@ -107,8 +103,7 @@ def test_bfloat16_finite_with_huge_scores(implementation, causal):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_under_jit_and_vmap(implementation):
     impl, extra = implementation
-    q, k, v = battery.random_inputs(8, (3, 18, 2, 8), jnp.float32, 3)
-    padding_mask = _padding(3, 18, (18, 7, 12))
+    arrays = battery.random_inputs(8, (3, 18, 2, 8), jnp.float32, 3)
     projection = _projection(1, 16, 8)
 
     def single(impl_name, extra_options, q, k, v, p):
@@ -117,13 +112,10 @@ def test_under_jit_and_vmap(implementation):
             padding_mask=p[None], impl=impl_name, **extra_options,
         )[0]
 
-    fast = jax.jit(jax.vmap(functools.partial(single, impl, extra)))
-    ref = jax.vmap(functools.partial(single, "reference", {}))
-    tol = battery.TOLERANCES[jnp.dtype(jnp.float32)]
-    np.testing.assert_allclose(fast(q, k, v, padding_mask), ref(q, k, v, padding_mask), **tol)
-    grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, padding_mask) ** 2), (0, 1, 2))
-    for g, rg in zip(jax.jit(grad(fast))(q, k, v), grad(ref)(q, k, v)):
-        np.testing.assert_allclose(g, rg, **tol)
+    battery.assert_jit_vmap_matches_reference(
+        functools.partial(single, impl, extra), functools.partial(single, "reference", {}),
+        arrays, (battery.padding_mask(3, 18, (18, 7, 12)),),
+    )
 
 
 # --- estimation quality against exact softmax attention ----------------------------------------

@@ -22,17 +22,6 @@ IMPLEMENTATIONS = [
 DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
 
 
-def _globals(batch: int, seq: int, positions_per_row):
-    mask = np.zeros((batch, seq), bool)
-    for row, positions in enumerate(positions_per_row):
-        mask[row, list(positions)] = True
-    return jnp.asarray(mask)
-
-
-def _padding(batch: int, seq: int, lengths):
-    return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
-
-
 # (shape [batch, seq, heads, head_dim], options). Globals and padding are built per case.
 CASES = {
     "seq_not_multiple": ((2, 37, 2, 8), dict(window=3)),
@@ -72,9 +61,9 @@ def _build(case: str, dtype):
     batch, seq = shape[:2]
     separate = options.pop("separate_global_qkv", False)
     if "global_mask" in options:
-        options["global_mask"] = _globals(batch, seq, options["global_mask"])
+        options["global_mask"] = battery.token_mask(batch, seq, options["global_mask"])
     if "padding" in options:
-        options["padding_mask"] = _padding(batch, seq, options.pop("padding"))
+        options["padding_mask"] = battery.padding_mask(batch, seq, options.pop("padding"))
     arrays = battery.random_inputs(hash(case) % 1000, shape, dtype, 6 if separate else 3)
 
     def make(impl, extra):
@@ -101,26 +90,23 @@ def test_matches_reference(implementation, case, dtype):
 def test_under_jit_and_vmap(implementation):
     impl, extra = implementation
     batch, seq, heads, dim = 3, 26, 2, 8
-    q, k, v = battery.random_inputs(7, (batch, seq, heads, dim), jnp.float32, 3)
-    global_mask = _globals(batch, seq, ((0,), (3, 20), ()))
-    padding_mask = _padding(batch, seq, (26, 22, 10))
-    options = dict(window=3, dilation=(1, 2), max_global_tokens=2)
+    arrays = battery.random_inputs(7, (batch, seq, heads, dim), jnp.float32, 3)
+    masks = (
+        battery.token_mask(batch, seq, ((0,), (3, 20), ())),
+        battery.padding_mask(batch, seq, (26, 22, 10)),
+    )
 
     def single(impl_name, extra_options, q, k, v, g, p):
         # vmap strips the batch axis; the op wants it, so each example is a batch of one.
         out = sliding_window_attention(
-            q[None], k[None], v[None], global_mask=g[None], padding_mask=p[None],
-            impl=impl_name, **options, **extra_options,
+            q[None], k[None], v[None], window=3, dilation=(1, 2), global_mask=g[None],
+            padding_mask=p[None], max_global_tokens=2, impl=impl_name, **extra_options,
         )
         return out[0]
 
-    fast = jax.jit(jax.vmap(functools.partial(single, impl, extra)))
-    ref = jax.vmap(functools.partial(single, "reference", {}))
-    args = (q, k, v, global_mask, padding_mask)
-    np.testing.assert_allclose(fast(*args), ref(*args), **battery.TOLERANCES[jnp.dtype(jnp.float32)])
-    grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, global_mask, padding_mask) ** 2), (0, 1, 2))
-    for g, rg in zip(jax.jit(grad(fast))(q, k, v), grad(ref)(q, k, v)):
-        np.testing.assert_allclose(g, rg, **battery.TOLERANCES[jnp.dtype(jnp.float32)])
+    battery.assert_jit_vmap_matches_reference(
+        functools.partial(single, impl, extra), functools.partial(single, "reference", {}), arrays, masks
+    )
 
 
 @st.composite
@@ -159,7 +145,7 @@ def test_property_matches_reference(problem):
 
 def test_too_many_globals_is_nan_not_wrong():
     q, k, v = battery.random_inputs(3, (2, 16, 1, 4), jnp.float32, 3)
-    global_mask = _globals(2, 16, ((1, 5, 9), (2,)))
+    global_mask = battery.token_mask(2, 16, ((1, 5, 9), (2,)))
     out = jax.jit(
         lambda q, k, v, g: sliding_window_attention(
             q, k, v, window=2, global_mask=g, max_global_tokens=2, impl="xla"
@@ -188,7 +174,7 @@ def test_no_seq_by_seq_array_in_xla_program():
 
 def test_output_of_padded_query_is_zero_and_finite():
     q, k, v = battery.random_inputs(5, (2, 12, 2, 4), jnp.float32, 3)
-    padding_mask = _padding(2, 12, (0, 5))
+    padding_mask = battery.padding_mask(2, 12, (0, 5))
     out = sliding_window_attention(q, k, v, window=2, padding_mask=padding_mask, impl="xla")
     assert np.all(np.asarray(out[0]) == 0) and np.all(np.asarray(out[1, 5:]) == 0)
     grads = jax.grad(
