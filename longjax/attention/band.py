@@ -75,7 +75,7 @@ def band_attention(q, k, v, key_valid, *, left: int, right: int, block: int, sca
       PartialAttention: out float32 `[batch, heads, seq, head_dim]` and lse
       float32 `[batch, heads, seq]`.
     """
-    return PartialAttention(*_band(q, k, v, key_valid, left, right, block, scale))
+    return PartialAttention(*_band((q * scale).astype(q.dtype), k, v, key_valid, left, right, block))
 
 
 def _geometry(seq: int, left: int, right: int, block: int) -> tuple[int, int]:
@@ -97,7 +97,7 @@ def _span_of_block(a, validp, *, block: int, left: int, right: int, span: int):
     return start, band[None, None] & valid[:, None, None, :]
 
 
-def _forward(q, k, v, key_valid, left, right, block, scale):
+def _forward(q, k, v, key_valid, left, right, block):
     seq = q.shape[2]
     num_blocks, span = _geometry(seq, left, right, block)
     keys = max(seq, span)
@@ -107,24 +107,25 @@ def _forward(q, k, v, key_valid, left, right, block, scale):
 
     def step(_, a):
         start, mask = _span_of_block(a, validp, block=block, left=left, right=right, span=span)
-        scores = masked_scores(slice_seq(qp, a * block, block), slice_seq(kp, start, span), mask, scale)
+        scores = masked_scores(slice_seq(qp, a * block, block), slice_seq(kp, start, span), mask)
         return None, attend(scores, slice_seq(vp, start, span))
 
     _, (out, lse) = jax.lax.scan(step, None, jnp.arange(num_blocks))
     return stack_blocks(out, seq), stack_blocks(lse, seq)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _band(q, k, v, key_valid, left, right, block, scale):
-    return _forward(q, k, v, key_valid, left, right, block, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _band(q, k, v, key_valid, left, right, block):
+    """q comes multiplied by the score scale."""
+    return _forward(q, k, v, key_valid, left, right, block)
 
 
-def _band_fwd(q, k, v, key_valid, left, right, block, scale):
-    out, lse = _forward(q, k, v, key_valid, left, right, block, scale)
+def _band_fwd(q, k, v, key_valid, left, right, block):
+    out, lse = _forward(q, k, v, key_valid, left, right, block)
     return (out, lse), (q, k, v, key_valid, out, lse)
 
 
-def _band_bwd(left, right, block, scale, residuals, cotangents):
+def _band_bwd(left, right, block, residuals, cotangents):
     q, k, v, key_valid, out, lse = residuals
     d_out, d_lse = cotangents
     seq = q.shape[2]
@@ -145,9 +146,9 @@ def _band_bwd(left, right, block, scale, residuals, cotangents):
         q_start = a * block
         q_blk, k_span, v_span = slice_seq(qp, q_start, block), slice_seq(kp, start, span), slice_seq(vp, start, span)
         dq_blk, dk_span, dv_span = blockwise.attend_grads(
-            masked_scores(q_blk, k_span, mask, scale), slice_seq(lse, q_start, block),
+            masked_scores(q_blk, k_span, mask), slice_seq(lse, q_start, block),
             slice_seq(row_term, q_start, block), q_blk, k_span, v_span,
-            slice_seq(d_outp, q_start, block), scale,
+            slice_seq(d_outp, q_start, block),
         )
         dk = jax.lax.dynamic_update_slice_in_dim(dk, slice_seq(dk, start, span) + dk_span, start, axis=2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, slice_seq(dv, start, span) + dv_span, start, axis=2)

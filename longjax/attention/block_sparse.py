@@ -151,7 +151,7 @@ def _scatter_rows(ys, query_blocks, num_blocks: int, seq: int, fill):
     return full.reshape(full.shape[:2] + (-1,) + full.shape[4:])[:, :, :seq]
 
 
-def _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal, scale):
+def _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal):
     seq = q.shape[2]
     nb = -(-seq // block)
     qb, kb, vb = (_blocked(x, nb, block) for x in (q, k, v))
@@ -159,7 +159,7 @@ def _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, bloc
 
     def step(_, t):
         a, ids, mask = _row_inputs(t, query_blocks, key_blocks, key_used, validb, block=block, causal=causal)
-        scores = blockwise.masked_scores(qb[:, :, a], _gather(kb, ids), mask, scale)
+        scores = blockwise.masked_scores(qb[:, :, a], _gather(kb, ids), mask)
         return None, blockwise.attend(scores, _gather(vb, ids))
 
     _, (out, lse) = jax.lax.scan(step, None, jnp.arange(len(query_blocks)))
@@ -169,17 +169,18 @@ def _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, bloc
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _sparse(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal, scale):
-    return _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _sparse(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal):
+    """q comes multiplied by the score scale."""
+    return _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal)
 
 
-def _sparse_fwd(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal, scale):
-    out, lse = _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal, scale)
+def _sparse_fwd(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal):
+    out, lse = _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal)
     return (out, lse), (q, k, v, key_valid, query_blocks, key_blocks, key_used, out, lse)
 
 
-def _sparse_bwd(block, causal, scale, residuals, cotangents):
+def _sparse_bwd(block, causal, residuals, cotangents):
     q, k, v, key_valid, query_blocks, key_blocks, key_used, out, lse = residuals
     d_out, d_lse = cotangents
     seq = q.shape[2]
@@ -196,8 +197,8 @@ def _sparse_bwd(block, causal, scale, residuals, cotangents):
         a, ids, mask = _row_inputs(t, query_blocks, key_blocks, key_used, validb, block=block, causal=causal)
         keys, values = _gather(kb, ids), _gather(vb, ids)
         dq, dk, dv = blockwise.attend_grads(
-            blockwise.masked_scores(qb[:, :, a], keys, mask, scale), lseb[:, :, a], row_termb[:, :, a],
-            qb[:, :, a], keys, values, d_outb[:, :, a], scale,
+            blockwise.masked_scores(qb[:, :, a], keys, mask), lseb[:, :, a], row_termb[:, :, a],
+            qb[:, :, a], keys, values, d_outb[:, :, a],
         )
         unflat = lambda x: x.reshape(x.shape[:2] + ids.shape[1:] + (block, x.shape[-1]))
         dkb = dkb.at[:, heads, ids].add(unflat(dk))
@@ -250,8 +251,8 @@ def block_sparse_xla(
     sparse_keys = global_tokens.local_key_valid(q, global_mask, padding_mask)
     if len(query_blocks):
         part = PartialAttention(
-            *_sparse(qh, kh, vh, sparse_keys, *map(jnp.asarray, (query_blocks, key_blocks, key_used)),
-                     spec.block_size, spec.causal, scale)
+            *_sparse((qh * scale).astype(qh.dtype), kh, vh, sparse_keys,
+                     *map(jnp.asarray, (query_blocks, key_blocks, key_used)), spec.block_size, spec.causal)
         )
     else:  # every block is global
         part = PartialAttention(

@@ -29,10 +29,14 @@ def stack_blocks(ys, seq: int):
     return ys.reshape(ys.shape[:2] + (-1,) + ys.shape[4:])[:, :, :seq]
 
 
-def masked_scores(q_blk, keys, mask, scale: float):
-    """float32 `[batch, heads, block, keys]`, `MASK_VALUE` where mask is False."""
+def masked_scores(q_blk, keys, mask):
+    """float32 `[batch, heads, block, keys]`, `MASK_VALUE` where mask is False.
+
+    Queries come pre-multiplied by the score scale: that is one multiply per
+    query element instead of one per score, in the forward and backward steps.
+    """
     scores = jnp.einsum("bhqd,bhkd->bhqk", q_blk, keys, preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores * scale, MASK_VALUE)
+    return jnp.where(mask, scores, MASK_VALUE)
 
 
 def attend(scores, values):
@@ -63,15 +67,16 @@ def backward_row_terms(out, lse, d_out, d_lse):
     return row_term, jnp.where(lse > MASK_VALUE / 2, lse, -MASK_VALUE)
 
 
-def attend_grads(scores, lse, row_term, q_blk, keys, values, d_out, scale: float):
+def attend_grads(scores, lse, row_term, q_blk, keys, values, d_out):
     """Gradients of one block: (dq `[.., block, d]`, dk and dv `[.., keys, d]`), float32.
 
     `scores` are recomputed masked scores; lse and row_term come from
-    `backward_row_terms` for the block's rows; all other inputs float32.
+    `backward_row_terms` for the block's rows; all other inputs float32, q_blk
+    pre-scaled as for `masked_scores` (so dq is the gradient wrt scaled queries).
     """
     probs = jnp.exp(scores - lse[..., None])
     d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, values)
-    d_scores = probs * (d_probs + row_term[..., None]) * scale
+    d_scores = probs * (d_probs + row_term[..., None])
     dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, keys)
     dk = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_blk)
     dv = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
