@@ -116,11 +116,13 @@ def _fwd_bwd(attention):
     return jax.jit(run)
 
 
-def bench(seqs, budget_bytes: float, repeats: int):
+def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
     peak = matmul_flops_per_second()
     print(f"float32 matmul throughput (4096^3): {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for case in _cases():
+        if ops and not any(op in case.name for op in ops.split(",")):
+            continue
         for seq in seqs:
             shape = jax.ShapeDtypeStruct((1, seq, HEADS, HEAD_DIM), jnp.float32)
             compiled = _fwd_bwd(case.attention).lower(shape, shape, shape, shape).compile()
@@ -188,9 +190,10 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--memory-budget-gb", type=float, default=16.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ops", default="", help="comma-separated substrings of op names to run (default: all)")
     args = parser.parse_args()
     seqs = [int(s) for s in args.seqs.split(",")]
-    peak, rows = bench(seqs, args.memory_budget_gb * 1e9, args.repeats)
+    peak, rows = bench(seqs, args.memory_budget_gb * 1e9, args.repeats, args.ops)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_attention.csv")
     with open(csv_path, "w", newline="") as f:

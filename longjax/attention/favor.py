@@ -46,6 +46,9 @@ SCALINGS = ("chi", "sqrt_d")
 # Added to every ReLU feature (Performer's generalised-kernel stabiliser), so a
 # row whose projections are all negative still has a positive normaliser.
 RELU_EPSILON = 1e-3
+# Rows per scan step of the bidirectional passes (256 and 512 were within noise
+# on CPU at seq 16384; 1024 was 40% slower).
+BIDIRECTIONAL_CHUNK = 256
 # Causal chunk length when the caller gives none: on CPU, 256 features, head_dim
 # 64, seq 16384, chunks of 64 and 128 were within noise and 256 was 15% slower.
 DEFAULT_CHUNK_SIZE = 128
@@ -110,27 +113,33 @@ def relu_features(x, projection, scale: float):
     return jax.nn.relu(_project(x * math.sqrt(scale), projection)) + RELU_EPSILON
 
 
-def _key_features(k, projection, key_valid, feature_map, scale, *, causal: bool):
-    """Key features, zero at invalid keys, and the key stabiliser per position.
+def _key_logit_max(keys, valid, projection, scale):
+    """Each valid key's largest logit (MASK_VALUE for invalid keys): `[chunks, batch, heads, chunk]`.
 
-    Softmax keys are stored as `exp(logit - M)`: M is the maximum logit over
-    all valid keys (bidirectional) or over the valid keys up to each position
-    (causal: the running max, so no later key enters). ReLU features need no
-    stabiliser (M = 0).
+    A stabiliser, so it carries no gradient. Takes chunked keys and validity.
     """
-    b, h, n = k.shape[:3]
+
+    def step(_, xs):
+        kc, valid_c = xs
+        row_max = jnp.max(feature_logits(kc, projection, scale), axis=-1)
+        return None, jnp.where(valid_c[:, None, :], row_max, MASK_VALUE)
+
+    _, key_max = jax.lax.scan(step, None, (keys, valid))
+    return jax.lax.stop_gradient(key_max)
+
+
+def _chunk_key_features(kc, valid_c, stabiliser_c, projection, feature_map, scale):
+    """Key features of one chunk `[batch, heads, chunk, features]`, zero at invalid keys.
+
+    Softmax keys are `exp(logit - M)` with M the key stabiliser at each position
+    (`[batch, heads, chunk]`); ReLU features need none.
+    """
     if feature_map == "relu":
-        return relu_features(k, projection, scale) * key_valid[:, None, :, None], jnp.zeros((b, h, n), k.dtype)
-    logits = feature_logits(k, projection, scale)
-    key_max = jnp.where(key_valid[:, None, :], jax.lax.stop_gradient(jnp.max(logits, axis=-1)), MASK_VALUE)
-    if causal:
-        stabiliser = jax.lax.cummax(key_max, axis=2)
-    else:
-        stabiliser = jnp.broadcast_to(jnp.max(key_max, axis=-1, keepdims=True), key_max.shape)
+        return relu_features(kc, projection, scale) * valid_c[:, None, :, None]
+    exponent = feature_logits(kc, projection, scale) - stabiliser_c[..., None]
     # Masking the exponent, not the result: an invalid key's exponent may be +huge
     # (no valid key yet sets the stabiliser), and exp(+huge) * 0 is NaN.
-    exponent = jnp.where(key_valid[:, None, :, None], logits - stabiliser[..., None], MASK_VALUE)
-    return jnp.exp(exponent), stabiliser
+    return jnp.exp(jnp.where(valid_c[:, None, :, None], exponent, MASK_VALUE))
 
 
 def _query_features(q_in, normaliser, feature_map):
@@ -170,32 +179,73 @@ def _safe_divide(num, den):
     return jnp.where(ok[..., None], num / safe_den[..., None], 0.0)
 
 
-def _bidirectional(q, k, v, projection, key_valid, feature_map, scale):
-    kf, _ = _key_features(k, projection, key_valid, feature_map, scale, causal=False)
-    kv = jnp.einsum("bhnm,bhnd->bhmd", kf, v)
-    normaliser = jnp.sum(kf, axis=2)[:, :, None, :]  # [b, h, 1, m]
-    qf = _query_features(_query_inputs(q, projection, feature_map, scale), normaliser, feature_map)
-    num = jnp.einsum("bhnm,bhmd->bhnd", qf, kv)
-    den = jnp.sum(qf * normaliser, axis=-1)
-    return _safe_divide(num, den)
+def _to_chunks(x, chunk: int, mode: str = "constant"):
+    """`[batch, heads, seq, ...]` -> `[chunks, batch, heads, chunk, ...]`, padding seq."""
+    pad = -x.shape[2] % chunk
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), mode=mode)
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (-1, chunk) + x.shape[3:]), 2, 0)
+
+
+def _from_chunks(x, seq: int):
+    """Inverse of `_to_chunks`."""
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :seq]
+
+
+def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk):
+    """Scans over key chunks (reducing `phi(K)^T V` and the normaliser), then query chunks.
+
+    Same algebra as one big product; computing features inside the scans keeps
+    each step's `[chunk, features]` arrays in cache instead of materialising
+    `[seq, features]` ones, which on CPU made fwd+bwd 1.8x faster at seq 16384
+    and 2.3x at 32768 (and linear in seq).
+    """
+    b, h, n, d = q.shape
+    valid = _to_chunks(key_valid[:, None, :].astype(q.dtype), chunk)[..., 0, :] > 0  # [chunks, b, chunk]
+    keys, values = _to_chunks(k, chunk), _to_chunks(v, chunk)
+
+    if feature_map == "relu":
+        key_max = jnp.zeros((b, h), q.dtype)
+    else:
+        key_max = jnp.max(_key_logit_max(keys, valid, projection, scale), axis=(0, 3))
+
+    def key_step(carry, xs):
+        kv, normaliser = carry
+        kc, vc, valid_c = xs
+        kf = _chunk_key_features(kc, valid_c, key_max[..., None], projection, feature_map, scale)
+        return (kv + jnp.einsum("bhnm,bhnd->bhmd", kf, vc), normaliser + jnp.sum(kf, axis=2)), None
+
+    m = projection.shape[-2]
+    init = (jnp.zeros((b, h, m, d), q.dtype), jnp.zeros((b, h, m), q.dtype))
+    (kv, normaliser), _ = jax.lax.scan(key_step, init, (keys, values, valid))
+    normaliser = normaliser[:, :, None, :]
+
+    def query_step(_, qc):
+        qf = _query_features(_query_inputs(qc, projection, feature_map, scale), normaliser, feature_map)
+        num = jnp.einsum("bhnm,bhmd->bhnd", qf, kv)
+        return None, _safe_divide(num, jnp.sum(qf * normaliser, axis=-1))
+
+    _, out = jax.lax.scan(query_step, None, _to_chunks(q, chunk))
+    return _from_chunks(out, n)
 
 
 def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk):
     b, h, n, d = q.shape
-    kf, running_max = _key_features(k, projection, key_valid, feature_map, scale, causal=True)
-    q_in = _query_inputs(q, projection, feature_map, scale)
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-
-    def chunked(x, mode="constant"):
-        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3), mode=mode)
-        return jnp.moveaxis(x.reshape(x.shape[:2] + (num_chunks, chunk) + x.shape[3:]), 2, 0)
+    valid = _to_chunks(key_valid[:, None, :].astype(q.dtype), chunk)[..., 0, :] > 0  # [chunks, b, chunk]
+    keys = _to_chunks(k, chunk)
+    if feature_map == "relu":
+        running_max = jnp.zeros((b, h, n), q.dtype)
+    else:
+        # The running max over valid keys up to each position: no later key enters.
+        running_max = jax.lax.cummax(_from_chunks(_key_logit_max(keys, valid, projection, scale), n), axis=2)
 
     causal_mask = np.tril(np.ones((chunk, chunk), bool))
 
     def step(carry, xs):
         state, normaliser, prev_max = carry
-        qc, kc, vc, mc = xs
+        qc, kc, vc, valid_c, mc = xs
+        qc = _query_inputs(qc, projection, feature_map, scale)
+        kc = _chunk_key_features(kc, valid_c, mc, projection, feature_map, scale)
         # Row i rescales every term it sums to its own running max M_i: the carried
         # state by exp(M_prev - M_i), key j of the chunk by exp(M_j - M_i); both <= 1.
         decay = jnp.exp(prev_max[..., None] - mc)  # [b, h, chunk]
@@ -212,17 +262,16 @@ def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk):
         normaliser = normaliser * carry_decay[..., None] + jnp.sum(to_end, axis=2)
         return (state, normaliser, new_max), _safe_divide(num, den)
 
-    m = kf.shape[-1]
+    m = projection.shape[-2]
     init = (
         jnp.zeros((b, h, m, d), q.dtype),
         jnp.zeros((b, h, m), q.dtype),
         jnp.full((b, h), MASK_VALUE, q.dtype),
     )
     # Padded positions hold no key; repeating the last running max keeps every decay <= 1.
-    xs = (chunked(q_in), chunked(kf), chunked(v), chunked(running_max, mode="edge"))
+    xs = (_to_chunks(q, chunk), keys, _to_chunks(v, chunk), valid, _to_chunks(running_max, chunk, mode="edge"))
     _, out = jax.lax.scan(step, init, xs)
-    out = jnp.moveaxis(out, 0, 2).reshape(b, h, num_chunks * chunk, d)
-    return out[:, :, :n]
+    return _from_chunks(out, n)
 
 
 def favor_xla(q, k, v, *, projection, feature_map, causal, padding_mask, scale, chunk_size):
@@ -239,7 +288,8 @@ def favor_xla(q, k, v, *, projection, feature_map, causal, padding_mask, scale, 
     if causal:
         out = _causal(qh, kh, vh, projection, key_valid, feature_map, scale, chunk_size or DEFAULT_CHUNK_SIZE)
     else:
-        out = _bidirectional(qh, kh, vh, projection, key_valid, feature_map, scale)
+        chunk = min(BIDIRECTIONAL_CHUNK, q.shape[1])
+        out = _bidirectional(qh, kh, vh, projection, key_valid, feature_map, scale, chunk)
     out = to_bhnd(out)
     if padding_mask is not None:
         out = jnp.where(padding_mask[:, :, None, None], out, 0.0)
