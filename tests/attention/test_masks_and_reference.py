@@ -64,3 +64,47 @@ def test_dense_attention_empty_row_is_zero_with_finite_gradient():
     np.testing.assert_allclose(out[0, 2], v[0, 0], rtol=1e-6)
     grads = jax.grad(lambda *x: jnp.sum(dense_attention(*x, mask)), (0, 1, 2))(q, k, v)
     assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def _loop_block_sparse_mask(seq, block, radius, global_blocks, layout, causal, global_mask, padding_mask):
+    """BigBird's pattern one (query, key) token pair at a time, from the definition."""
+    blocks = layout.shape[1]
+    globals_ = {g % blocks for g in global_blocks}
+    batch = global_mask.shape[0]
+    out = np.zeros((batch, layout.shape[0], seq, seq), bool)
+    for b in range(batch):
+        for h in range(layout.shape[0]):
+            for i in range(seq):
+                for j in range(seq):
+                    a, c = i // block, j // block
+                    allowed = (
+                        a in globals_ or c in globals_ or abs(a - c) <= radius
+                        or c in layout[h, a].tolist() or global_mask[b, i] or global_mask[b, j]
+                    )
+                    if (causal and j > i) or not (padding_mask[b, i] and padding_mask[b, j]):
+                        allowed = False
+                    out[b, h, i, j] = allowed
+    return out
+
+
+@settings(max_examples=40)
+@given(
+    seq=st.integers(1, 14), block=st.integers(1, 4), radius=st.integers(0, 2), r=st.integers(0, 2),
+    heads=st.integers(1, 2), causal=st.booleans(), data=st.data(),
+)
+def test_block_sparse_mask_matches_definition(seq, block, radius, r, heads, causal, data):
+    blocks = -(-seq // block)
+    global_blocks = data.draw(st.lists(st.integers(-blocks, blocks - 1), max_size=2))
+    layout = np.asarray(
+        data.draw(st.lists(st.integers(-1, blocks - 1), min_size=heads * blocks * r, max_size=heads * blocks * r)),
+        np.int32,
+    ).reshape(heads, blocks, r)
+    bits = st.lists(st.lists(st.booleans(), min_size=seq, max_size=seq), min_size=2, max_size=2)
+    global_mask = np.asarray(data.draw(bits), bool)
+    padding_mask = np.asarray(data.draw(bits), bool)
+    got = masks.block_sparse_mask(
+        seq, block_size=block, window_radius=radius, global_blocks=global_blocks, random_layout=layout,
+        causal=causal, global_mask=jnp.asarray(global_mask), padding_mask=jnp.asarray(padding_mask),
+    )
+    want = _loop_block_sparse_mask(seq, block, radius, global_blocks, layout, causal, global_mask, padding_mask)
+    np.testing.assert_array_equal(np.broadcast_to(got, want.shape), want)
