@@ -52,8 +52,13 @@ def _sliding_window_reference(q, k, v, *, block_size, max_global_tokens, **kwarg
     return reference.sliding_window_reference(q, k, v, **kwargs)
 
 
-def _sliding_window_pallas(q, k, v, **kwargs):
-    raise NotImplementedError("impl='pallas' for sliding_window_attention has no kernel yet")
+def _no_kernel_yet(op_name: str) -> Callable:
+    """The 'pallas' entry of an op whose kernel has not landed: it says so."""
+
+    def impl(q, k, v, **kwargs):
+        raise NotImplementedError(f"impl='pallas' for {op_name} has no kernel yet")
+
+    return impl
 
 
 def _with_global_slots(xla_impl):
@@ -75,7 +80,7 @@ def _with_global_slots(xla_impl):
 _SLIDING_WINDOW_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
         "xla": _with_global_slots(sliding_window_lib.sliding_window_xla),
-        "pallas": _sliding_window_pallas,
+        "pallas": _no_kernel_yet("sliding_window_attention"),
         "reference": _sliding_window_reference,
     }
 )
@@ -160,14 +165,10 @@ def _block_sparse_reference(q, k, v, *, max_global_tokens, **kwargs):
     return reference.block_sparse_reference(q, k, v, **kwargs)
 
 
-def _block_sparse_pallas(q, k, v, **kwargs):
-    raise NotImplementedError("impl='pallas' for block_sparse_attention has no kernel yet")
-
-
 _BLOCK_SPARSE_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
         "xla": _with_global_slots(block_sparse_lib.block_sparse_xla),
-        "pallas": _block_sparse_pallas,
+        "pallas": _no_kernel_yet("block_sparse_attention"),
         "reference": _block_sparse_reference,
     }
 )
@@ -260,17 +261,13 @@ def block_sparse_attention(
     )
 
 
-def _favor_pallas(q, k, v, **kwargs):
-    raise NotImplementedError("impl='pallas' for favor_attention has no kernel yet")
-
-
 def _favor_reference(q, k, v, *, chunk_size, **kwargs):
     del chunk_size  # the dense form has no chunks; the result does not depend on them
     return reference.favor_reference(q, k, v, **kwargs)
 
 
 _FAVOR_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
-    {"xla": favor_lib.favor_xla, "pallas": _favor_pallas, "reference": _favor_reference}
+    {"xla": favor_lib.favor_xla, "pallas": _no_kernel_yet("favor_attention"), "reference": _favor_reference}
 )
 
 
