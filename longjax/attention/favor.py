@@ -201,7 +201,7 @@ def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk):
     and 2.3x at 32768 (and linear in seq).
     """
     b, h, n, d = q.shape
-    valid = _to_chunks(key_valid[:, None, :].astype(q.dtype), chunk)[..., 0, :] > 0  # [chunks, b, chunk]
+    valid = _to_chunks(key_valid[:, None, :], chunk)[:, :, 0]  # [chunks, batch, chunk]
     keys, values = _to_chunks(k, chunk), _to_chunks(v, chunk)
 
     if feature_map == "relu":
@@ -231,7 +231,7 @@ def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk):
 
 def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk):
     b, h, n, d = q.shape
-    valid = _to_chunks(key_valid[:, None, :].astype(q.dtype), chunk)[..., 0, :] > 0  # [chunks, b, chunk]
+    valid = _to_chunks(key_valid[:, None, :], chunk)[:, :, 0]  # [chunks, batch, chunk]
     keys = _to_chunks(k, chunk)
     if feature_map == "relu":
         running_max = jnp.zeros((b, h, n), q.dtype)

@@ -68,13 +68,22 @@ def sliding_window_mask(
     local = jnp.stack(
         [dilated_window_mask(seq_len, left=left, right=right, dilation=d) for d in dilation]
     )[None]
+    return _with_globals_causal_padding(local, seq_len, causal, global_mask, padding_mask)
+
+
+def _with_globals_causal_padding(mask, seq_len, causal, global_mask, padding_mask):
+    """Adds token-level globals to a `[.., heads, seq, seq]` pattern, then applies causal and padding.
+
+    Global tokens see, and are seen by, every key; causal and padding then remove
+    keys, globals included.
+    """
     if global_mask is not None:
-        local = local | global_mask[:, None, :, None] | global_mask[:, None, None, :]
+        mask = mask | global_mask[:, None, :, None] | global_mask[:, None, None, :]
     if causal:
-        local = local & causal_mask(seq_len)
+        mask = mask & causal_mask(seq_len)
     if padding_mask is not None:
-        local = local & padding_key_mask(padding_mask) & padding_query_mask(padding_mask)
-    return local
+        mask = mask & padding_key_mask(padding_mask) & padding_query_mask(padding_mask)
+    return mask
 
 
 def block_sparse_mask(
@@ -118,10 +127,4 @@ def block_sparse_mask(
                 )
     token_block = np.arange(seq_len) // block_size
     mask = jnp.asarray(allowed[:, token_block][:, :, token_block])[None]
-    if global_mask is not None:
-        mask = mask | global_mask[:, None, :, None] | global_mask[:, None, None, :]
-    if causal:
-        mask = mask & causal_mask(seq_len)
-    if padding_mask is not None:
-        mask = mask & padding_key_mask(padding_mask) & padding_query_mask(padding_mask)
-    return mask
+    return _with_globals_causal_padding(mask, seq_len, causal, global_mask, padding_mask)
