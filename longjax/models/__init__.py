@@ -1,0 +1,40 @@
+"""Flax (linen) models of longjax: one attention layer for every pattern, blocks, CharLM, LongEncoder."""
+
+from longjax.models.attention import (
+    MultiHeadAttention,
+    copy_local_to_global,
+    layer_seed,
+    performer_projection,
+)
+from longjax.models.char_lm import CharLM
+from longjax.models.config import (
+    ATTENTION_TYPES,
+    BlockSparseAttention,
+    FullAttention,
+    PerformerAttention,
+    SlidingWindowAttention,
+    TransformerConfig,
+    attention_config,
+    transformer_config,
+)
+from longjax.models.encoder import LongEncoder
+from longjax.models.transformer import TransformerBlock, TransformerStack
+
+__all__ = [
+    "ATTENTION_TYPES",
+    "BlockSparseAttention",
+    "CharLM",
+    "FullAttention",
+    "LongEncoder",
+    "MultiHeadAttention",
+    "PerformerAttention",
+    "SlidingWindowAttention",
+    "TransformerBlock",
+    "TransformerConfig",
+    "TransformerStack",
+    "attention_config",
+    "copy_local_to_global",
+    "layer_seed",
+    "performer_projection",
+    "transformer_config",
+]
