@@ -1,0 +1,93 @@
+"""Every config in configs/ loads and validates; the Longformer recipe is what the paper says; bad configs are named."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from longjax import experiment, models, recipes
+from tests.train import tiny_config
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)
+def test_every_config_loads_validates_and_plans(path):
+    config = _load(path)
+    experiment.validate(config)
+    phases = experiment.plan(config)
+    assert phases[0].start_step == 0
+    assert all(a.end_step == b.start_step for a, b in zip(phases, phases[1:]))
+
+
+@pytest.mark.parametrize("corpus", ["enwik8", "text8"])
+@pytest.mark.parametrize("size, steps, layers, dropout", [
+    ("small", (430_000, 50_000, 50_000, 35_000, 5_000), 12, 0.2),
+    ("large", (350_000, 25_000, 10_000, 5_000, 5_000), 30, 0.4),
+])
+def test_longformer_recipe(corpus, size, steps, layers, dropout):
+    config = _load(CONFIG_DIR / f"{corpus}_{size}.py")
+    phases = experiment.plan(config)
+    assert [p.seq_len for p in phases] == [2048, 4096, 8192, 16384, 23040]
+    assert [p.batch_size for p in phases] == [32, 32, 16, 16, 16]
+    assert [p.steps for p in phases] == list(steps)
+    assert [p.learning_rate for p in phases] == [2.5e-4 / 2**i for i in range(5)]
+    assert [p.warmup_steps for p in phases] == [min(s // 10, 10_000) for s in steps]
+    model = phases[0].model
+    assert (model.num_layers, model.num_heads, model.d_model, model.dropout) == (layers, 8, 512, dropout)
+    assert model.position == "txl_relative" and model.layer_norm == "pre" and model.activation == "gelu"
+    assert config.optimizer.grad_clip_norm == 0.25 and config.optimizer.weight_decay == 0.01
+    base = models.transformer_config(config.model)
+    assert base.attention[0].window == 32 and base.attention[-1].window == 8192
+    # Each phase doubles every window, clipped to the phase's length.
+    for phase in phases:
+        scale = 2**phase.index
+        assert [a.window for a in phase.model.attention] == [
+            min(a.window * scale, phase.seq_len) for a in base.attention
+        ]
+    dilated = {1: (1,) * 6 + (2, 2), 2: (1,) * 6 + (3, 3), 3: (1,) * 6 + (4, 4)}
+    expected = [1] * layers
+    for paper_d, span in recipes.PAPER_DILATION_LAYERS[size].items():
+        for layer in span:
+            expected[layer] = dilated[paper_d]
+    assert [a.dilation for a in base.attention] == expected
+    undilated = 6 if size == "small" else 15
+    assert all(d == 1 for d in expected[:undilated]) and all(d != 1 for d in expected[undilated:])
+
+
+def _bad(mutate):
+    config = tiny_config.get_config()
+    mutate(config)
+    return config
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: setattr(c.model, "attention_per_layer", dict(window=(4, 8, 16))),
+     r"attention_per_layer.window must list one value per layer \(model.num_layers = 2\)"),
+    (lambda c: setattr(c.phases, "steps", (6,)), r"phases lists must have equal lengths"),
+    (lambda c: setattr(c.phases, "seq_len", (16, 0)), r"phases.seq_len\[1\] must be a positive int"),
+    (lambda c: c.model.attention.update(dict(type="linformer")), r"model.attention.type must be one of"),
+    (lambda c: setattr(c.eval, "step", 64), r"eval.step \(64\) must not exceed eval.seq_len \(32\)"),
+    (lambda c: setattr(c.data, "name", "wikitext"), r"data.name must be one of"),
+    (lambda c: setattr(c.optimizer, "grad_clip_norm", 0.0), r"optimizer.grad_clip_norm must be a positive"),
+    (lambda c: setattr(c.phases, "learning_rate", (1e-2, -1.0)), r"phases.learning_rate\[1\] must be a positive"),
+    (lambda c: setattr(c.model, "vocab_size", 27), r"model.vocab_size \(27\) is smaller than the pydoc_topics alphabet"),
+])
+def test_bad_configs_are_rejected_naming_the_field(mutate, message):
+    with pytest.raises(experiment.ConfigError, match=message):
+        experiment.validate(_bad(mutate))
+
+
+def test_window_scale_needs_sliding_window_layers():
+    config = recipes.with_attention(tiny_config.get_config(), dict(type="performer", num_features=8))
+    experiment.validate(config)
+    config.phases.window_scale = (1, 2)
+    with pytest.raises(experiment.ConfigError, match="phases.window_scale scales sliding-window layers"):
+        experiment.validate(config)

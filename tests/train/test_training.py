@@ -1,0 +1,195 @@
+"""The main job end to end on a tiny config: phases, exact resume, SIGTERM, crashes, NaN, data parallelism."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from longjax import checkpointing, evaluate, experiment, metrics_log, trainer
+from longjax.data import corpora
+from tests.train import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY = str(REPO / "tests" / "train" / "tiny_config.py")
+
+
+def _command(workdir, *overrides):
+    return [sys.executable, "-m", "longjax.train", f"--config={TINY}", f"--workdir={workdir}", *overrides]
+
+
+def _env(devices: int = 1):
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _run(workdir, *overrides, devices=1, check=True):
+    result = subprocess.run(
+        _command(workdir, *overrides), env=_env(devices), capture_output=True, text=True, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _train_losses(workdir):
+    return [(r["step"], r["loss"]) for r in metrics_log.read_metrics(workdir) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One complete single-device run of the tiny config, in a subprocess like a user's."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = _run(workdir)
+    return workdir, result
+
+
+def test_training_runs_both_phases_and_the_loss_falls(uninterrupted):
+    workdir, result = uninterrupted
+    losses = _train_losses(workdir)
+    assert [step for step, _ in losses] == list(range(1, 11))
+    assert np.mean([loss for _, loss in losses[-3:]]) < np.mean([loss for _, loss in losses[:3]])
+    records = metrics_log.read_metrics(workdir)
+    lr = {r["step"]: r["learning_rate"] for r in records if r["kind"] == "train"}
+    # Warmup restarts each phase; the phase-2 rate is half the phase-1 rate.
+    assert [lr[s] for s in range(1, 11)] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2, 2.5e-3, 5e-3, 5e-3, 5e-3])
+    phases = {r["step"]: r["phase"] for r in records if r["kind"] == "train"}
+    assert phases[6] == 1 and phases[7] == 2
+    assert "phase 2/2: steps 6-10, seq_len 32, batch 4, lr 0.005 (warmup 2), windows [8, 16]" in result.stdout
+    assert "final validation BPC" in result.stdout
+    assert (workdir / "curves.png").stat().st_size > 0
+    assert list((workdir / "tensorboard").iterdir())
+    assert json.loads((workdir / "config.json").read_text())["phases"]["seq_len"] == [16, 32]
+
+
+def test_phase_change_doubles_windows_and_length_and_halves_the_rate():
+    first, second = experiment.plan(tiny_config.get_config())
+    assert second.seq_len == 2 * first.seq_len
+    assert second.learning_rate == first.learning_rate / 2
+    assert [a.window for a in second.model.attention] == [2 * a.window for a in first.model.attention]
+
+
+def test_sigkill_and_resume_give_bitwise_identical_losses(uninterrupted, tmp_path):
+    expected = _train_losses(uninterrupted[0])
+    process = subprocess.Popen(_command(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            steps = [s for s, _ in _train_losses(tmp_path)] if (tmp_path / "metrics.jsonl").exists() else []
+            if steps and steps[-1] >= 5:
+                break
+            assert process.poll() is None, process.stdout.read().decode()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_at = _train_losses(tmp_path)[-1][0]
+    assert killed_at < 10, "the run finished before it could be killed"
+    result = _run(tmp_path)
+    assert "resumed from the checkpoint at step" in result.stdout
+    assert _train_losses(tmp_path) == expected  # bitwise: floats compared exactly
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(uninterrupted, tmp_path):
+    process = subprocess.Popen(_command(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        (tmp_path / "metrics.jsonl").exists() and _train_losses(tmp_path)
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "SIGTERM: saved the checkpoint at step" in output
+    saved = checkpointing.Checkpointer(tmp_path, keep=3, async_save=False)
+    stopped_at = _train_losses(tmp_path)[-1][0]
+    assert saved.steps()[-1] == stopped_at
+    saved.close()
+    _run(tmp_path)
+    assert _train_losses(tmp_path) == _train_losses(uninterrupted[0])
+
+
+def test_half_written_and_unreadable_checkpoints_are_skipped(uninterrupted, tmp_path):
+    config = tiny_config.get_config()
+    config.phases.steps = (4, 2)
+    trainer.train_and_evaluate(config, tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    # A crash mid-save leaves orbax's temporary directory; a crash after the rename
+    # but with lost files leaves a step directory that does not restore.
+    (checkpoints / "9.orbax-checkpoint-tmp-1234").mkdir()
+    (checkpoints / "9.orbax-checkpoint-tmp-1234" / "state").write_text("partial")
+    broken = checkpoints / "8"
+    broken.mkdir()
+    (broken / "state").mkdir()
+    (broken / "state" / "junk").write_text("not a checkpoint")
+    config.phases.steps = (4, 2)
+    result = trainer.train_and_evaluate(config, tmp_path)
+    assert result.status == "finished" and result.step == 6
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_allowed(tmp_path):
+    config = tiny_config.get_config()
+    config.phases.steps = (2, 1)
+    trainer.train_and_evaluate(config, tmp_path)
+    changed = tiny_config.get_config()
+    changed.phases.steps = (2, 3)
+    changed.model.dropout = 0.3
+    with pytest.raises(trainer.ConfigChangedError, match=r"model.dropout: 0.1 -> 0.3; phases.steps: \(2, 1\) -> \(2, 3\)"):
+        trainer.train_and_evaluate(changed, tmp_path)
+    changed.allow_config_change = True
+    result = trainer.train_and_evaluate(changed, tmp_path)
+    assert result.step == 5
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config.get_config()
+    config.phases.learning_rate = (1e30, 1e30)
+    config.optimizer.max_warmup_steps = 0
+    config.checkpoint.every_steps = 1
+    with pytest.raises(trainer.NonFiniteLossError, match=r"the training loss is (nan|inf) at step (\d+)") as error:
+        trainer.train_and_evaluate(config, tmp_path)
+    bad_step = int(str(error.value).split(" at step ")[1].split()[0])
+    saved = checkpointing.Checkpointer(tmp_path, keep=3, async_save=False)
+    assert saved.steps() and saved.steps()[-1] == bad_step - 1
+    saved.close()
+    assert f"Last good checkpoint: step {bad_step - 1}" in str(error.value)
+
+
+def test_missing_data_fails_at_start_naming_the_file(tmp_path):
+    config = tiny_config.get_config()
+    config.data.update(dict(name="enwik8", dir=str(tmp_path / "data"), download=False))
+    with pytest.raises(corpora.CorpusNotFoundError, match=r"enwik8") as error:
+        trainer.train_and_evaluate(config, tmp_path / "run")
+    assert str(tmp_path / "data") in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_config_fails_before_anything_else(tmp_path):
+    result = _run(tmp_path / "run", "--config.phases.steps=(6,)", check=False)
+    assert result.returncode == 1
+    assert "phases lists must have equal lengths" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_parallel_on_four_devices_equals_one_device(uninterrupted, tmp_path):
+    _run(tmp_path, devices=4)
+    one = _train_losses(uninterrupted[0])
+    four = _train_losses(tmp_path)
+    assert [s for s, _ in four] == [s for s, _ in one]
+    np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=2e-5, atol=2e-5)
+
+
+def test_standalone_evaluation_scores_every_character_of_the_split(uninterrupted):
+    workdir, _ = uninterrupted
+    result = evaluate.evaluate_checkpoint(workdir, "test", max_chars=300)
+    assert result["step"] == 10 and result["phase"] == 2
+    assert result["chars"] == 299 and np.isfinite(result["bpc"])
