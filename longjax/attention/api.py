@@ -18,6 +18,7 @@ from longjax.attention import arguments
 from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import favor as favor_lib
 from longjax.attention import global_tokens
+from longjax.attention import pallas_block_sparse
 from longjax.attention import reference
 from longjax.attention import sliding_window as sliding_window_lib
 
@@ -61,6 +62,18 @@ def _no_kernel_yet(op_name: str) -> Callable:
     return impl
 
 
+def _without_kernel_options(impl: Callable) -> Callable:
+    """An implementation that is not a Pallas kernel: it refuses the kernel options rather than ignore them."""
+
+    def wrapped(q, k, v, *, interpret, block_sizes, **kwargs):
+        given = [name for name, x in (("interpret", interpret), ("block_sizes", block_sizes)) if x is not None]
+        if given:
+            raise NotImplementedError(f"{' and '.join(given)}: options of impl='pallas' only")
+        return impl(q, k, v, **kwargs)
+
+    return wrapped
+
+
 def _with_global_slots(xla_impl):
     """Resolves max_global_tokens (static slots for token-level globals) before an XLA implementation."""
 
@@ -79,9 +92,9 @@ def _with_global_slots(xla_impl):
 
 _SLIDING_WINDOW_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
-        "xla": _with_global_slots(sliding_window_lib.sliding_window_xla),
-        "pallas": _no_kernel_yet("sliding_window_attention"),
-        "reference": _sliding_window_reference,
+        "xla": _without_kernel_options(_with_global_slots(sliding_window_lib.sliding_window_xla)),
+        "pallas": _with_global_slots(pallas_block_sparse.sliding_window_pallas),
+        "reference": _without_kernel_options(_sliding_window_reference),
     }
 )
 
@@ -100,6 +113,8 @@ def sliding_window_attention(
     scale=None,
     max_global_tokens: int | None = None,
     block_size: int | None = None,
+    interpret: bool | None = None,
+    block_sizes=None,
     impl: Implementation | None = None,
 ):
     """Longformer attention: a (dilated) sliding window plus global tokens.
@@ -130,7 +145,14 @@ def sliding_window_attention(
         vmap (a traced global_mask) it must be given. A row with more global
         tokens than this comes out as NaN rather than silently wrong.
       block_size: query-block length of the blocked implementation; None picks
-        one per shape.
+        one per shape. impl='xla' only.
+      interpret: impl='pallas' only: run the kernels in the Pallas interpreter.
+        None: interpret on a CPU backend (slow; for tests), compile elsewhere;
+        False forces the compiled lowering, which `jax.export` to another
+        platform needs.
+      block_sizes: impl='pallas' only: `kernels_pallas.block_sparse_flash.GpuBlockSizes`
+        (Triton lowering) or `TpuBlockSizes` (Mosaic lowering); the type
+        selects the lowering. None: the default backend's defaults (GPU's on CPU).
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
 
     Returns:
@@ -145,6 +167,7 @@ def sliding_window_attention(
     arguments.check_scale(scale)
     arguments.check_max_global_tokens(max_global_tokens, seq)
     arguments.check_block_size(block_size)
+    arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "sliding_window_attention",
         _SLIDING_WINDOW_IMPLS,
@@ -157,6 +180,8 @@ def sliding_window_attention(
         scale=scale,
         max_global_tokens=max_global_tokens,
         block_size=block_size,
+        interpret=interpret,
+        block_sizes=block_sizes,
     )
 
 
@@ -167,9 +192,9 @@ def _block_sparse_reference(q, k, v, *, max_global_tokens, **kwargs):
 
 _BLOCK_SPARSE_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
-        "xla": _with_global_slots(block_sparse_lib.block_sparse_xla),
-        "pallas": _no_kernel_yet("block_sparse_attention"),
-        "reference": _block_sparse_reference,
+        "xla": _without_kernel_options(_with_global_slots(block_sparse_lib.block_sparse_xla)),
+        "pallas": _with_global_slots(pallas_block_sparse.block_sparse_pallas),
+        "reference": _without_kernel_options(_block_sparse_reference),
     }
 )
 
@@ -190,6 +215,8 @@ def block_sparse_attention(
     causal: bool = False,
     scale=None,
     max_global_tokens: int | None = None,
+    interpret: bool | None = None,
+    block_sizes=None,
     impl: Implementation | None = None,
 ):
     """BigBird attention: window, global and random key blocks.
@@ -221,6 +248,11 @@ def block_sparse_attention(
       scale: score multiplier, default `1 / sqrt(head_dim)`.
       max_global_tokens: static bound on global_mask tokens per row, as for
         `sliding_window_attention`; needed when global_mask is traced.
+      interpret: impl='pallas' only, as for `sliding_window_attention`.
+      block_sizes: impl='pallas' only, as for `sliding_window_attention`. The
+        kernel places each BigBird block in a slot of the next length its
+        blocks allow (power of two on GPU, multiple of 8 on TPU); its block
+        lengths must divide that slot.
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
 
     Returns:
@@ -248,6 +280,7 @@ def block_sparse_attention(
     arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
     arguments.check_scale(scale)
     arguments.check_max_global_tokens(max_global_tokens, seq)
+    arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "block_sparse_attention",
         _BLOCK_SPARSE_IMPLS,
@@ -258,6 +291,8 @@ def block_sparse_attention(
         padding_mask=padding_mask,
         scale=scale,
         max_global_tokens=max_global_tokens,
+        interpret=interpret,
+        block_sizes=block_sizes,
     )
 
 

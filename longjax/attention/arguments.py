@@ -147,6 +147,19 @@ def check_block_size(block_size) -> None:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
 
 
+def check_kernel_options(interpret, block_sizes) -> None:
+    """The options of Pallas implementations: interpret is None or a bool; block_sizes
+    None or a block-size dataclass instance, whose fields its kernel family validates."""
+    if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
+        raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
+    if block_sizes is not None and (
+        not dataclasses.is_dataclass(block_sizes) or isinstance(block_sizes, type)
+    ):
+        raise ValueError(
+            f"block_sizes must be None or a kernel family's block-size dataclass instance, got {block_sizes!r}"
+        )
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 

@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 # Inputs are unit normals, so outputs and gradients are O(1).
 TOLERANCES = {
@@ -63,6 +64,22 @@ def assert_matches_reference(fn, reference_fn, arrays, *, seed: int = 0, check_g
             g.astype(jnp.float32), rg.astype(jnp.float32), **tol,
             custom_message=f"gradient wrt input {i}",
         )
+
+
+def matrix(implementations, cases, dtypes, subsets):
+    """pytest params `(implementation, case, dtype)` for a battery.
+
+    Every combination, except that an implementation whose id is in `subsets`
+    (one slow to compile, such as an interpreted kernel) runs only its listed
+    `(case, dtype id)` pairs.
+    """
+    return [
+        pytest.param(impl.values[0], case, dtype.values[0], id=f"{impl.id}-{case}-{dtype.id}")
+        for impl in implementations
+        for case in cases
+        for dtype in dtypes
+        if impl.id not in subsets or (case, dtype.id) in subsets[impl.id]
+    ]
 
 
 def token_mask(batch: int, seq: int, positions_per_row):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,11 @@ def _call(**overrides):
     options = dict(window=2)
     options.update(overrides)
     return sliding_window_attention(q, k, v, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeBlockSizes:
+    block_q: int = 8
 
 
 BAD = {
@@ -51,6 +58,11 @@ BAD = {
     "unknown_impl": (dict(impl="cuda"), "impl must be"),
     "max_global_tokens_zero": (dict(global_mask=jnp.zeros((2, 10), bool), max_global_tokens=0), "max_global_tokens"),
     "block_size_zero": (dict(block_size=0), "block_size must be"),
+    "interpret_not_bool": (dict(impl="pallas", interpret="yes"), "interpret must be None, True or False"),
+    "block_sizes_not_dataclass": (dict(impl="pallas", block_sizes=(64, 64)), "block_sizes must be None or"),
+    "block_sizes_wrong_family": (
+        dict(impl="pallas", interpret=True, block_sizes=_FakeBlockSizes()), "block_sizes must be None, a GpuBlockSizes"
+    ),
 }
 
 
@@ -68,9 +80,16 @@ def test_traced_global_mask_needs_max_global_tokens():
         fn(jnp.zeros((2, 10), bool))
 
 
-def test_pallas_not_available_yet_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="pallas"):
-        _call(impl="pallas")
+def test_pallas_refuses_block_size():
+    with pytest.raises(NotImplementedError, match="block_size is impl='xla''s"):
+        _call(impl="pallas", block_size=4, interpret=True)
+
+
+def test_kernel_options_are_refused_by_other_implementations():
+    with pytest.raises(NotImplementedError, match="interpret: options of impl='pallas' only"):
+        _call(impl="xla", interpret=True)
+    with pytest.raises(NotImplementedError, match="interpret: options of impl='pallas' only"):
+        _call(impl="reference", interpret=False)
 
 
 def test_reference_refuses_block_size():

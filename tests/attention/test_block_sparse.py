@@ -11,11 +11,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
 from longjax.attention import bigbird_random_layout, block_sparse_attention
 from tests.attention import battery
 
 # Each entry: (impl, extra options). A Pallas implementation joins here.
-IMPLEMENTATIONS = [pytest.param(("xla", {}), id="xla")]
+IMPLEMENTATIONS = [
+    pytest.param(("xla", {}), id="xla"),
+    # The kernels in the Pallas interpreter, in their Triton and Mosaic formulations. Kernel
+    # blocks shorter than the BigBird block give several visits per block pair; the Mosaic
+    # formulation puts 4-token blocks in 8-position slots.
+    pytest.param(("pallas", {"interpret": True, "block_sizes": GpuBlockSizes(8, 4, 4, 8)}), id="pallas-gpu"),
+    pytest.param(("pallas", {"interpret": True, "block_sizes": TpuBlockSizes(8, 8, 8, 8)}), id="pallas-tpu"),
+]
 DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
 
 
@@ -44,6 +52,7 @@ CASES = {
     "causal_global_mask_padding": (
         (2, 40, 2, 8), dict(block_size=4, causal=True, global_mask=((5, 22), (13, 38)), padding=(40, 30))
     ),
+    "block_size_not_power_of_two": ((1, 45, 2, 8), dict(block_size=6, causal=True, padding=(41,))),
 }
 
 
@@ -63,9 +72,22 @@ def _build(case, dtype):
     return arrays, make
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# Interpreted kernels compile slowly, so they run a cross-section that still covers every
+# option: the Triton formulation most cases, the Mosaic one a few (the kernel math is shared).
+SUBSETS = {
+    "pallas-gpu": {
+        ("itc_defaults", "f32"), ("seq_not_multiple_of_block", "f32"), ("single_block", "f32"),
+        ("no_globals_wide_window", "f32"), ("given_layout", "f32"), ("causal_given_layout", "f32"),
+        ("padding_with_empty_row", "f32"), ("causal_global_mask_padding", "f32"),
+        ("block_size_not_power_of_two", "f32"), ("other_global_blocks", "bf16"), ("causal", "bf16"),
+    },
+    "pallas-tpu": {
+        ("causal", "f32"), ("global_mask", "f32"), ("block_size_not_power_of_two", "f32"), ("short_sequence", "bf16"),
+    },
+}
+
+
+@pytest.mark.parametrize("implementation, case, dtype", battery.matrix(IMPLEMENTATIONS, CASES, DTYPES, SUBSETS))
 def test_matches_reference(implementation, case, dtype):
     impl, extra = implementation
     arrays, make = _build(case, dtype)
@@ -224,9 +246,19 @@ def test_bad_input_names_the_argument(case):
         block_sparse_attention(q, k, q, **options)
 
 
-def test_pallas_not_available_yet_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="pallas"):
-        block_sparse_attention(*(jnp.ones(SHAPE),) * 3, block_size=4, impl="pallas")
+def test_pallas_kernel_block_must_divide_the_slot():
+    # 24-token BigBird blocks sit in 24-position slots on TPU; a 16-query block would straddle two.
+    with pytest.raises(NotImplementedError, match="block_sizes.block_q=16 does not divide"):
+        block_sparse_attention(
+            *(jnp.ones((1, 48, 1, 8)),) * 3, block_size=24, impl="pallas", interpret=True,
+            block_sizes=TpuBlockSizes(block_q=16),
+        )
+
+
+def test_kernel_options_are_refused_by_other_implementations():
+    for impl in ("xla", "reference"):
+        with pytest.raises(NotImplementedError, match="block_sizes: options of impl='pallas' only"):
+            block_sparse_attention(*(jnp.ones(SHAPE),) * 3, block_size=4, impl=impl, block_sizes=GpuBlockSizes())
 
 
 def test_layout_generator_rejects_bad_arguments():

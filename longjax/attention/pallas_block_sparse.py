@@ -1,0 +1,161 @@
+"""The 'pallas' implementation of `sliding_window_attention` and `block_sparse_attention`.
+
+The block-sparse flash kernels (`kernels_pallas/block_sparse_flash.py`) know
+two patterns: an undilated band and a BigBird block layout. This module
+reduces the ops to them, outside the kernels:
+
+* Dilation d is reduced exactly to an undilated band: positions
+  `r, r + d, r + 2d, ...` form d interleaved subsequences, folded into the
+  batch axis (a permutation), on each of which the dilated window is an
+  ordinary window. Heads are grouped by dilation.
+* BigBird blocks are placed in slots of a length the backend's blocks allow
+  (a power of two on GPU, a multiple of 8 on TPU), the slot tail being
+  invalid keys, so any block_size works.
+* Token-level global tokens are removed from the kernel's keys and added by
+  the small dense passes of `global_tokens.py`, merged with the kernel's
+  result through its log-sum-exp (and written over at global queries).
+* Padded queries come out as zeros.
+
+Layout: `[batch, seq, heads, head_dim]`, as the public ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import block_sparse_flash as flash
+from longjax.attention import global_tokens
+from longjax.attention.arguments import BlockSparseSpec, SlidingWindowSpec
+from longjax.attention.softmax_stats import PartialAttention
+
+
+def _pad_axis(x, axis: int, after: int):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, after)
+    return jnp.pad(x, widths)
+
+
+def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_sizes, interpret):
+    """(out `[b, n, h, d]`, lse `[b, h, n]`) of a dilated band, via the interleaved subsequences."""
+    b, n = q.shape[:2]
+    sub_len = -(-n // dilation)
+    # Steps further than the subsequence length reach no key: clipping keeps the layout small.
+    pattern = flash.BandPattern(seq_len=sub_len, left=min(left, sub_len - 1), right=min(right, sub_len - 1))
+    run = lambda *xs: flash.block_sparse_flash(
+        *xs, pattern=pattern, scale=scale, block_sizes=block_sizes, interpret=interpret
+    )
+    if dilation == 1:
+        return run(q, k, v, key_valid)
+    padded = sub_len * dilation
+
+    def split(x):
+        # Position s * dilation + r goes to subsequence r (folded into the batch), index s.
+        x = _pad_axis(x, 1, padded - n).reshape((b, sub_len, dilation) + x.shape[2:])
+        return jnp.moveaxis(x, 2, 1).reshape((b * dilation, sub_len) + x.shape[3:])
+
+    out, lse = run(split(q), split(k), split(v), split(key_valid))
+    # Back to position s * dilation + r: out [b * d, s, h, dim] and lse [b * d, h, s].
+    out = jnp.moveaxis(out.reshape((b, dilation) + out.shape[1:]), 1, 2).reshape((b, padded) + out.shape[2:])
+    heads = lse.shape[1]
+    lse = jnp.transpose(lse.reshape(b, dilation, heads, sub_len), (0, 2, 3, 1)).reshape(b, heads, padded)
+    return out[:, :n], lse[..., :n]
+
+
+def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes, interpret):
+    """The band of every head, heads grouped by dilation: (out `[b, n, h, d]`, lse `[b, h, n]`)."""
+    groups: dict[int, list[int]] = {}
+    for head, dil in enumerate(spec.dilation):
+        groups.setdefault(dil, []).append(head)
+    outs, lses, order = [], [], []
+    for dil, heads in groups.items():
+        take = (lambda x: x) if len(groups) == 1 else (lambda x, idx=np.asarray(heads): x[:, :, idx])
+        out, lse = _dilated_band(
+            take(q), take(k), take(v), key_valid, left=spec.left, right=spec.right, dilation=dil,
+            scale=scale, block_sizes=block_sizes, interpret=interpret,
+        )
+        outs.append(out)
+        lses.append(lse)
+        order.extend(heads)
+    if len(groups) == 1:
+        return outs[0], lses[0]
+    inverse = np.argsort(np.asarray(order))
+    return jnp.concatenate(outs, axis=2)[:, :, inverse], jnp.concatenate(lses, axis=1)[:, inverse]
+
+
+def _complete(out, lse, q, k, v, *, global_mask, global_qkv, padding_mask, max_global_tokens, causal, scale):
+    """Adds the token-level global passes to the kernel's result, zeroes padded queries, casts."""
+    if global_mask is not None:
+        to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
+        global_qkv = None if global_qkv is None else tuple(map(to_bhnd, global_qkv))
+        out = to_bhnd(
+            global_tokens.add_global_tokens(
+                PartialAttention(to_bhnd(out), lse), to_bhnd(q), to_bhnd(k), to_bhnd(v),
+                global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
+                max_global_tokens=max_global_tokens, causal=causal, scale=scale,
+            )
+        )
+    return global_tokens.finish(out, padding_mask, q.dtype)
+
+
+def sliding_window_pallas(
+    q, k, v, *, spec: SlidingWindowSpec, global_mask=None, global_qkv=None, padding_mask=None, scale=None,
+    max_global_tokens=None, block_size=None, interpret=None, block_sizes=None,
+):
+    """Longformer attention on the block-sparse flash kernels; arguments as
+    `longjax.attention.sliding_window_attention`.
+
+    `max_global_tokens` must already be resolved to an int when `global_mask` is given.
+    """
+    if block_size is not None:
+        raise NotImplementedError(
+            "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
+        )
+    block_sizes = flash.default_block_sizes(block_sizes)
+    interpret = flash.resolve_interpret(interpret)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
+    out, lse = _band_heads(q, k, v, key_valid, spec, scale, block_sizes, interpret)
+    return _complete(
+        out, lse, q, k, v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
+        max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
+    )
+
+
+def block_sparse_pallas(
+    q, k, v, *, spec: BlockSparseSpec, global_mask=None, padding_mask=None, scale=None, max_global_tokens=None,
+    interpret=None, block_sizes=None,
+):
+    """BigBird attention on the block-sparse flash kernels; arguments as
+    `longjax.attention.block_sparse_attention`.
+
+    `max_global_tokens` must already be resolved to an int when `global_mask` is given.
+    """
+    block_sizes = flash.default_block_sizes(block_sizes)
+    interpret = flash.resolve_interpret(interpret)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    b, n = q.shape[:2]
+    size, blocks = spec.block_size, spec.num_blocks
+    slot = flash.bigbird_slot(size, block_sizes, interpret)
+
+    def to_slots(x):
+        x = _pad_axis(x, 1, blocks * size - n).reshape((b, blocks, size) + x.shape[2:])
+        return _pad_axis(x, 2, slot - size).reshape((b, blocks * slot) + x.shape[3:])
+
+    def from_slots(x, axis):
+        x = x.reshape(x.shape[:axis] + (blocks, slot) + x.shape[axis + 1:])
+        x = x[(slice(None),) * (axis + 1) + (slice(0, size),)]
+        return x.reshape(x.shape[:axis] + (blocks * size,) + x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, n),)]
+
+    pattern = flash.BigBirdPattern.from_spec(spec, seq_len=n, slot=slot)
+    key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
+    out, lse = flash.block_sparse_flash(
+        to_slots(q), to_slots(k), to_slots(v), to_slots(key_valid), pattern=pattern, scale=scale,
+        block_sizes=block_sizes, interpret=interpret,
+    )
+    return _complete(
+        from_slots(out, 1), from_slots(lse, 2), q, k, v, global_mask=global_mask, global_qkv=None,
+        padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
+    )

@@ -1,0 +1,171 @@
+"""The block-sparse flash kernels on their own, interpreted on CPU, against dense softmax.
+
+The ops' batteries (tests/attention) cover the patterns and options end to end;
+here the kernels' own contract: both outputs (out and the log-sum-exp), the
+gradients through both (the lse cotangent included), rows with no valid key,
+per-head layouts, both formulations, and the validation of their options.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import block_sparse_flash as flash
+from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
+from longjax.attention import arguments, bigbird_random_layout, masks, sliding_window_attention, softmax_stats
+from tests.attention import battery
+
+FORMULATIONS = {
+    # Query and key blocks of different lengths in forward and backward.
+    "gpu": GpuBlockSizes(block_q=8, block_k=4, block_q_bwd=4, block_k_bwd=8),
+    "tpu": TpuBlockSizes(block_q=8, block_k=16, block_q_bwd=16, block_k_bwd=8),
+}
+
+
+def _band_problem(batch, seq, heads):
+    pattern = flash.BandPattern(seq_len=seq, left=6, right=3)
+    allowed = masks.dilated_window_mask(seq, left=6, right=3)[None, None]
+    return pattern, allowed
+
+
+def _bigbird_problem(batch, seq, heads):
+    blocks = seq // 8
+    layout = bigbird_random_layout(blocks, heads, 2, global_blocks=(1,), causal=True, seed=4)
+    spec = arguments.BlockSparseSpec(
+        block_size=8, num_blocks=blocks, window_radius=1, global_blocks=(1,), random_layout=layout, causal=True
+    )
+    pattern = flash.BigBirdPattern.from_spec(spec, seq_len=seq, slot=8)
+    allowed = masks.block_sparse_mask(
+        seq, block_size=8, window_radius=1, global_blocks=(1,), random_layout=layout, causal=True
+    )
+    return pattern, allowed
+
+
+def _dense(q, k, v, allowed, scale):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    probs, lse = softmax_stats.masked_softmax(scores, allowed)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype), lse
+
+
+def _loss(fn, out_ct, lse_ct):
+    def loss(q, k, v):
+        out, lse = fn(q, k, v)
+        # Rows that attend nothing have lse = MASK_VALUE: a constant, kept out of the loss.
+        lse = jnp.where(lse > softmax_stats.MASK_VALUE / 2, lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * out_ct) + jnp.sum(lse * lse_ct)
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "formulation, problem, dtype",
+    [
+        ("gpu", "band", jnp.float32), ("tpu", "band", jnp.float32), ("gpu", "bigbird", jnp.float32),
+        ("tpu", "bigbird", jnp.float32), ("gpu", "band", jnp.bfloat16),
+    ],
+)
+def test_out_lse_and_gradients_match_dense(formulation, problem, dtype):
+    batch, seq, heads, dim = 3, 40, 2, 8
+    pattern, allowed = {"band": _band_problem, "bigbird": _bigbird_problem}[problem](batch, seq, heads)
+    q, k, v = battery.random_inputs(1, (batch, seq, heads, dim), dtype, 3)
+    # Row 0 all valid, row 1 with holes (some blocks need the validity mask), row 2 no valid key.
+    key_valid = jnp.asarray(np.stack([np.ones(seq, bool), np.arange(seq) % 5 != 2, np.zeros(seq, bool)]))
+    allowed = allowed & key_valid[:, None, None, :]
+    scale = 0.4
+    fast = functools.partial(
+        flash.block_sparse_flash, key_valid=key_valid, pattern=pattern, scale=scale,
+        block_sizes=FORMULATIONS[formulation], interpret=True,
+    )
+    ref = functools.partial(_dense, allowed=allowed, scale=scale)
+    (out, lse), (ref_out, ref_lse) = jax.jit(fast)(q, k, v), ref(q, k, v)
+    tol = battery.TOLERANCES[jnp.dtype(dtype)]
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol)
+    chex.assert_trees_all_close(lse, ref_lse, **tol)
+    assert np.all(np.asarray(out[2]) == 0) and np.all(np.asarray(lse[2]) == softmax_stats.MASK_VALUE)
+
+    out_ct, lse_ct = battery.random_inputs(2, q.shape, jnp.float32, 1)[0], jnp.asarray(
+        np.random.default_rng(3).normal(size=lse.shape), jnp.float32
+    )
+    grads = jax.jit(jax.grad(_loss(fast, out_ct, lse_ct), (0, 1, 2)))(q, k, v)
+    ref_grads = jax.grad(_loss(ref, out_ct, lse_ct), (0, 1, 2))(q, k, v)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype and np.all(np.isfinite(np.asarray(g, np.float32))), name
+        chex.assert_trees_all_close(
+            g.astype(jnp.float32), rg.astype(jnp.float32), **tol, custom_message=f"d{name}"
+        )
+
+
+def test_lse_cotangent_alone_reaches_the_inputs():
+    # d lse / d s = p: with a zero output cotangent the gradient comes from the lse alone.
+    pattern, allowed = _band_problem(1, 24, 1)
+    q, k, v = battery.random_inputs(5, (1, 24, 1, 8), jnp.float32, 3)
+    key_valid = jnp.ones((1, 24), bool)
+    fast = functools.partial(flash.block_sparse_flash, key_valid=key_valid, pattern=pattern, scale=0.5,
+                             block_sizes=FORMULATIONS["gpu"], interpret=True)
+    zero = jnp.zeros(q.shape, jnp.float32)
+    lse_ct = jnp.ones((1, 1, 24), jnp.float32)
+    grads = jax.jit(jax.grad(_loss(fast, zero, lse_ct), (0, 1, 2)))(q, k, v)
+    ref_grads = jax.grad(_loss(functools.partial(_dense, allowed=allowed, scale=0.5), zero, lse_ct), (0, 1, 2))(q, k, v)
+    assert np.abs(np.asarray(grads[0])).max() > 0.1 and np.all(np.asarray(grads[2]) == 0)
+    chex.assert_trees_all_close(grads, ref_grads, **battery.TOLERANCES[jnp.dtype(jnp.float32)])
+
+
+BAD_BLOCK_SIZES = [
+    (lambda: GpuBlockSizes(block_q=48), "GpuBlockSizes.block_q must be a power of two, got 48"),
+    (lambda: GpuBlockSizes(block_k_bwd=0), "GpuBlockSizes.block_k_bwd must be a power of two"),
+    (lambda: GpuBlockSizes(num_warps=3), "GpuBlockSizes.num_warps must be None or a power of two"),
+    (lambda: GpuBlockSizes(num_stages=0), "GpuBlockSizes.num_stages must be an int >= 1"),
+    (lambda: TpuBlockSizes(block_k=100), "TpuBlockSizes.block_k must be a positive multiple of 8, got 100"),
+    (lambda: TpuBlockSizes(block_q_bwd=True), "TpuBlockSizes.block_q_bwd must be a positive multiple of 8"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_BLOCK_SIZES)
+def test_block_sizes_are_validated(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_compiled_triton_refuses_blocks_below_16():
+    q = jax.ShapeDtypeStruct((1, 64, 1, 16), jnp.bfloat16)
+    fn = lambda q, k, v: sliding_window_attention(
+        q, k, v, window=4, impl="pallas", interpret=False, block_sizes=GpuBlockSizes(block_q=8)
+    )
+    with pytest.raises(ValueError, match="compiled Triton needs blocks >= 16"):
+        jax.eval_shape(fn, q, q, q)
+
+
+def test_kernel_checks_its_inputs():
+    pattern = flash.BandPattern(seq_len=16, left=1, right=1)
+    q = jnp.zeros((1, 16, 1, 8))
+    with pytest.raises(ValueError, match="the pattern expects 16"):
+        flash.block_sparse_flash(q[:, :8], q[:, :8], q[:, :8], jnp.ones((1, 8), bool), pattern=pattern, scale=1.0)
+    with pytest.raises(ValueError, match="key_valid must be bool"):
+        flash.block_sparse_flash(q, q, q, jnp.ones((1, 16)), pattern=pattern, scale=1.0)
+
+
+def test_defaults_on_cpu_are_interpreted_gpu_kernels():
+    assert jax.default_backend() == "cpu"
+    assert flash.default_block_sizes(None) == GpuBlockSizes()
+    assert flash.resolve_interpret(None) is True and flash.resolve_interpret(False) is False
+
+
+def test_impl_none_falls_back_to_xla_where_pallas_cannot_serve(monkeypatch):
+    # On an accelerator impl=None tries 'pallas' first; a combination it does not serve
+    # (block_size, impl='xla''s tiling) raises NotImplementedError naming it, and XLA serves.
+    q, k, v = battery.random_inputs(8, (1, 20, 2, 8), jnp.float32, 3)
+    with pytest.raises(NotImplementedError, match="block_size"):
+        sliding_window_attention(q, k, v, window=3, block_size=4, impl="pallas")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    out = sliding_window_attention(q, k, v, window=3, block_size=4)
+    monkeypatch.undo()
+    np.testing.assert_allclose(
+        out, sliding_window_attention(q, k, v, window=3, impl="reference"), **battery.TOLERANCES[jnp.dtype(jnp.float32)]
+    )
