@@ -14,6 +14,7 @@ from typing import Literal
 
 import jax
 
+from kernels_pallas import favor as favor_kernels
 from longjax.attention import arguments
 from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import favor as favor_lib
@@ -51,15 +52,6 @@ def _sliding_window_reference(q, k, v, *, block_size, max_global_tokens, **kwarg
     if block_size is not None:
         raise NotImplementedError("impl='reference' is dense and takes no block_size")
     return reference.sliding_window_reference(q, k, v, **kwargs)
-
-
-def _no_kernel_yet(op_name: str) -> Callable:
-    """The 'pallas' entry of an op whose kernel has not landed: it says so."""
-
-    def impl(q, k, v, **kwargs):
-        raise NotImplementedError(f"impl='pallas' for {op_name} has no kernel yet")
-
-    return impl
 
 
 def _without_kernel_options(impl: Callable) -> Callable:
@@ -301,8 +293,17 @@ def _favor_reference(q, k, v, *, chunk_size, **kwargs):
     return reference.favor_reference(q, k, v, **kwargs)
 
 
+def _favor_pallas(q, k, v, **kwargs):
+    # Looked up at call time: kernels_pallas.favor imports this package.
+    return favor_kernels.favor_attention_pallas(q, k, v, **kwargs)
+
+
 _FAVOR_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
-    {"xla": favor_lib.favor_xla, "pallas": _no_kernel_yet("favor_attention"), "reference": _favor_reference}
+    {
+        "xla": _without_kernel_options(favor_lib.favor_xla),
+        "pallas": _favor_pallas,
+        "reference": _without_kernel_options(_favor_reference),
+    }
 )
 
 
@@ -317,6 +318,8 @@ def favor_attention(
     padding_mask=None,
     scale=None,
     chunk_size: int | None = None,
+    interpret: bool | None = None,
+    block_sizes=None,
     impl: Implementation | None = None,
 ):
     """Performer FAVOR+ attention, linear in sequence length.
@@ -335,7 +338,14 @@ def favor_attention(
       padding_mask: optional bool `[batch, seq]`, True for real tokens; padded
         keys enter neither numerator nor denominator, padded rows are zero.
       scale: default `1 / sqrt(head_dim)`.
-      chunk_size: causal chunk length; None picks a fast default.
+      chunk_size: causal chunk length; None picks a fast default. With
+        impl='pallas' it replaces the block sizes' causal chunk.
+      interpret: impl='pallas' only, as for `sliding_window_attention`.
+      block_sizes: impl='pallas' only: `kernels_pallas.favor.GpuBlockSizes`
+        (Triton lowering) or `TpuBlockSizes` (Mosaic lowering); the type
+        selects the lowering. None: each platform's defaults, the platform
+        choosing when compiled (so a CPU host can export for either), the
+        default backend's (GPU's on CPU) when interpreted.
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'
         (the dense product of the same features).
 
@@ -347,6 +357,7 @@ def favor_attention(
     arguments.check_favor(projection, feature_map, chunk_size, heads, head_dim, favor_lib.FEATURE_MAPS)
     arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
     arguments.check_scale(scale)
+    arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "favor_attention",
         _FAVOR_IMPLS,
@@ -358,4 +369,6 @@ def favor_attention(
         padding_mask=padding_mask,
         scale=scale,
         chunk_size=chunk_size,
+        interpret=interpret,
+        block_sizes=block_sizes,
     )

@@ -10,10 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas.favor import GpuBlockSizes, TpuBlockSizes
 from longjax.attention import dense_attention, favor_attention, favor_projection
 from tests.attention import battery
 
-IMPLEMENTATIONS = [pytest.param(("xla", {}), id="xla")]
+IMPLEMENTATIONS = [
+    pytest.param(("xla", {}), id="xla"),
+    # The kernels in the Pallas interpreter, in their Triton and Mosaic formulations; a case's
+    # chunk_size replaces the causal chunk.
+    pytest.param(
+        ("pallas", {"interpret": True, "block_sizes": GpuBlockSizes(causal_chunk=8, bidirectional_chunk=8)}),
+        id="pallas-gpu",
+    ),
+    pytest.param(
+        ("pallas", {"interpret": True, "block_sizes": TpuBlockSizes(causal_chunk=16, bidirectional_chunk=16)}),
+        id="pallas-tpu",
+    ),
+]
 DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
 
 
@@ -54,9 +67,18 @@ def _build(case, dtype):
     return arrays, make
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+# Interpreted kernels compile slowly: they run a cross-section here, and against the XLA
+# implementation in tests/kernels/test_favor_pallas.py.
+SUBSETS = {
+    "pallas-gpu": {
+        ("bidirectional", "f32"), ("causal_chunk_not_dividing", "f32"), ("causal_padding", "f32"),
+        ("relu_causal_padding", "bf16"), ("padding_with_empty_row", "bf16"),
+    },
+    "pallas-tpu": {("bidirectional_per_head_projection", "f32"), ("causal_default_chunk", "bf16")},
+}
+
+
+@pytest.mark.parametrize("implementation, case, dtype", battery.matrix(IMPLEMENTATIONS, CASES, DTYPES, SUBSETS))
 def test_matches_dense_feature_product(implementation, case, dtype):
     """Exact identity: the linear-time algebra equals the dense masked feature product."""
     impl, extra = implementation
@@ -221,6 +243,16 @@ def test_projection_bad_arguments():
         favor_projection(jax.random.key(0), 8, 8, scaling="unit")
 
 
-def test_pallas_not_available_yet_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="pallas"):
-        favor_attention(*(jnp.ones(SHAPE),) * 3, projection=jnp.ones((16, 8)), impl="pallas")
+def test_kernel_options_are_refused_by_other_implementations():
+    for impl in ("xla", "reference"):
+        with pytest.raises(NotImplementedError, match="block_sizes: options of impl='pallas' only"):
+            favor_attention(*(jnp.ones(SHAPE),) * 3, projection=jnp.ones((16, 8)), impl=impl, block_sizes=GpuBlockSizes())
+
+
+def test_pallas_refuses_a_chunk_its_compiled_kernels_cannot_take():
+    # impl=None would then fall back to XLA, which takes any chunk.
+    with pytest.raises(NotImplementedError, match="chunk_size=6"):
+        favor_attention(
+            *(jnp.ones(SHAPE),) * 3, projection=jnp.ones((16, 8)), causal=True, chunk_size=6, impl="pallas",
+            interpret=False,
+        )
