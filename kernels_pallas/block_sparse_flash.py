@@ -165,8 +165,14 @@ class BandPattern:
     left: int
     right: int
 
+    @property
+    def kernel_len(self) -> int:
+        """Positions of the kernel's inputs (before padding to whole blocks)."""
+        return self.seq_len
+
     def fit(self, block: int, block_sizes: BlockSizes, interpret: bool, name: str) -> int:
-        # A block longer than the (rounded) sequence only adds padding.
+        """The kernel block for a requested one: no longer than the (rounded) sequence, which only adds padding."""
+        del name  # every length fits a band
         return min(block, _allowed_block(self.seq_len, block_sizes, interpret))
 
     def padded_len(self, blocks) -> int:
@@ -193,7 +199,13 @@ class BigBirdPattern:
                layout.tobytes(), spec.causal)
         return cls(seq_len=seq_len, slot=slot, spec_key=key)
 
+    @property
+    def kernel_len(self) -> int:
+        return self.spec_key[1] * self.slot
+
     def fit(self, block: int, block_sizes: BlockSizes, interpret: bool, name: str) -> int:
+        """The kernel block for a requested one: at most a slot, and dividing it."""
+        del block_sizes, interpret  # the slot already has a length the backend allows
         fitted = min(block, self.slot)
         if self.slot % fitted:
             raise NotImplementedError(
@@ -203,11 +215,11 @@ class BigBirdPattern:
         return fitted
 
     def padded_len(self, blocks) -> int:
-        return self.spec_key[1] * self.slot  # kernel blocks divide the slot
+        return self.kernel_len  # kernel blocks divide the slot
 
     def layout(self, block_q: int, block_k: int, padded_len: int) -> block_layout.BlockLayout:
         block_size, num_blocks, radius, global_blocks, shape, data, causal = self.spec_key
-        assert padded_len == num_blocks * self.slot
+        assert padded_len == self.kernel_len
         return block_layout._bigbird_layout(
             self.seq_len, block_size, num_blocks, radius, global_blocks, shape, data, causal,
             self.slot, block_q, block_k,
@@ -268,13 +280,16 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes
     interpret = resolve_interpret(interpret)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4 or x.shape != q.shape or x.dtype != q.dtype:
-            raise ValueError(f"{name} must be [batch, seq, heads, head_dim] like q {q.shape} {q.dtype}, got {x.shape} {x.dtype}")
-    batch, seq, heads, head_dim = q.shape
+            raise ValueError(
+                f"{name} must be [batch, seq, heads, head_dim] like q {q.shape} {q.dtype}, got {x.shape} {x.dtype}"
+            )
+    batch, seq, _, head_dim = q.shape
     if key_valid.shape != (batch, seq) or key_valid.dtype != jnp.bool_:
-        raise ValueError(f"key_valid must be bool [batch, seq] = {(batch, seq)}, got {key_valid.shape} {key_valid.dtype}")
-    expected = pattern.seq_len if isinstance(pattern, BandPattern) else pattern.spec_key[1] * pattern.slot
-    if seq != expected:
-        raise ValueError(f"q has {seq} positions but the pattern expects {expected}")
+        raise ValueError(
+            f"key_valid must be bool [batch, seq] = {(batch, seq)}, got {key_valid.shape} {key_valid.dtype}"
+        )
+    if seq != pattern.kernel_len:
+        raise ValueError(f"q has {seq} positions but the pattern expects {pattern.kernel_len}")
     is_gpu = isinstance(block_sizes, GpuBlockSizes)
     fitted = {
         name: pattern.fit(getattr(block_sizes, name), block_sizes, interpret, name)
@@ -700,7 +715,7 @@ def _tpu_forward_kernel(
 def _tpu_backward(q, k, v, valid, do, lse2, row_term, config):
     layout = config.backward_layout
     qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
-    b, h, n, d = qt.shape
+    b, h, _, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
     flags = _key_block_flags(valid, bk).reshape(-1)
     valid_blocks = _valid_blocks(valid, bk)

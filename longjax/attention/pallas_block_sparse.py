@@ -71,9 +71,12 @@ def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes,
         groups.setdefault(dil, []).append(head)
     outs, lses, order = [], [], []
     for dil, heads in groups.items():
-        take = (lambda x: x) if len(groups) == 1 else (lambda x, idx=np.asarray(heads): x[:, :, idx])
+        if len(groups) == 1:
+            qg, kg, vg = q, k, v
+        else:
+            qg, kg, vg = (x[:, :, np.asarray(heads)] for x in (q, k, v))
         out, lse = _dilated_band(
-            take(q), take(k), take(v), key_valid, left=spec.left, right=spec.right, dilation=dil,
+            qg, kg, vg, key_valid, left=spec.left, right=spec.right, dilation=dil,
             scale=scale, block_sizes=block_sizes, interpret=interpret,
         )
         outs.append(out)

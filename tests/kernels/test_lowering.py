@@ -57,7 +57,6 @@ def _ops(block_sizes):
 
 
 def _export(fn, platform, args):
-    block_sizes, call = TARGETS[platform]
     checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
     with _target_gpu() if platform == "cuda" else contextlib.nullcontext():
         exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
