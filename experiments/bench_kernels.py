@@ -1,0 +1,411 @@
+"""Forward and forward+backward speed of the Pallas attention kernels against XLA and cuDNN.
+
+    python experiments/bench_kernels.py                       # on a GPU or TPU machine
+    python experiments/bench_kernels.py --ops pallas_sliding_window,dense_flash --seqs 32768
+    python experiments/bench_kernels.py --smoke               # CPU, tiny sizes, kernels interpreted
+
+Every benchmarked attention is a `Case` in `REGISTRY` (name -> builder and
+useful-work count); `--ops` selects by name, and a new kernel family joins with
+one `register(Case(...))`. For each case and sequence length it compiles the
+forward and the forward+backward (output and the gradients wrt q, k, v)
+programs and reports median wall times, useful TFLOP/s and the fraction of
+dense flash attention's TFLOP/s at the same length.
+
+Useful FLOPs count only the attended (query, key) pairs: `4 * pairs * head_dim`
+per head forward (QK^T and PV), x3.5 for forward+backward. Dense flash is
+`jax.nn.dot_product_attention` (implementation='cudnn' where available, else
+XLA); cuDNN's sliding window (`local_window_size`) supports only causal windows,
+so it is compared with the causal Pallas window.
+
+It prints a table, then the issue's goal at seq 32K, window 256 each side,
+head_dim 128 (where measured): the sliding-window kernel at >= 60% of dense
+flash's TFLOP/s, and the causal kernel faster than cuDNN's sliding window.
+It writes CSV and PNG into --out (experiments/results/, not versioned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
+from longjax.attention import arguments, bigbird_random_layout, block_sparse, block_sparse_attention
+from longjax.attention import favor_attention, favor_projection, sliding_window_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What every case of one run shares."""
+
+    heads: int
+    head_dim: int
+    window: int  # keys each side
+    bigbird_block: int
+    dtype: jnp.dtype
+    tokens: int  # batch * seq, kept constant across lengths
+    block_sizes: GpuBlockSizes | TpuBlockSizes | None
+    interpret: bool | None
+
+    def batch(self, seq: int) -> int:
+        return max(1, self.tokens // seq)
+
+
+class Unavailable(Exception):
+    """A case that cannot run here (no cuDNN, no accelerator); the row says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked attention.
+
+    Attributes:
+      name: the `--ops` name.
+      build: (setting, seq) -> `(q, k, v) -> out` on `[batch, seq, heads, head_dim]`;
+        raises `Unavailable` where it cannot run.
+      pairs: (setting, seq) -> attended (query, key) pairs per head and example.
+    """
+
+    name: str
+    build: Callable[[Setting, int], Callable]
+    pairs: Callable[[Setting, int], float]
+
+
+REGISTRY: dict[str, Case] = {}
+
+
+def register(case: Case) -> Case:
+    REGISTRY[case.name] = case
+    return case
+
+
+# --- useful work -----------------------------------------------------------------------------
+
+
+def _dense_pairs(setting, seq):
+    return float(seq) * seq
+
+
+def _band_pairs(left: int, right: int):
+    """Pairs with -left <= key - query <= right inside [0, seq)."""
+
+    def pairs(setting, seq):
+        offsets = np.arange(-left, right + 1)
+        return float(np.sum(seq - np.abs(offsets[np.abs(offsets) < seq])))
+
+    return pairs
+
+
+def _bigbird_spec(setting, seq):
+    blocks = -(-seq // setting.bigbird_block)
+    layout = bigbird_random_layout(blocks, setting.heads, 3, seed=0)
+    return arguments.BlockSparseSpec(
+        block_size=setting.bigbird_block, num_blocks=blocks, window_radius=1,
+        global_blocks=arguments.normalize_global_blocks((0, -1), blocks), random_layout=layout, causal=False,
+    )
+
+
+def _bigbird_pairs(setting, seq):
+    """Window, global and random blocks of the sparse rows, plus the global rows against everything."""
+    spec = _bigbird_spec(setting, seq)
+    _, _, used = block_sparse.key_block_lists(spec)
+    sparse = used.sum() / setting.heads * spec.block_size**2
+    return float(sparse + len(spec.global_blocks) * spec.block_size * seq)
+
+
+# --- the cases --------------------------------------------------------------------------------
+
+
+def _pallas_options(setting):
+    return dict(impl="pallas", interpret=setting.interpret, block_sizes=setting.block_sizes)
+
+
+def _sliding(impl: str, causal: bool):
+    def build(setting, seq):
+        options = _pallas_options(setting) if impl == "pallas" else dict(impl="xla")
+        window = (setting.window, 0) if causal else setting.window
+        return lambda q, k, v: sliding_window_attention(q, k, v, window=window, causal=causal, **options)
+
+    return build
+
+
+def _bigbird(impl: str):
+    def build(setting, seq):
+        options = _pallas_options(setting) if impl == "pallas" else dict(impl="xla")
+        return lambda q, k, v: block_sparse_attention(
+            q, k, v, block_size=setting.bigbird_block, num_window_blocks=3, global_blocks=(0, -1),
+            num_random_blocks=3, seed=0, **options,
+        )
+
+    return build
+
+
+def _cudnn_works(setting, **options) -> None:
+    """Raises Unavailable unless cuDNN's fused attention compiles here for these options."""
+    if jax.default_backend() != "gpu":
+        raise Unavailable("cuDNN attention needs a GPU")
+    x = jax.ShapeDtypeStruct((1, 256, setting.heads, setting.head_dim), setting.dtype)
+    try:
+        jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **options)).lower(
+            x, x, x
+        ).compile()
+    except Exception as e:  # cuDNN missing or too old for the options: report, do not fake a number
+        raise Unavailable(f"cuDNN attention unavailable: {type(e).__name__}: {str(e)[:120]}") from e
+
+
+def _dense_flash(setting, seq):
+    try:
+        _cudnn_works(setting)
+        implementation = "cudnn"
+    except Unavailable:
+        implementation = "xla"  # the dense baseline on TPU and CPU
+    attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    attention.note = f"implementation={implementation!r}"
+    return attention
+
+
+def _cudnn_sliding_causal(setting, seq):
+    options = dict(is_causal=True, local_window_size=(setting.window, 0))
+    _cudnn_works(setting, **options)
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **options)
+
+
+def _register_defaults():
+    window_pairs = lambda setting, seq: _band_pairs(setting.window, setting.window)(setting, seq)
+    causal_pairs = lambda setting, seq: _band_pairs(setting.window, 0)(setting, seq)
+    register(Case("dense_flash", _dense_flash, _dense_pairs))
+    register(Case("pallas_sliding_window", _sliding("pallas", causal=False), window_pairs))
+    register(Case("xla_sliding_window", _sliding("xla", causal=False), window_pairs))
+    register(Case("pallas_sliding_window_causal", _sliding("pallas", causal=True), causal_pairs))
+    register(Case("cudnn_sliding_window_causal", _cudnn_sliding_causal, causal_pairs))
+    register(Case("pallas_block_sparse", _bigbird("pallas"), _bigbird_pairs))
+    register(Case("xla_block_sparse", _bigbird("xla"), _bigbird_pairs))
+
+
+_register_defaults()
+
+
+# --- FAVOR+ (Performer): linear attention, against dense flash and the sliding-window kernel ---
+# e.g. --ops pallas_favor,pallas_favor_causal,pallas_sliding_window --seqs 4096,...,262144
+
+FAVOR_FEATURES = 256
+
+
+def _favor(impl: str, causal: bool):
+    def build(setting, seq):
+        options = dict(impl="pallas", interpret=setting.interpret) if impl == "pallas" else dict(impl="xla")
+        projection = favor_projection(jax.random.key(0), FAVOR_FEATURES, setting.head_dim)
+        return lambda q, k, v: favor_attention(q, k, v, projection=projection, causal=causal, **options)
+
+    return build
+
+
+def _favor_pairs(setting, seq):
+    """FAVOR+'s own work in the table's currency (4 * pairs * head_dim FLOPs): the feature
+    projections of q and k, phi(K)^T V and phi(Q) S, 8 * seq * features * head_dim."""
+    return 2.0 * seq * FAVOR_FEATURES
+
+
+for _causal in (False, True):
+    _suffix = "_causal" if _causal else ""
+    register(Case(f"pallas_favor{_suffix}", _favor("pallas", _causal), _favor_pairs))
+    register(Case(f"xla_favor{_suffix}", _favor("xla", _causal), _favor_pairs))
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def _median_seconds(fn, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _programs(attention):
+    forward = jax.jit(attention)
+
+    def forward_backward(q, k, v, cotangent):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return out, vjp(cotangent)
+
+    return forward, jax.jit(forward_backward)
+
+
+def measure(case: Case, setting: Setting, seq: int, repeats: int) -> dict:
+    batch = setting.batch(seq)
+    row = dict(op=case.name, seq=seq, batch=batch, heads=setting.heads, head_dim=setting.head_dim,
+               dtype=jnp.dtype(setting.dtype).name, fwd_ms=math.nan, fwd_bwd_ms=math.nan,
+               fwd_tflops=math.nan, fwd_bwd_tflops=math.nan, note="")
+    try:
+        attention = case.build(setting, seq)
+        keys = jax.random.split(jax.random.key(seq), 4)
+        shape = (batch, seq, setting.heads, setting.head_dim)
+        q, k, v, cotangent = (jax.random.normal(key, shape, jnp.float32).astype(setting.dtype) for key in keys)
+        forward, forward_backward = _programs(attention)
+        fwd = _median_seconds(forward, (q, k, v), repeats)
+        fwd_bwd = _median_seconds(forward_backward, (q, k, v, cotangent), repeats)
+    except Unavailable as e:
+        row["note"] = str(e)
+        return row
+    except Exception as e:  # out of memory at long lengths, typically: keep the other rows
+        row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return row
+    flops = 4.0 * case.pairs(setting, seq) * setting.head_dim * setting.heads * batch
+    row["note"] = getattr(attention, "note", "")
+    row.update(fwd_ms=fwd * 1e3, fwd_bwd_ms=fwd_bwd * 1e3, fwd_tflops=flops / fwd / 1e12,
+               fwd_bwd_tflops=3.5 * flops / fwd_bwd / 1e12)
+    return row
+
+
+def add_fractions(rows):
+    """Each row's TFLOP/s as a fraction of dense flash's at the same length."""
+    dense = {r["seq"]: r for r in rows if r["op"] == "dense_flash"}
+    for r in rows:
+        d = dense.get(r["seq"])
+        for key in ("fwd", "fwd_bwd"):
+            r[f"{key}_of_dense"] = r[f"{key}_tflops"] / d[f"{key}_tflops"] if d else math.nan
+    return rows
+
+
+def table(rows) -> str:
+    lines = [
+        "| op | seq | batch | fwd ms | fwd TFLOP/s | of dense | fwd+bwd ms | fwd+bwd TFLOP/s | of dense | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['seq']} | {r['batch']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.3g} | "
+            f"{r['fwd_of_dense']:.0%} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.3g} | "
+            f"{r['fwd_bwd_of_dense']:.0%} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def goal(rows, seq: int = 32768) -> str:
+    """The issue's target, judged on what was measured."""
+    at = {r["op"]: r for r in rows if r["seq"] == seq and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]}
+    lines = [f"goal at seq {seq}:"]
+    sw, dense = at.get("pallas_sliding_window"), at.get("dense_flash")
+    if sw and dense:
+        for key in ("fwd", "fwd_bwd"):
+            fraction = sw[f"{key}_of_dense"]
+            lines.append(f"  {key}: sliding-window kernel at {fraction:.0%} of dense flash TFLOP/s "
+                         f"({'meets' if fraction >= 0.6 else 'misses'} >= 60%)")
+    else:
+        lines.append("  sliding window vs dense flash: not measured")
+    causal, cudnn = at.get("pallas_sliding_window_causal"), at.get("cudnn_sliding_window_causal")
+    if causal and cudnn:
+        for key in ("fwd", "fwd_bwd"):
+            ratio = cudnn[f"{key}_ms"] / causal[f"{key}_ms"]
+            lines.append(f"  {key}: causal kernel {ratio:.2f}x the speed of cuDNN's sliding window "
+                         f"({'beats' if ratio > 1 else 'does not beat'} it)")
+    else:
+        lines.append("  causal window vs cuDNN's sliding window: not measured")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        pts = [r for r in rows if r["op"] == op and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]
+        if pts:
+            ax_t.plot([r["seq"] for r in pts], [r["fwd_bwd_tflops"] for r in pts], "o-", label=op)
+            ax_f.plot([r["seq"] for r in pts], [r["fwd_bwd_of_dense"] for r in pts], "o-", label=op)
+    ax_t.set(xlabel="sequence length", ylabel="useful TFLOP/s (fwd+bwd)", title="throughput")
+    ax_f.set(xlabel="sequence length", ylabel="fraction of dense flash", title="vs dense flash attention")
+    ax_f.axhline(0.6, color="gray", linestyle=":", linewidth=1)
+    for ax in (ax_t, ax_f):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _block_sizes(text: str | None):
+    """'bq,bk,bq_bwd,bk_bwd' for the default backend's kernel family."""
+    if not text:
+        return None
+    values = [int(x) for x in text.split(",")]
+    family = TpuBlockSizes if jax.default_backend() == "tpu" else GpuBlockSizes
+    return family(*values)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="", help=f"comma-separated case names (default: all): {', '.join(REGISTRY)}")
+    parser.add_argument("--seqs", default="4096,8192,16384,32768,65536,131072")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--window", type=int, default=256, help="keys each side")
+    parser.add_argument("--bigbird-block", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=131072, help="batch * seq, constant across lengths")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--pallas-blocks", default=None, help="block_q,block_k,block_q_bwd,block_k_bwd")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes with the kernels interpreted: checks the script on a CPU")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.seqs, args.heads, args.head_dim, args.window = "256,512", 2, 64, 16
+        args.bigbird_block, args.tokens, args.repeats = 16, 512, 1
+    unknown = [op for op in filter(None, args.ops.split(",")) if op not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown --ops {unknown}; known: {list(REGISTRY)}")
+    names = [op for op in filter(None, args.ops.split(","))] or list(REGISTRY)
+    if "dense_flash" not in names:
+        names.insert(0, "dense_flash")  # the yardstick of every fraction
+    setting = Setting(
+        heads=args.heads, head_dim=args.head_dim, window=args.window, bigbird_block=args.bigbird_block,
+        dtype=jnp.dtype(args.dtype), tokens=args.tokens, block_sizes=_block_sizes(args.pallas_blocks),
+        interpret=True if args.smoke else None,
+    )
+    device = jax.devices()[0].device_kind
+    print(f"device: {device}; heads {setting.heads}, head_dim {setting.head_dim}, window {setting.window} each side, "
+          f"{setting.dtype.name}, batch * seq = {setting.tokens}")
+    rows = []
+    for seq in (int(s) for s in args.seqs.split(",")):
+        for name in names:
+            row = measure(REGISTRY[name], setting, seq, args.repeats)
+            rows.append(row)
+            print(f"{name:30s} seq {seq:7d}: fwd {row['fwd_ms']:9.3f} ms {row['fwd_tflops']:8.3g} TFLOP/s | "
+                  f"fwd+bwd {row['fwd_bwd_ms']:9.3f} ms {row['fwd_bwd_tflops']:8.3g} TFLOP/s {row['note']}", flush=True)
+    add_fractions(rows)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "bench_kernels.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["device"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "device": device})
+    png_path = os.path.join(args.out, "bench_kernels.png")
+    plot(rows, png_path, f"attention kernels, {device}, heads {setting.heads}, head_dim {setting.head_dim}, "
+                         f"{setting.dtype.name}")
+    print()
+    print(table(rows))
+    print(goal(rows))
+    print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
