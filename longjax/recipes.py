@@ -56,7 +56,7 @@ def char_lm_config(corpus: str, size: str) -> ml_collections.ConfigDict:
     config.seed = 0  # parameters, dropout, data windows, layouts and projections derive from it
     config.model = ml_collections.ConfigDict(
         dict(
-            vocab_size=256,  # byte-level; text8 uses 27 of them
+            vocab_size=27 if corpus == "text8" else 256,  # text8: [a-z ]; enwik8: bytes
             num_layers=num_layers,
             num_heads=NUM_HEADS,
             d_model=512,
