@@ -87,7 +87,8 @@ class GpuBlockSizes:
 
     def __post_init__(self):
         _check_chunks(self)
-        if not _is_int(self.num_warps) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1) or self.num_warps > 32:
+        warps = self.num_warps
+        if not _is_int(warps) or not 1 <= warps <= 32 or warps & (warps - 1):
             raise ValueError(f"GpuBlockSizes.num_warps must be a power of two <= 32, got {self.num_warps!r}")
         if not _is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"GpuBlockSizes.num_stages must be an int >= 1, got {self.num_stages!r}")
@@ -97,7 +98,8 @@ class GpuBlockSizes:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(
-                    f"GpuBlockSizes.{name} must be a power of two >= 16 for the compiled Triton kernels, got {value}"
+                    f"GpuBlockSizes.{name} must be a power of two >= 16 for the compiled Triton kernels, "
+                    f"got {value}"
                 )
 
 
@@ -520,8 +522,9 @@ def _normalise(spec, num, den, valid):
     """`(num / den, 1 / den)`, both zero where den is below the smallest normal (no key) or the
     row is padding: never NaN or Inf."""
     ok = (den >= jnp.finfo(spec.compute_dtype).tiny) & (valid > 0)
-    safe = jnp.where(ok, den, 1.0)
-    return jnp.where(ok, num / safe, 0.0), jnp.where(ok, 1.0 / safe, 0.0)
+    safe = jnp.where(ok, den, 1.0)  # before dividing: 0/0 would poison the selects
+    inverse = jnp.where(ok, 1.0 / safe, 0.0)
+    return (None if num is None else jnp.where(ok, num / safe, 0.0)), inverse
 
 
 def _input_grads(spec, dfeat, feat, xs, proj, w, mask=None):
@@ -668,14 +671,15 @@ def _causal_dkv_step(spec, wants_dw, values, whole, carry):
     dstate, dnormaliser, *dw = carry
     cd = spec.compute_dtype
     ch = _causal_chunk(spec, q, k, valid, w, max_start, z_start)
-    _, inv = _normalise(spec, ch.den, ch.den, valid)
+    _, inv = _normalise(spec, None, ch.den, valid)
     g = g.astype(spec.compute_dtype)
     a, b = g * inv, -delta * inv
     # d(score_ij) for the in-chunk pairs: through row i's numerator and denominator.
     dscores = ch.rescale * (_dot(a, v, cd, contract=(1, 1)) + b)
     leaving = ch.kf * ch.to_end
     dv = _dot(ch.scores, a, cd, contract=(0, 0)) + _dot(leaving, dstate, cd)
-    dkf = _dot(dscores, ch.qf, cd, contract=(0, 0)) + ch.to_end * (_dot(v, dstate, cd, contract=(1, 1)) + dnormaliser)
+    dkf = _dot(dscores, ch.qf, cd, contract=(0, 0))
+    dkf = dkf + ch.to_end * (_dot(v, dstate, cd, contract=(1, 1)) + dnormaliser)
     dk, dlogit = _input_grads(spec, dkf, ch.kf, ch.xk, ch.proj_k, w, mask=valid)
     # The cotangent of the carry entering the chunk: every factor exp(M_prev - M_i) <= 1.
     seen = ch.qf * ch.decay

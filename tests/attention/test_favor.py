@@ -71,10 +71,9 @@ def _build(case, dtype):
 # implementation in tests/kernels/test_favor_pallas.py.
 SUBSETS = {
     "pallas-gpu": {
-        ("bidirectional", "f32"), ("causal_chunk_not_dividing", "f32"), ("causal_padding", "f32"),
-        ("relu_causal_padding", "bf16"), ("padding_with_empty_row", "bf16"),
+        ("causal_chunk_not_dividing", "f32"), ("relu_causal_padding", "bf16"), ("padding_with_empty_row", "bf16"),
     },
-    "pallas-tpu": {("bidirectional_per_head_projection", "f32"), ("causal_default_chunk", "bf16")},
+    "pallas-tpu": {("bidirectional_per_head_projection", "f32"), ("causal_padding", "bf16")},
 }
 
 
@@ -246,7 +245,9 @@ def test_projection_bad_arguments():
 def test_kernel_options_are_refused_by_other_implementations():
     for impl in ("xla", "reference"):
         with pytest.raises(NotImplementedError, match="block_sizes: options of impl='pallas' only"):
-            favor_attention(*(jnp.ones(SHAPE),) * 3, projection=jnp.ones((16, 8)), impl=impl, block_sizes=GpuBlockSizes())
+            favor_attention(
+                *(jnp.ones(SHAPE),) * 3, projection=jnp.ones((16, 8)), impl=impl, block_sizes=GpuBlockSizes()
+            )
 
 
 def test_pallas_refuses_a_chunk_its_compiled_kernels_cannot_take():

@@ -60,7 +60,8 @@ def test_matches_xla_implementation(backend, case):
     options = dict(options)
     batch, seq, heads, dim = shape
     dtype = options.pop("dtype", jnp.float32)
-    projection = _projection(3, options.pop("features", 32), dim, heads if options.pop("per_head", False) else None)
+    heads_of_projection = heads if options.pop("per_head", False) else None
+    projection = _projection(3, options.pop("features", 32), dim, heads_of_projection)
     padding = options.pop("padding", None)
     mask = None if padding is None else battery.padding_mask(batch, seq, padding)
     projection_grad = options.pop("projection_grad", False)
@@ -68,7 +69,9 @@ def test_matches_xla_implementation(backend, case):
     common = dict(feature_map="softmax", padding_mask=mask, scale=None) | options
 
     def kernel(q, k, v, p):
-        return favor_kernels.favor_attention_pallas(q, k, v, projection=p, block_sizes=blocks, interpret=True, **common)
+        return favor_kernels.favor_attention_pallas(
+            q, k, v, projection=p, block_sizes=blocks, interpret=True, **common
+        )
 
     def xla(q, k, v, p):
         return favor_xla.favor_xla(q, k, v, projection=p, chunk_size=chunk, **{"causal": False} | common)
@@ -152,8 +155,8 @@ def test_block_sizes_are_validated(make, message):
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        (dict(block_sizes=GpuBlockSizes(causal_chunk=24)), ValueError, "power of two >= 16 for the compiled Triton"),
-        (dict(block_sizes=TpuBlockSizes(bidirectional_chunk=8)), ValueError, "multiple of 16 for the compiled Mosaic"),
+        (dict(block_sizes=GpuBlockSizes(causal_chunk=24)), ValueError, "power of two >= 16 for the compiled"),
+        (dict(block_sizes=TpuBlockSizes(bidirectional_chunk=8)), ValueError, "multiple of 16 for the compiled"),
         (dict(block_sizes=_OtherFamilyBlockSizes()), ValueError, "kernels_pallas.favor.GpuBlockSizes"),
         (dict(interpret="yes"), ValueError, "interpret must be None, True or False"),
         (dict(causal=True, chunk_size=6), NotImplementedError, "chunk_size=6"),
