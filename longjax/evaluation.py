@@ -38,4 +38,4 @@ class Evaluator:
         result = bpc.evaluate_bpc(
             log_prob_fn, data, eval_len=ev.seq_len, step=min(ev.step, ev.seq_len), batch_size=ev.batch_size
         )
-        return {"bpc": result.bpc, "loss": result.bpc * math.log(2.0), "chars": float(result.num_scored)}
+        return {"bpc": result.bpc, "loss": result.bpc * math.log(2.0), "chars": int(result.num_scored)}
