@@ -30,6 +30,7 @@ import math
 
 import numpy as np
 
+from kernels_pallas import common
 from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention.arguments import BlockSparseSpec
 
@@ -193,7 +194,7 @@ def band_layout(
       block_q, block_k: kernel block lengths.
       padded_len: a multiple of both block lengths, >= seq_len.
     """
-    padded = _round_up(seq_len, math.lcm(block_q, block_k)) if padded_len is None else padded_len
+    padded = common.round_up(seq_len, math.lcm(block_q, block_k)) if padded_len is None else padded_len
     if padded < seq_len or padded % block_q or padded % block_k:
         raise ValueError(f"padded_len {padded} must be >= {seq_len} and a multiple of {block_q} and {block_k}")
     nq, nk = padded // block_q, padded // block_k
@@ -291,5 +292,3 @@ def _real_sub_blocks(seq_len: int, block_size: int, num_blocks: int, slot: int, 
     return (offset < block_size) & (pattern_block * block_size + offset < seq_len)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m

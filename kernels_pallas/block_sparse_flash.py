@@ -47,13 +47,15 @@ from jax.experimental.pallas import triton as plgpu
 
 # Module import only (no names from it): block_layout imports longjax.attention, whose
 # api imports this module, so either may be imported first.
-from kernels_pallas import block_layout
+from kernels_pallas import block_layout, common
 from longjax.attention import blockwise
 from longjax.attention.softmax_stats import MASK_VALUE
 
 LOG2E = math.log2(math.e)
 # Triton's tl.dot needs every dimension >= 16.
 _TRITON_MIN_DOT = 16
+# Widest (padded) head the Triton kernels take, as FlashAttention's GPU kernels.
+_GPU_MAX_HEAD_DIM = 256
 _TPU_SUBLANES = 8
 
 
@@ -63,10 +65,6 @@ def _is_power_of_two(x) -> bool:
 
 def _next_power_of_two(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,22 +126,16 @@ def default_block_sizes(block_sizes: BlockSizes | None) -> BlockSizes:
         return TpuBlockSizes() if jax.default_backend() == "tpu" else GpuBlockSizes()
     if not isinstance(block_sizes, (GpuBlockSizes, TpuBlockSizes)):
         raise ValueError(
-            f"block_sizes must be None, a GpuBlockSizes or a TpuBlockSizes, got {type(block_sizes).__name__}"
+            "block_sizes must be None, a kernels_pallas.block_sparse_flash.GpuBlockSizes or TpuBlockSizes, "
+            f"got {type(block_sizes).__module__}.{type(block_sizes).__qualname__}"
         )
     return block_sizes
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None means interpret mode on a CPU backend and the compiled lowering elsewhere."""
-    if interpret is None:
-        return jax.default_backend() == "cpu"
-    return bool(interpret)
 
 
 def _allowed_block(length: int, block_sizes: BlockSizes, interpret: bool) -> int:
     """The smallest block length the backend allows that covers `length` tokens."""
     if isinstance(block_sizes, TpuBlockSizes):
-        return _round_up(length, _TPU_SUBLANES)
+        return common.round_up(length, _TPU_SUBLANES)
     if interpret:
         return _next_power_of_two(length)
     return max(_TRITON_MIN_DOT, _next_power_of_two(length))
@@ -176,7 +168,7 @@ class BandPattern:
         return min(block, _allowed_block(self.seq_len, block_sizes, interpret))
 
     def padded_len(self, blocks) -> int:
-        return _round_up(self.seq_len, math.lcm(*blocks))
+        return common.round_up(self.seq_len, math.lcm(*blocks))
 
     def layout(self, block_q: int, block_k: int, padded_len: int) -> block_layout.BlockLayout:
         return block_layout.band_layout(
@@ -277,7 +269,7 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes
       attend nothing; lse float32 `[batch, heads, seq]`, `MASK_VALUE` for them.
     """
     block_sizes = default_block_sizes(block_sizes)
-    interpret = resolve_interpret(interpret)
+    interpret = common.resolve_interpret(interpret)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4 or x.shape != q.shape or x.dtype != q.dtype:
             raise ValueError(
@@ -308,6 +300,14 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes
     dim = head_dim
     if is_gpu:
         dim = _next_power_of_two(head_dim) if interpret else max(_TRITON_MIN_DOT, _next_power_of_two(head_dim))
+    if is_gpu and not interpret and dim > _GPU_MAX_HEAD_DIM:
+        # Each program keeps [block, head_dim] tiles in registers and shared memory;
+        # wider heads (e.g. 64 + Transformer-XL's d_model position features) do not
+        # fit at these block sizes, and a Triton compile error would not fall back.
+        raise NotImplementedError(
+            f"the Triton kernels take head_dim up to {_GPU_MAX_HEAD_DIM}, got {head_dim} "
+            f"(padded to {dim}); impl='xla' serves it"
+        )
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, dim - head_dim)))
     valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
     out, lse = _flash(pad(q), pad(k), pad(v), valid, config)

@@ -46,20 +46,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from kernels_pallas import common
 from kernels_pallas import favor_walk as walk
 from longjax.attention import arguments
 from longjax.attention import favor as favor_xla
 from longjax.attention.softmax_stats import MASK_VALUE
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+# Widest (padded) head the Triton walks take: their float32 [features, head_dim]
+# state lives in registers (the lowering tests cover 64 and 128).
+_GPU_MAX_HEAD_DIM = 128
 
 
 def _check_chunks(blocks) -> None:
     for name in ("causal_chunk", "bidirectional_chunk"):
         value = getattr(blocks, name)
-        if not _is_int(value) or value < 1:
+        if not arguments.is_int(value) or value < 1:
             raise ValueError(f"{type(blocks).__name__}.{name} must be an int >= 1, got {value!r}")
 
 
@@ -88,9 +89,9 @@ class GpuBlockSizes:
     def __post_init__(self):
         _check_chunks(self)
         warps = self.num_warps
-        if not _is_int(warps) or not 1 <= warps <= 32 or warps & (warps - 1):
+        if not arguments.is_int(warps) or not 1 <= warps <= 32 or warps & (warps - 1):
             raise ValueError(f"GpuBlockSizes.num_warps must be a power of two <= 32, got {self.num_warps!r}")
-        if not _is_int(self.num_stages) or self.num_stages < 1:
+        if not arguments.is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"GpuBlockSizes.num_stages must be an int >= 1, got {self.num_stages!r}")
 
     def check_compiled(self) -> None:
@@ -136,13 +137,6 @@ BlockSizes = GpuBlockSizes | TpuBlockSizes
 
 def _backend_of(blocks) -> str:
     return "gpu" if isinstance(blocks, GpuBlockSizes) else "tpu"
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None means interpret mode on a CPU backend and the compiled lowering elsewhere."""
-    if interpret is None:
-        return jax.default_backend() == "cpu"
-    return bool(interpret)
 
 
 @jax.tree_util.register_static
@@ -226,13 +220,21 @@ def favor_attention_pallas(
         raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
     if block_sizes is not None and not isinstance(block_sizes, (GpuBlockSizes, TpuBlockSizes)):
         raise ValueError(
-            "block_sizes must be None, a kernels_pallas.favor.GpuBlockSizes or a TpuBlockSizes, "
-            f"got {type(block_sizes).__name__}"
+            "block_sizes must be None, a kernels_pallas.favor.GpuBlockSizes or TpuBlockSizes, "
+            f"got {type(block_sizes).__module__}.{type(block_sizes).__qualname__}"
         )
-    interpret = resolve_interpret(interpret)
+    interpret = common.resolve_interpret(interpret)
     if block_sizes is not None and not interpret:
         block_sizes.check_compiled()
-    candidates = (block_sizes,) if block_sizes is not None else (GpuBlockSizes(), TpuBlockSizes())
+    if block_sizes is not None:
+        candidates = (block_sizes,)
+    elif interpret or jax.default_backend() == "cpu":
+        # Interpreted, or lowered from a CPU host for whichever platform export
+        # targets: both lowerings may be traced, so both must accept the options.
+        candidates = (GpuBlockSizes(), TpuBlockSizes())
+    else:
+        # On an accelerator only its own lowering is traced, and only its rules apply.
+        candidates = (TpuBlockSizes(),) if jax.default_backend() == "tpu" else (GpuBlockSizes(),)
     if chunk_size is not None and causal:
         candidates = tuple(dataclasses.replace(b, causal_chunk=int(chunk_size)) for b in candidates)
         if not interpret:
@@ -241,8 +243,16 @@ def favor_attention_pallas(
                     blocks.check_compiled()
                 except ValueError as e:
                     raise NotImplementedError(f"chunk_size={chunk_size}: {e}") from None
+    if not interpret:
+        for blocks in candidates:
+            d_pad, _ = _padded_sizes(_backend_of(blocks), head_dim, projection.shape[-2])
+            if _backend_of(blocks) == "gpu" and d_pad > _GPU_MAX_HEAD_DIM:
+                raise NotImplementedError(
+                    f"the Triton FAVOR+ kernels take head_dim up to {_GPU_MAX_HEAD_DIM}, got {head_dim} "
+                    f"(padded to {d_pad}); impl='xla' serves it"
+                )
     options = dict(feature_map=feature_map, causal=bool(causal), scale=scale, interpret=interpret)
-    if block_sizes is not None:
+    if len(candidates) == 1:
         return _favor_on(candidates[0], q, k, v, projection, padding_mask, **options)
     gpu, tpu = candidates
     if interpret:

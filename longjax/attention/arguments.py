@@ -160,7 +160,8 @@ def check_kernel_options(interpret, block_sizes) -> None:
         )
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -186,19 +187,19 @@ class BlockSparseSpec:
 
 
 def check_block_sparse_shape(block_size, num_window_blocks, num_random_blocks) -> None:
-    if not _is_int(block_size) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    if not _is_int(num_window_blocks) or num_window_blocks < 1 or num_window_blocks % 2 == 0:
+    if not is_int(num_window_blocks) or num_window_blocks < 1 or num_window_blocks % 2 == 0:
         raise ValueError(
             f"num_window_blocks must be a positive odd int (2s + 1), got {num_window_blocks!r}"
         )
-    if not _is_int(num_random_blocks) or num_random_blocks < 0:
+    if not is_int(num_random_blocks) or num_random_blocks < 0:
         raise ValueError(f"num_random_blocks must be an int >= 0, got {num_random_blocks!r}")
 
 
 def normalize_global_blocks(global_blocks, num_blocks: int) -> tuple[int, ...]:
     """Sorted distinct block indices; negative ones count from the end."""
-    if not isinstance(global_blocks, Sequence) or not all(_is_int(g) for g in global_blocks):
+    if not isinstance(global_blocks, Sequence) or not all(is_int(g) for g in global_blocks):
         raise ValueError(f"global_blocks must be a sequence of ints, got {global_blocks!r}")
     for g in global_blocks:
         if not -num_blocks <= g < num_blocks:
@@ -247,5 +248,5 @@ def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: i
         raise ValueError(f"projection must be floating-point, got dtype {projection.dtype}")
     if feature_map not in feature_maps:
         raise ValueError(f"feature_map must be one of {feature_maps}, got {feature_map!r}")
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")

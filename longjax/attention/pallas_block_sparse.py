@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import block_sparse_flash as flash
+from kernels_pallas import common
 from longjax.attention import global_tokens
 from longjax.attention.arguments import BlockSparseSpec, SlidingWindowSpec
 from longjax.attention.softmax_stats import PartialAttention
@@ -117,7 +118,7 @@ def sliding_window_pallas(
             "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
         )
     block_sizes = flash.default_block_sizes(block_sizes)
-    interpret = flash.resolve_interpret(interpret)
+    interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
     out, lse = _band_heads(q, k, v, key_valid, spec, scale, block_sizes, interpret)
@@ -137,7 +138,7 @@ def block_sparse_pallas(
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
     block_sizes = flash.default_block_sizes(block_sizes)
-    interpret = flash.resolve_interpret(interpret)
+    interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     b, n = q.shape[:2]
     size, blocks = spec.block_size, spec.num_blocks

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import block_sparse_flash as flash
+from kernels_pallas import common
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
 from longjax.attention import arguments, bigbird_random_layout, masks, sliding_window_attention, softmax_stats
 from tests.attention import battery
@@ -154,7 +155,7 @@ def test_kernel_checks_its_inputs():
 def test_defaults_on_cpu_are_interpreted_gpu_kernels():
     assert jax.default_backend() == "cpu"
     assert flash.default_block_sizes(None) == GpuBlockSizes()
-    assert flash.resolve_interpret(None) is True and flash.resolve_interpret(False) is False
+    assert common.resolve_interpret(None) is True and common.resolve_interpret(False) is False
 
 
 def test_impl_none_falls_back_to_xla_where_pallas_cannot_serve(monkeypatch):
@@ -169,3 +170,15 @@ def test_impl_none_falls_back_to_xla_where_pallas_cannot_serve(monkeypatch):
     np.testing.assert_allclose(
         out, sliding_window_attention(q, k, v, window=3, impl="reference"), **battery.TOLERANCES[jnp.dtype(jnp.float32)]
     )
+
+
+def test_triton_refuses_heads_wider_than_its_tiles():
+    # 64 content features + 512 Transformer-XL position features, as the char LM's heads.
+    q = jnp.zeros((1, 256, 1, 576), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="head_dim up to 256, got 576"):
+        jax.eval_shape(
+            lambda q: sliding_window_attention(
+                q, q, q, window=16, impl="pallas", interpret=False, block_sizes=GpuBlockSizes()
+            ),
+            q,
+        )

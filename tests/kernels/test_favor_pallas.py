@@ -184,3 +184,15 @@ def test_compiled_kernels_are_refused_on_cpu():
     refuses CPU rather than anything running silently in its place."""
     with pytest.raises(Exception, match="interpret"):
         jax.block_until_ready(jax.jit(lambda: _call(interpret=False))())
+
+
+def test_triton_refuses_heads_wider_than_its_register_state():
+    q = jnp.zeros((1, 64, 1, 576), jnp.bfloat16)
+    projection = favor_projection(jax.random.key(0), 32, 576)
+    with pytest.raises(NotImplementedError, match="head_dim up to 128, got 576"):
+        jax.eval_shape(
+            lambda q: favor_kernels.favor_attention_pallas(
+                q, q, q, projection=projection, causal=True, interpret=False, block_sizes=GpuBlockSizes()
+            ),
+            q,
+        )
