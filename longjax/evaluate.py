@@ -45,7 +45,7 @@ def evaluate_checkpoint(workdir, split: str = "validation", max_chars: int | Non
         abstract_state = jax.eval_shape(
             lambda: train_steps.init_state(models.CharLM(phase.model), tx, config.seed)
         )
-        state = checkpointer.restore_params(steps[-1], checkpointing.abstract(abstract_state, replicated))
+        state = checkpointer.restore_state(steps[-1], checkpointing.abstract(abstract_state, replicated))
     finally:
         checkpointer.close()
     corpus = corpora.load_corpus(config.data.name, config.data.dir or None, download=config.data.download)
@@ -55,7 +55,7 @@ def evaluate_checkpoint(workdir, split: str = "validation", max_chars: int | Non
             f"{config.data.name} here has {corpus.fingerprint}"
         )
     evaluator = evaluation.Evaluator(config, phase, mesh)
-    result = evaluator.bpc(state.params, corpus.split(split), step=steps[-1], max_chars=max_chars)
+    result = evaluator.bpc(state.params, corpus.split(split), trained_steps=steps[-1], max_chars=max_chars)
     return {"step": steps[-1], "phase": phase.index + 1, "split": split, **result}
 
 

@@ -216,13 +216,6 @@ def plan(config) -> tuple[Phase, ...]:
     return tuple(phases)
 
 
-def eval_model(config, phase: Phase) -> models.TransformerConfig:
-    """The model config for evaluation at `config.eval.seq_len` with `phase`'s windows."""
-    base = models.transformer_config(config.model)
-    scale = config.phases.window_scale[phase.index]
-    return phase_model(base, window_scale=scale, seq_len=config.eval.seq_len)
-
-
 def flatten(config, prefix: str = "") -> dict[str, object]:
     """`{'a.b.c': value}` of a (nested) ConfigDict or mapping, lists as tuples."""
     items = config.items() if isinstance(config, Mapping) or hasattr(config, "items") else ()

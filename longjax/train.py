@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from longjax import experiment, trainer
+from longjax import checkpointing, experiment, trainer
 from longjax.data import corpora
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
@@ -29,7 +29,7 @@ def main(argv):
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (experiment.ConfigError, corpora.CorpusError, trainer.ConfigChangedError,
-            trainer.NonFiniteLossError) as e:
+            checkpointing.CheckpointError, trainer.NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -36,15 +36,27 @@ def optimizer(opt_config) -> optax.GradientTransformation:
     The learning rate is applied by the step (`apply_learning_rate`) so the
     optimizer state carries over from phase to phase while the schedule restarts.
     Weight decay (decoupled, scaled by the learning rate as in AdamW) applies to
-    matrices only, not to biases, LayerNorm scales or the TXL bias vectors.
+    weight matrices and embeddings only (`decay_mask`).
     """
     return optax.chain(
         optax.clip_by_global_norm(opt_config.grad_clip_norm),
         optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
-        optax.add_decayed_weights(
-            opt_config.weight_decay, mask=lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-        ),
+        optax.add_decayed_weights(opt_config.weight_decay, mask=decay_mask),
     )
+
+
+# Weight matrices and embedding tables; biases, LayerNorm parameters and the
+# Transformer-XL bias vectors u, v are not decayed.
+_DECAYED_PARAMETERS = ("kernel", "relative_kernel", "embedding")
+
+
+def decay_mask(params):
+    """True for the parameters AdamW's weight decay applies to, by parameter name."""
+    def decayed(path, _):
+        name = getattr(path[-1], "key", None)
+        return name in _DECAYED_PARAMETERS
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def learning_rate(step, *, peak: float, start_step: int, warmup_steps: int):

@@ -100,6 +100,7 @@ def train_and_evaluate(config, workdir) -> RunResult:
       experiment.ConfigError: the config contradicts itself.
       corpora.CorpusNotFoundError: the data is missing (the message says what to put where).
       ConfigChangedError: the workdir holds a run with another config.
+      checkpointing.CheckpointError: the workdir holds checkpoints but none restores.
       NonFiniteLossError: the loss became NaN or Inf.
     """
     experiment.validate(config)
@@ -127,22 +128,27 @@ def train_and_evaluate(config, workdir) -> RunResult:
     checkpointer = checkpointing.Checkpointer(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    restored = checkpointer.restore_latest(checkpointing.abstract(abstract_state, replicated))
-    if restored is not None:
-        differences = checkpointing.config_differences(restored.meta["config"], config)
+
+    def check_meta(meta):
+        differences = checkpointing.config_differences(meta["config"], config)
         if differences and not config.allow_config_change:
-            checkpointer.close()
             raise ConfigChangedError(
                 f"{workdir} holds a run with another config; differing fields (saved -> now): "
                 + "; ".join(differences)
                 + ". Use another --workdir, or pass --config.allow_config_change=True to resume anyway."
             )
-        if restored.meta["corpus"] != corpus.fingerprint and not config.allow_config_change:
-            checkpointer.close()
+        if meta["corpus"] != corpus.fingerprint and not config.allow_config_change:
             raise ConfigChangedError(
-                f"{workdir} was trained on a corpus with fingerprint {restored.meta['corpus']}, "
+                f"{workdir} was trained on a corpus with fingerprint {meta['corpus']}, "
                 f"this one has {corpus.fingerprint}"
             )
+
+    try:
+        restored = checkpointer.restore_latest(checkpointing.abstract(abstract_state, replicated), check_meta)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if restored is not None:
         state, start_step = restored.state, restored.step
     else:
         state = jax.jit(lambda: train_steps.init_state(first_model, tx, config.seed), out_shardings=replicated)()
@@ -253,7 +259,7 @@ def _run_phases(config, phases, state, start_step, restored, corpus, mesh, batch
             every_eval = config.eval.every_steps
             if every_eval is not None and step % every_eval == 0 and step != phase.end_step:
                 log.eval(step, phase.index + 1, "validation", evaluator.bpc(
-                    state.params, corpus.validation, step=step, max_chars=config.eval.max_chars
+                    state.params, corpus.validation, trained_steps=step, max_chars=config.eval.max_chars
                 ))
             if step % config.checkpoint.every_steps == 0 or step == phase.end_step or preemption.requested:
                 save(step)
@@ -262,7 +268,9 @@ def _run_phases(config, phases, state, start_step, restored, corpus, mesh, batch
                 log.message(f"SIGTERM: saved the checkpoint at step {step}; exiting")
                 return RunResult("preempted", step)
         batches.close()
-        final = evaluator.bpc(state.params, corpus.validation, step=step, max_chars=config.eval.max_chars)
+        final = evaluator.bpc(
+            state.params, corpus.validation, trained_steps=step, max_chars=config.eval.max_chars
+        )
         log.eval(step, phase.index + 1, "validation", final)
     checkpointer.wait()
     if final is None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from longjax import models
+from tests.attention.battery import TOLERANCES
 from tests.models.helpers import ATTENTION, WIDE_ATTENTION, tiny_config
 
 SEQ = 24
@@ -146,7 +147,9 @@ def test_remat_gives_the_same_gradients(attention):
     rng = jax.random.key(12)
     grads = jax.jit(jax.grad(lambda p: _loss(plain, p, tokens, rng)))(params)
     grads_remat = jax.jit(jax.grad(lambda p: _loss(remat, p, tokens, rng)))(params)
-    chex.assert_trees_all_close(grads_remat, grads, atol=1e-6, rtol=1e-5)
+    # Recomputation compiles to a different fusion order, so the gradients agree to
+    # float32 rounding (the same function jitted vs eager differs by ~5e-6 here).
+    chex.assert_trees_all_close(grads_remat, grads, **TOLERANCES[jnp.dtype(jnp.float32)])
     assert _param_count(grads) == _param_count(params)
 
 

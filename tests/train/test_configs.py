@@ -3,9 +3,12 @@
 import importlib.util
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from longjax import experiment, models, recipes
+from longjax import evaluation, experiment, models, recipes, train_steps
 from tests.train import tiny_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -91,3 +94,30 @@ def test_window_scale_needs_sliding_window_layers():
     config.phases.window_scale = (1, 2)
     with pytest.raises(experiment.ConfigError, match="phases.window_scale scales sliding-window layers"):
         experiment.validate(config)
+
+
+def test_weight_decay_skips_biases_norms_and_txl_vectors():
+    cfg = models.transformer_config(tiny_config.get_config().model)
+    params = jax.eval_shape(models.CharLM(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    mask = train_steps.decay_mask(params)
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): decayed
+        for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
+    }
+    decayed = {name.split("/")[-1] for name, d in flat.items() if d}
+    kept = {name.split("/")[-1] for name, d in flat.items() if not d}
+    assert decayed == {"kernel", "relative_kernel", "embedding"}
+    assert kept == {"bias", "scale", "content_bias", "position_bias"}
+    assert flat["params/transformer/layer_0/attention/query/kernel"]
+    assert not flat["params/transformer/layer_0/attention/query/bias"]
+
+
+def test_evaluation_uses_the_windows_each_phase_trained_with():
+    config = _load(CONFIG_DIR / "enwik8_small.py")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    for phase in experiment.plan(config):
+        evaluator = evaluation.Evaluator(config, phase, mesh)
+        windows = [a.window for a in evaluator.model_config.attention]
+        assert windows == [a.window for a in phase.model.attention]
+        # Clipped to the training length, not widened to the 32,256-character evaluation windows.
+        assert max(windows) == phase.seq_len < config.eval.seq_len

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,22 +119,41 @@ def test_sigterm_saves_and_exits_zero_then_resumes(uninterrupted, tmp_path):
     assert _train_losses(tmp_path) == _train_losses(uninterrupted[0])
 
 
-def test_half_written_and_unreadable_checkpoints_are_skipped(uninterrupted, tmp_path):
+def test_half_written_and_unreadable_checkpoints_are_skipped(tmp_path):
     config = tiny_config.get_config()
     config.phases.steps = (4, 2)
     trainer.train_and_evaluate(config, tmp_path)
+    first_losses = _train_losses(tmp_path)
     checkpoints = tmp_path / "checkpoints"
-    # A crash mid-save leaves orbax's temporary directory; a crash after the rename
-    # but with lost files leaves a step directory that does not restore.
+    # A crash mid-save leaves orbax's temporary directory ...
     (checkpoints / "9.orbax-checkpoint-tmp-1234").mkdir()
     (checkpoints / "9.orbax-checkpoint-tmp-1234" / "state").write_text("partial")
-    broken = checkpoints / "8"
-    broken.mkdir()
-    (broken / "state").mkdir()
-    (broken / "state" / "junk").write_text("not a checkpoint")
-    config.phases.steps = (4, 2)
+    # ... and a lost or damaged file leaves a listed step that does not restore.
+    shutil.rmtree(checkpoints / "6" / "state")
+    (checkpoints / "6" / "state").mkdir()
     result = trainer.train_and_evaluate(config, tmp_path)
     assert result.status == "finished" and result.step == 6
+    # Resumed from step 4, set step 6 aside, and re-ran steps 5-6 exactly.
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == ["6"]
+    assert _train_losses(tmp_path) == first_losses
+
+
+def test_a_changed_model_shape_is_refused_before_anything_is_touched(tmp_path):
+    config = tiny_config.get_config()
+    config.phases.steps = (2, 1)
+    trainer.train_and_evaluate(config, tmp_path)
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+    wider = tiny_config.get_config()
+    wider.phases.steps = (2, 1)
+    wider.model.d_model = 48
+    with pytest.raises(trainer.ConfigChangedError, match=r"model.d_model: 32 -> 48"):
+        trainer.train_and_evaluate(wider, tmp_path)
+    # Allowed config changes still cannot load other shapes: an error, not a fresh start.
+    wider.allow_config_change = True
+    with pytest.raises(checkpointing.CheckpointError, match="none restores"):
+        trainer.train_and_evaluate(wider, tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
+    assert not (tmp_path / "checkpoints_unreadable").exists()
 
 
 def test_resuming_with_a_changed_config_is_refused_unless_allowed(tmp_path):
@@ -188,7 +208,7 @@ def test_data_parallel_on_four_devices_equals_one_device(uninterrupted, tmp_path
     np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=2e-5, atol=2e-5)
 
 
-def test_standalone_evaluation_scores_every_character_of_the_split(uninterrupted):
+def test_standalone_evaluation_scores_each_character_once(uninterrupted):
     workdir, _ = uninterrupted
     result = evaluate.evaluate_checkpoint(workdir, "test", max_chars=300)
     assert result["step"] == 10 and result["phase"] == 2
