@@ -10,7 +10,6 @@ the learning rate (the last phase's length is capped at 23,040 by memory).
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 SEQ_LENS = (2048, 4096, 8192, 16384, 23040)
 LEARNING_RATES = (2.5e-4, 1.25e-4, 6.25e-5, 3.125e-5, 1.5625e-5)
@@ -30,12 +29,15 @@ DILATED_HEADS = 2
 
 
 def layer_windows(num_layers: int, bottom: int = 32, top: int = 8192) -> tuple[int, ...]:
-    """Phase-1 windows growing linearly from `bottom` (layer 0) to `top` (last layer).
+    """Phase-1 windows growing geometrically from `bottom` (layer 0) to `top` (last layer).
 
-    The paper gives only the two ends; linear growth is our reading of "small
-    windows in the lower layers, increasing in the higher ones".
+    The paper gives the two ends ("small windows for the lower layers,
+    increasing in the higher ones"); a constant ratio per layer is our reading.
+    Windows beyond a phase's length are clipped to it, so in phase 1 (length
+    2048) the top layers of the small model attend their whole causal context.
     """
-    return tuple(int(round(w)) for w in np.linspace(bottom, top, num_layers))
+    ratio = (top / bottom) ** (1.0 / max(num_layers - 1, 1))
+    return tuple(int(round(bottom * ratio**layer)) for layer in range(num_layers))
 
 
 def layer_dilations(size: str) -> tuple:
