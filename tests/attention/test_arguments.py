@@ -61,7 +61,8 @@ BAD = {
     "interpret_not_bool": (dict(impl="pallas", interpret="yes"), "interpret must be None, True or False"),
     "block_sizes_not_dataclass": (dict(impl="pallas", block_sizes=(64, 64)), "block_sizes must be None or"),
     "block_sizes_wrong_family": (
-        dict(impl="pallas", interpret=True, block_sizes=_FakeBlockSizes()), "block_sizes must be None, a GpuBlockSizes"
+        dict(impl="pallas", interpret=True, block_sizes=_FakeBlockSizes()),
+        "block_sizes must be None, a kernels_pallas.block_sparse_flash.GpuBlockSizes or TpuBlockSizes",
     ),
 }
 
