@@ -16,10 +16,10 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from longjax import checkpointing, evaluation, experiment, models, train_steps
+from longjax import checkpointing, cli, evaluation, experiment, models, train_steps
 from longjax.data import corpora
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory")
@@ -60,10 +60,7 @@ def evaluate_checkpoint(workdir, split: str = "validation", max_chars: int | Non
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         result = evaluate_checkpoint(_WORKDIR.value, _SPLIT.value, _MAX_CHARS.value)
     except (FileNotFoundError, corpora.CorpusError, experiment.ConfigError) as e:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from longjax import checkpointing, experiment, trainer
+from longjax import checkpointing, cli, experiment, trainer
 from longjax.data import corpora
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
@@ -21,11 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax reports every save at INFO; the run prints its own progress lines.
-        logging.set_verbosity(logging.WARNING)
+    cli.start(argv)
     try:
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (experiment.ConfigError, corpora.CorpusError, trainer.ConfigChangedError,
