@@ -94,9 +94,7 @@ class Checkpointer:
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        meta=ocp.args.JsonRestore(),
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - as above
@@ -104,7 +102,7 @@ class Checkpointer:
                 continue
             for bad_step, error in unreadable:
                 self._quarantine(bad_step, error)
-            return Restored(step, restored["state"], restored["data"], restored["meta"])
+            return Restored(step, restored["state"], restored["data"], meta)
         if unreadable:
             raise CheckpointError(
                 f"{self.directory} holds checkpoints but none restores: "

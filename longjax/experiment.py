@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 
 from longjax import models
 from longjax.data import corpora
@@ -218,12 +217,11 @@ def plan(config) -> tuple[Phase, ...]:
 
 def flatten(config, prefix: str = "") -> dict[str, object]:
     """`{'a.b.c': value}` of a (nested) ConfigDict or mapping, lists as tuples."""
-    items = config.items() if isinstance(config, Mapping) or hasattr(config, "items") else ()
     out = {}
-    for key, value in items:
+    for key, value in config.items():
         name = f"{prefix}{key}"
         if hasattr(value, "items"):
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = model_config._plain(value)
+            out[name] = model_config.plain(value)
     return out

@@ -56,7 +56,7 @@ def copy_local_to_global(params):
     Returns:
       A new parameter tree; the input is not modified.
     """
-    if not isinstance(params, dict) and not hasattr(params, "items"):
+    if not hasattr(params, "items"):
         return params
     out = {name: copy_local_to_global(child) for name, child in params.items()}
     for global_name, local_name in _LOCAL_OF_GLOBAL.items():

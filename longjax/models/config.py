@@ -224,20 +224,20 @@ def _check_attention(name: str, attention, num_heads: int) -> None:
         raise TypeError(f"{name} must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}")
 
 
-def _plain(value):
+def plain(value):
     """ConfigDict / list values as plain Python: dicts stay dicts, lists become tuples."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     return value
 
 
 def attention_config(fields: Mapping[str, Any], *, name: str = "model.attention") -> AttentionConfig:
     """One attention config from a dict with a `type` key and that type's fields."""
-    fields = dict(_plain(fields))
+    fields = dict(plain(fields))
     kind = fields.pop("type", None)
     if kind not in ATTENTION_TYPES:
         raise ValueError(f"{name}.type must be one of {tuple(ATTENTION_TYPES)}, got {kind!r}")
@@ -255,8 +255,8 @@ def per_layer_attention(
     base: Mapping[str, Any], per_layer: Mapping[str, Sequence] | None, num_layers: int
 ) -> tuple[AttentionConfig, ...]:
     """Expands shared attention fields plus per-layer lists into one config per layer."""
-    base = dict(_plain(base))
-    per_layer = dict(_plain(per_layer or {}))
+    base = dict(plain(base))
+    per_layer = dict(plain(per_layer or {}))
     if "type" not in per_layer:
         attention_config(base)  # errors in the shared fields name model.attention.<field>
     layers = []
@@ -281,7 +281,7 @@ def transformer_config(model: Mapping[str, Any]) -> TransformerConfig:
     `model.attention_per_layer` (optional) maps field names to per-layer lists.
     Every other key is a `TransformerConfig` field; unknown keys are errors.
     """
-    fields = dict(_plain(model))
+    fields = dict(plain(model))
     num_layers = fields.get("num_layers")
     _check_positive_int("model.num_layers", num_layers)
     if "attention" not in fields:
