@@ -1,16 +1,13 @@
 """Data for longjax: character corpora (enwik8, text8, the embedded demo corpus) and their pipelines."""
 
-from longjax.data.corpora import (
-    CORPORA,
-    DATA_DIR_ENV,
-    EMBEDDED_CORPUS,
+from longjax.data.corpora import CORPORA, DATA_DIR_ENV, EMBEDDED_CORPUS, CorpusSpec, load_corpus, resolve_data_dir
+from longjax.data.corpus import (
+    SPLITS,
     Corpus,
     CorpusChecksumError,
     CorpusError,
     CorpusNotFoundError,
-    CorpusSpec,
-    load_corpus,
-    resolve_data_dir,
+    DataError,
 )
 from longjax.data.embedded import load_embedded_corpus
 from longjax.data.pipeline import TrainIterator, make_train_iterator, window_starts
@@ -24,6 +21,8 @@ __all__ = [
     "CorpusError",
     "CorpusNotFoundError",
     "CorpusSpec",
+    "DataError",
+    "SPLITS",
     "TrainIterator",
     "load_corpus",
     "load_embedded_corpus",

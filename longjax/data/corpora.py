@@ -53,29 +53,17 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+from longjax.data import embedded
+from longjax.data.corpus import Corpus, CorpusChecksumError, CorpusError, CorpusNotFoundError, make_corpus
 
+# The one corpus that needs no file: see `embedded.py`.
+EMBEDDED_CORPUS = embedded.NAME
 DATA_DIR_ENV = "LONGJAX_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/longjax/data"
-# The one corpus that needs no file: see `embedded.py`.
-EMBEDDED_CORPUS = "pydoc_topics"
-SPLITS = ("train", "validation", "test")
 # Seconds without progress before a download is abandoned: an offline machine fails fast.
 DOWNLOAD_TIMEOUT_S = 30.0
 
 _log = logging.getLogger(__name__)
-
-
-class CorpusError(RuntimeError):
-    """A corpus file is unusable: wrong length, wrong digest, foreign bytes, broken zip."""
-
-
-class CorpusNotFoundError(CorpusError, FileNotFoundError):
-    """The corpus is not in the data directory and could not be downloaded."""
-
-
-class CorpusChecksumError(CorpusError):
-    """A downloaded archive does not match its published size or digest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,74 +109,6 @@ CORPORA: dict[str, CorpusSpec] = {
         alphabet=b" abcdefghijklmnopqrstuvwxyz",
     ),
 }
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Corpus:
-    """A character corpus in memory, as token ids, split in file order.
-
-    Attributes:
-      name: 'enwik8', 'text8' or the embedded corpus' name.
-      train, validation, test: read-only uint8 token ids `[chars]`, views of one array.
-      alphabet: the decode table; token id i is the byte `alphabet[i]`.
-      fingerprint: SHA-1 (hex) of the corpus as stored, to record which text a run used.
-    """
-
-    name: str
-    train: np.ndarray
-    validation: np.ndarray
-    test: np.ndarray
-    alphabet: bytes
-    fingerprint: str
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.alphabet)
-
-    def split(self, name: str) -> np.ndarray:
-        """The token ids `[chars]` of split `name`: 'train', 'validation' or 'test'."""
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        return getattr(self, name)
-
-    def decode(self, tokens) -> str:
-        """Text of token ids `[chars]` (UTF-8, undecodable bytes replaced: enwik8 windows cut characters)."""
-        ids = np.asarray(tokens)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"tokens must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        table = np.frombuffer(self.alphabet, np.uint8)
-        return table[ids].tobytes().decode("utf-8", errors="replace")
-
-
-def make_corpus(
-    name: str, text: bytes, splits: tuple[int, int, int], alphabet: bytes, *, source: str
-) -> Corpus:
-    """Encodes `text` with `alphabet` and splits it in file order; `source` names it in errors."""
-    if len(text) != sum(splits):
-        raise CorpusError(
-            f"{source} holds {len(text):,} characters, expected {sum(splits):,}: "
-            f"it is truncated or not the distributed {name}"
-        )
-    raw = np.frombuffer(text, np.uint8)
-    if alphabet == bytes(range(256)):
-        ids = raw
-    else:
-        lookup = np.full(256, 255, np.uint8)
-        lookup[np.frombuffer(alphabet, np.uint8)] = np.arange(len(alphabet), dtype=np.uint8)
-        ids = lookup[raw]
-        foreign = np.flatnonzero(ids == 255)
-        if foreign.size:
-            at = int(foreign[0])
-            raise CorpusError(
-                f"{source} has byte {text[at:at + 1]!r} at offset {at:,}, outside the {name} "
-                f"alphabet {alphabet!r} ({foreign.size:,} such bytes in all)"
-            )
-    ids.setflags(write=False)
-    train, validation, _ = np.cumsum(splits)
-    parts = np.split(ids, [train, validation])
-    return Corpus(name, *parts, alphabet=alphabet, fingerprint=hashlib.sha1(text).hexdigest())
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -292,8 +212,6 @@ def load_corpus(
         alphabet, zip member).
     """
     if name == EMBEDDED_CORPUS:
-        from longjax.data import embedded  # embedded builds on this module
-
         return embedded.load_embedded_corpus()
     if name not in CORPORA:
         raise ValueError(f"name must be one of {sorted(CORPORA) + [EMBEDDED_CORPUS]}, got {name!r}")

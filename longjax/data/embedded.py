@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import importlib
 
-from longjax.data.corpora import EMBEDDED_CORPUS, Corpus, CorpusError, make_corpus
+from longjax.data.corpus import Corpus, CorpusError, make_corpus
+
+NAME = "pydoc_topics"
 
 # Fractions of the text in train and validation; test is the rest.
 SPLIT_FRACTIONS = (0.9, 0.05)
@@ -40,4 +42,4 @@ def load_embedded_corpus() -> Corpus:
     train = int(len(text) * SPLIT_FRACTIONS[0])
     validation = int(len(text) * SPLIT_FRACTIONS[1])
     splits = (train, validation, len(text) - train - validation)
-    return make_corpus(EMBEDDED_CORPUS, text, splits, bytes(range(256)), source="pydoc_data.topics")
+    return make_corpus(NAME, text, splits, bytes(range(256)), source="pydoc_data.topics")

@@ -14,6 +14,7 @@ import pytest
 
 from longjax.data import corpora, embedded
 from longjax.data.corpora import CorpusChecksumError, CorpusError, CorpusNotFoundError, load_corpus
+from longjax.data.corpus import SPLITS
 
 SMALL_SPLITS = (900, 50, 50)
 
@@ -81,7 +82,7 @@ def test_enwik8_splits_in_file_order(small, tmp_path, form):
         (tmp_path / "enwik8").write_bytes(texts["enwik8"])
     corpus = load_corpus("enwik8", tmp_path, download=False)
     assert corpus.vocab_size == 256
-    assert [len(corpus.split(s)) for s in corpora.SPLITS] == list(SMALL_SPLITS)
+    assert [len(corpus.split(s)) for s in SPLITS] == list(SMALL_SPLITS)
     for part in (corpus.train, corpus.validation, corpus.test):
         assert part.dtype == np.uint8 and not part.flags.writeable
     joined = np.concatenate([corpus.train, corpus.validation, corpus.test])
@@ -236,11 +237,11 @@ def test_embedded_corpus_is_deterministic_and_split_90_5_5():
     again = embedded.load_embedded_corpus()
     assert corpus.fingerprint == again.fingerprint
     np.testing.assert_array_equal(corpus.train, again.train)
-    total = sum(len(corpus.split(s)) for s in corpora.SPLITS)
+    total = sum(len(corpus.split(s)) for s in SPLITS)
     assert total > 400_000
     assert len(corpus.train) == int(0.9 * total) and len(corpus.validation) == int(0.05 * total)
     assert corpus.vocab_size == 256
-    text = b"".join(corpus.split(s).tobytes() for s in corpora.SPLITS).decode()
+    text = b"".join(corpus.split(s).tobytes() for s in SPLITS).decode()
     assert text == embedded.embedded_text().decode()
     assert text.startswith(min(topics) + "\n")
     for key in ("assert", "with"):
