@@ -5,7 +5,7 @@ softmax with float32 running max and sum in base 2 (`exp2` of scores scaled by
 `scale * log2(e)`), float32 accumulation, and outputs `out` and the per-row
 log-sum-exp (natural log), so partial results merge exactly. A visit is full
 (no masking work) or partial (the band mask computed in-kernel from the
-pattern's offsets); a per-token key-validity vector (padding, keys attended
+layout's band); a per-token key-validity vector (padding, keys attended
 elsewhere, the padded tail) is applied only to key blocks that hold an invalid
 key, which a per-(batch, key block) flag says. No dense mask is passed in.
 
@@ -25,6 +25,8 @@ Two lowerings of the same math:
   live in VMEM scratch across the visits of a row. Blocks are multiples of 8
   (sublanes), best multiples of 128.
 
+What to attend comes as a `Pattern` (its kernel length and its
+`BlockLayout`s), built above this module by `longjax.attention.kernel_layouts`.
 `block_sizes` is a `GpuBlockSizes` or `TpuBlockSizes`; its type selects the
 lowering, so a CPU host can export either. Every kernel takes `interpret=`.
 
@@ -36,20 +38,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-# Module import only (no names from it): block_layout imports longjax.attention, whose
-# api imports this module, so either may be imported first.
 from kernels_pallas import block_layout, common
-from longjax.attention import blockwise
-from longjax.attention.softmax_stats import MASK_VALUE
+from kernels_pallas.common import MASK_VALUE
 
 LOG2E = math.log2(math.e)
 # Triton's tl.dot needs every dimension >= 16.
@@ -132,8 +131,8 @@ def default_block_sizes(block_sizes: BlockSizes | None) -> BlockSizes:
     return block_sizes
 
 
-def _allowed_block(length: int, block_sizes: BlockSizes, interpret: bool) -> int:
-    """The smallest block length the backend allows that covers `length` tokens."""
+def allowed_block(length: int, block_sizes: BlockSizes, interpret: bool) -> int:
+    """The smallest kernel block length the lowering allows that covers `length` positions."""
     if isinstance(block_sizes, TpuBlockSizes):
         return common.round_up(length, _TPU_SUBLANES)
     if interpret:
@@ -141,88 +140,36 @@ def _allowed_block(length: int, block_sizes: BlockSizes, interpret: bool) -> int
     return max(_TRITON_MIN_DOT, _next_power_of_two(length))
 
 
-def bigbird_slot(block_size: int, block_sizes: BlockSizes, interpret: bool) -> int:
-    """Kernel positions per BigBird block: its block_size, rounded up to a length the backend allows."""
-    return _allowed_block(block_size, block_sizes, interpret)
+class Pattern(Protocol):
+    """What the kernels ask of an attention pattern: its kernel length and its layouts.
 
-
-# --- patterns: what the kernel attends, given its block lengths -------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class BandPattern:
-    """The undilated band `-left <= key - query <= right` over `seq_len` tokens."""
-
-    seq_len: int
-    left: int
-    right: int
+    A pattern is a static, hashable description (it is part of the kernels'
+    static configuration); `longjax.attention.kernel_layouts` defines the band
+    and BigBird patterns.
+    """
 
     @property
     def kernel_len(self) -> int:
         """Positions of the kernel's inputs (before padding to whole blocks)."""
-        return self.seq_len
 
     def fit(self, block: int, block_sizes: BlockSizes, interpret: bool, name: str) -> int:
-        """The kernel block for a requested one: no longer than the (rounded) sequence, which only adds padding."""
-        del name  # every length fits a band
-        return min(block, _allowed_block(self.seq_len, block_sizes, interpret))
+        """The kernel block length to use for the requested `block_sizes.<name>` = block.
 
-    def padded_len(self, blocks) -> int:
-        return common.round_up(self.seq_len, math.lcm(*blocks))
+        Raises NotImplementedError when the pattern cannot take such a block.
+        """
 
-    def layout(self, block_q: int, block_k: int, padded_len: int) -> block_layout.BlockLayout:
-        return block_layout.band_layout(
-            self.seq_len, left=self.left, right=self.right, block_q=block_q, block_k=block_k, padded_len=padded_len
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class BigBirdPattern:
-    """A BigBird pattern whose blocks sit in slots of `slot` kernel positions (see `block_layout`)."""
-
-    seq_len: int
-    slot: int
-    spec_key: tuple
-
-    @classmethod
-    def from_spec(cls, spec, *, seq_len: int, slot: int) -> BigBirdPattern:
-        layout = np.ascontiguousarray(spec.random_layout, np.int32)
-        key = (spec.block_size, spec.num_blocks, spec.window_radius, spec.global_blocks, layout.shape,
-               layout.tobytes(), spec.causal)
-        return cls(seq_len=seq_len, slot=slot, spec_key=key)
-
-    @property
-    def kernel_len(self) -> int:
-        return self.spec_key[1] * self.slot
-
-    def fit(self, block: int, block_sizes: BlockSizes, interpret: bool, name: str) -> int:
-        """The kernel block for a requested one: at most a slot, and dividing it."""
-        del block_sizes, interpret  # the slot already has a length the backend allows
-        fitted = min(block, self.slot)
-        if self.slot % fitted:
-            raise NotImplementedError(
-                f"block_sizes.{name}={block} does not divide the BigBird kernel slot of {self.slot} positions "
-                f"(block_size {self.spec_key[0]}); a kernel block must lie within one pair of BigBird blocks"
-            )
-        return fitted
-
-    def padded_len(self, blocks) -> int:
-        return self.kernel_len  # kernel blocks divide the slot
+    def padded_len(self, blocks: tuple[int, ...]) -> int:
+        """The padded kernel length for the (fitted) block lengths: a multiple of each, >= kernel_len."""
 
     def layout(self, block_q: int, block_k: int, padded_len: int) -> block_layout.BlockLayout:
-        block_size, num_blocks, radius, global_blocks, shape, data, causal = self.spec_key
-        assert padded_len == self.kernel_len
-        return block_layout._bigbird_layout(
-            self.seq_len, block_size, num_blocks, radius, global_blocks, shape, data, causal,
-            self.slot, block_q, block_k,
-        )
+        """The blocks to visit with these block lengths over `padded_len` positions."""
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Everything static about one kernel call."""
 
-    pattern: BandPattern | BigBirdPattern
+    pattern: Pattern
     block_q: int
     block_k: int
     block_q_bwd: int
@@ -258,7 +205,8 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes
         the pattern's kernel length (`seq_len` for a band; `num_blocks * slot`
         for BigBird, whose tokens the caller has placed in slots).
       key_valid: bool `[batch, seq]`; keys that are False are never attended.
-      pattern: a `BandPattern` or a `BigBirdPattern`.
+      pattern: a `Pattern`, e.g. `longjax.attention.kernel_layouts.BandPattern`
+        or `BigBirdPattern`.
       scale: score multiplier.
       block_sizes: `GpuBlockSizes` (Triton) or `TpuBlockSizes` (Mosaic); None:
         the default backend's defaults.
@@ -332,7 +280,7 @@ def _flash_bwd(config, residuals, cotangents):
     d_out, d_lse = cotangents
     # Per-row terms in [batch, heads, seq]; rows that attended nothing get lse = +1e30,
     # so every p = exp2(s - lse) of theirs is 0.
-    row_term, lse = blockwise.backward_row_terms(
+    row_term, lse = common.backward_row_terms(
         jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse, jnp.swapaxes(d_out, 1, 2), d_lse
     )
     lse2 = jnp.where(lse < -MASK_VALUE / 2, lse * LOG2E, -MASK_VALUE)
@@ -506,7 +454,7 @@ def _gpu_backward(q, k, v, valid, do, lse2, row_term, config):
     b, n, h, d = q.shape
     bq, bk = layout.block_q, layout.block_k
     flags, valid_i32 = _key_block_flags(valid, bk), valid.astype(jnp.int32)
-    common = dict(block_q=bq, block_k=bk, entries=layout.codes.shape[1], per_head=layout.layout_heads > 1,
+    static = dict(block_q=bq, block_k=bk, entries=layout.codes.shape[1], per_head=layout.layout_heads > 1,
                   left=layout.left, right=layout.right, qk_scale=config.scale * LOG2E,
                   scale=config.scale, precision=_precision(q.dtype))
     per_batch = lambda length: pl.BlockSpec((None, length), lambda r, bi, hi: (bi, 0))
@@ -518,7 +466,7 @@ def _gpu_backward(q, k, v, valid, do, lse2, row_term, config):
 
     offsets, codes = _layout_arrays(layout, transposed=False)
     dq = pl.pallas_call(
-        functools.partial(_gpu_dq_kernel, n_rows=layout.num_q_blocks, **common),
+        functools.partial(_gpu_dq_kernel, n_rows=layout.num_q_blocks, **static),
         grid=(layout.num_q_blocks, b, h),
         in_specs=[_whole(offsets.shape), _whole(codes.shape), per_batch(layout.num_k_blocks), per_batch(n),
                   block_of(bq), whole_seq, whole_seq, block_of(bq), rows_of(bq), rows_of(bq)],
@@ -531,7 +479,7 @@ def _gpu_backward(q, k, v, valid, do, lse2, row_term, config):
 
     t_offsets, t_codes = _layout_arrays(layout, transposed=True)
     dk, dv = pl.pallas_call(
-        functools.partial(_gpu_dkv_kernel, n_rows=layout.num_k_blocks, **common),
+        functools.partial(_gpu_dkv_kernel, n_rows=layout.num_k_blocks, **static),
         grid=(layout.num_k_blocks, b, h),
         in_specs=[_whole(t_offsets.shape), _whole(t_codes.shape), per_batch(layout.num_k_blocks), per_batch(n),
                   whole_seq, block_of(bk), block_of(bk), whole_seq, whole_rows, whole_rows],
@@ -720,7 +668,7 @@ def _tpu_backward(q, k, v, valid, do, lse2, row_term, config):
     flags = _key_block_flags(valid, bk).reshape(-1)
     valid_blocks = _valid_blocks(valid, bk)
     lse2, row_term = lse2[..., None], row_term[..., None]  # [batch, heads, seq, 1]: column blocks
-    common = dict(block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, left=layout.left, right=layout.right,
+    static = dict(block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, left=layout.left, right=layout.right,
                   qk_scale=config.scale * LOG2E, scale=config.scale, precision=_precision(q.dtype))
 
     def specs(length, per_head, q_side: str):
@@ -744,7 +692,7 @@ def _tpu_backward(q, k, v, valid, do, lse2, row_term, config):
     q_spec, k_spec = pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), k_map)
     col_spec = pl.BlockSpec((None, None, bq, 1), q_map)
     dq = pl.pallas_call(
-        functools.partial(_tpu_dq_kernel, index=idx, **common),
+        functools.partial(_tpu_dq_kernel, index=idx, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(b, h, length),
@@ -763,7 +711,7 @@ def _tpu_backward(q, k, v, valid, do, lse2, row_term, config):
     q_spec, k_spec = pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), k_map)
     col_spec = pl.BlockSpec((None, None, bq, 1), q_map)
     dk, dv = pl.pallas_call(
-        functools.partial(_tpu_dkv_kernel, index=idx, **common),
+        functools.partial(_tpu_dkv_kernel, index=idx, **static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(b, h, length),

@@ -43,14 +43,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from kernels_pallas import common
 from kernels_pallas import favor_walk as walk
-from longjax.attention import arguments
-from longjax.attention import favor as favor_xla
-from longjax.attention.softmax_stats import MASK_VALUE
+from kernels_pallas.common import MASK_VALUE, RELU_EPSILON
 
 # Widest (padded) head the Triton walks take: their float32 [features, head_dim]
 # state lives in registers (the lowering tests cover 64 and 128).
@@ -60,7 +57,7 @@ _GPU_MAX_HEAD_DIM = 128
 def _check_chunks(blocks) -> None:
     for name in ("causal_chunk", "bidirectional_chunk"):
         value = getattr(blocks, name)
-        if not arguments.is_int(value) or value < 1:
+        if not common.is_int(value) or value < 1:
             raise ValueError(f"{type(blocks).__name__}.{name} must be an int >= 1, got {value!r}")
 
 
@@ -89,9 +86,9 @@ class GpuBlockSizes:
     def __post_init__(self):
         _check_chunks(self)
         warps = self.num_warps
-        if not arguments.is_int(warps) or not 1 <= warps <= 32 or warps & (warps - 1):
+        if not common.is_int(warps) or not 1 <= warps <= 32 or warps & (warps - 1):
             raise ValueError(f"GpuBlockSizes.num_warps must be a power of two <= 32, got {self.num_warps!r}")
-        if not arguments.is_int(self.num_stages) or self.num_stages < 1:
+        if not common.is_int(self.num_stages) or self.num_stages < 1:
             raise ValueError(f"GpuBlockSizes.num_stages must be an int >= 1, got {self.num_stages!r}")
 
     def check_compiled(self) -> None:
@@ -190,15 +187,21 @@ def favor_attention_pallas(
 ):
     """FAVOR+ attention through the Pallas kernels.
 
+    The arguments are taken as valid: `longjax.attention.favor_attention`
+    checks them before it dispatches here (through `longjax.attention.pallas_favor`).
+    What is checked here is what the kernels themselves impose: chunk lengths
+    the compiled lowerings take, and the widest head of the Triton walks.
+
     Args:
-      q, k, v: `[batch, seq, heads, head_dim]`, one shape and dtype.
-      projection: `[features, head_dim]` (shared by heads) or
+      q, k, v: `[batch, seq, heads, head_dim]`, one shape and floating dtype.
+      projection: floating `[features, head_dim]` (shared by heads) or
         `[heads, features, head_dim]`.
-      feature_map: 'softmax' or 'relu', as in `longjax.attention.favor_attention`.
+      feature_map: 'softmax' (positive random features) or 'relu' (ReLU features
+        plus `RELU_EPSILON`).
       causal: position i attends positions <= i; nothing later enters its computation.
       padding_mask: optional bool `[batch, seq]`, True for real tokens.
-      scale: default `1 / sqrt(head_dim)`.
-      chunk_size: the causal chunk, in place of the block sizes' `causal_chunk`
+      scale: a positive number; default `1 / sqrt(head_dim)`.
+      chunk_size: an int >= 1 or None: the causal chunk, in place of the block sizes' `causal_chunk`
         (as for the other implementations; bidirectional attention ignores
         it); one the compiled kernels cannot take raises NotImplementedError.
       block_sizes: `GpuBlockSizes` (Triton lowering) or `TpuBlockSizes` (Mosaic
@@ -211,18 +214,7 @@ def favor_attention_pallas(
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype.
     """
-    arguments.check_qkv(q, k, v)
-    batch, seq, heads, head_dim = q.shape
-    arguments.check_favor(projection, feature_map, chunk_size, heads, head_dim, favor_xla.FEATURE_MAPS)
-    arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
-    arguments.check_scale(scale)
-    if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
-        raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
-    if block_sizes is not None and not isinstance(block_sizes, (GpuBlockSizes, TpuBlockSizes)):
-        raise ValueError(
-            "block_sizes must be None, a kernels_pallas.favor.GpuBlockSizes or TpuBlockSizes, "
-            f"got {type(block_sizes).__module__}.{type(block_sizes).__qualname__}"
-        )
+    head_dim = q.shape[-1]
     interpret = common.resolve_interpret(interpret)
     if block_sizes is not None and not interpret:
         block_sizes.check_compiled()
@@ -511,7 +503,7 @@ def _softmax_logits(spec, xs, proj):
 
 
 def _relu_features(spec, proj):
-    return jnp.where(_feature_ok(spec, proj.shape[1]), jnp.maximum(proj, 0.0) + favor_xla.RELU_EPSILON, 0.0)
+    return jnp.where(_feature_ok(spec, proj.shape[1]), jnp.maximum(proj, 0.0) + RELU_EPSILON, 0.0)
 
 
 def _query_features(spec, logits, normaliser):

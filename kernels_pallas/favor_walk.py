@@ -35,7 +35,6 @@ from jax.experimental.pallas import triton as plgpu
 
 ROWS, CHUNKS, WHOLE = "rows", "chunks", "whole"
 FORWARD, REVERSE, INDEPENDENT = "forward", "reverse", "independent"
-BACKENDS = ("gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 from longjax.attention import masks
 from longjax.attention import reference
-from longjax.attention.api import IMPLEMENTATIONS
-from longjax.attention.api import Implementation
 from longjax.attention.api import block_sparse_attention
 from longjax.attention.api import favor_attention
+from longjax.attention.api import sliding_window_attention
+from longjax.attention.arguments import IMPLEMENTATIONS
+from longjax.attention.arguments import Implementation
 from longjax.attention.block_sparse import bigbird_random_layout
 from longjax.attention.favor import favor_projection
-from longjax.attention.api import sliding_window_attention
 from longjax.attention.reference import dense_attention
 
 __all__ = [

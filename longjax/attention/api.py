@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping
-from typing import Literal
 
 import jax
 
-from kernels_pallas import favor as favor_kernels
 from longjax.attention import arguments
 from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import favor as favor_lib
 from longjax.attention import global_tokens
 from longjax.attention import pallas_block_sparse
+from longjax.attention import pallas_favor
 from longjax.attention import reference
 from longjax.attention import sliding_window as sliding_window_lib
-
-Implementation = Literal["xla", "pallas", "reference"]
-IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "reference")
+from longjax.attention.arguments import Implementation
+from longjax.attention.specs import BlockSparseSpec
 
 # Interpret-mode Pallas on CPU is a correctness tool, not a fast path, so the
 # CPU prefers XLA; accelerators prefer the kernels.
@@ -35,8 +33,7 @@ _PREFERENCE: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
 
 def _dispatch(op_name: str, table: Mapping[str, Callable], impl, *args, **kwargs):
     if impl is not None:
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"impl must be None or one of {IMPLEMENTATIONS}, got {impl!r}")
+        arguments.check_impl(impl)
         return table[impl](*args, **kwargs)
     errors = []
     for name in _PREFERENCE.get(jax.default_backend(), ("xla",)):
@@ -158,7 +155,7 @@ def sliding_window_attention(
     arguments.check_global_qkv(global_qkv, global_mask, q)
     arguments.check_scale(scale)
     arguments.check_max_global_tokens(max_global_tokens, seq)
-    arguments.check_block_size(block_size)
+    arguments.check_int(block_size, name="block_size", optional=True)
     arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "sliding_window_attention",
@@ -252,7 +249,9 @@ def block_sparse_attention(
     """
     arguments.check_qkv(q, k, v)
     batch, seq, heads, _ = q.shape
-    arguments.check_block_sparse_shape(block_size, num_window_blocks, num_random_blocks)
+    arguments.check_int(block_size, name="block_size")
+    arguments.check_num_window_blocks(num_window_blocks)
+    arguments.check_int(num_random_blocks, name="num_random_blocks", minimum=0)
     num_blocks = -(-seq // block_size)
     normalized_globals = arguments.normalize_global_blocks(global_blocks, num_blocks)
     if random_layout is None:
@@ -260,7 +259,7 @@ def block_sparse_attention(
             num_blocks, heads, num_random_blocks, num_window_blocks=num_window_blocks,
             global_blocks=global_blocks, causal=causal, seed=seed,
         )
-    spec = arguments.BlockSparseSpec(
+    spec = BlockSparseSpec(
         block_size=block_size,
         num_blocks=num_blocks,
         window_radius=num_window_blocks // 2,
@@ -293,15 +292,10 @@ def _favor_reference(q, k, v, *, chunk_size, **kwargs):
     return reference.favor_reference(q, k, v, **kwargs)
 
 
-def _favor_pallas(q, k, v, **kwargs):
-    # Looked up at call time: kernels_pallas.favor imports this package.
-    return favor_kernels.favor_attention_pallas(q, k, v, **kwargs)
-
-
 _FAVOR_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
         "xla": _without_kernel_options(favor_lib.favor_xla),
-        "pallas": _favor_pallas,
+        "pallas": pallas_favor.favor_pallas,
         "reference": _without_kernel_options(_favor_reference),
     }
 )
@@ -354,7 +348,7 @@ def favor_attention(
     """
     arguments.check_qkv(q, k, v)
     batch, seq, heads, head_dim = q.shape
-    arguments.check_favor(projection, feature_map, chunk_size, heads, head_dim, favor_lib.FEATURE_MAPS)
+    arguments.check_favor(projection, feature_map, chunk_size, heads, head_dim)
     arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
     arguments.check_scale(scale)
     arguments.check_kernel_options(interpret, block_sizes)

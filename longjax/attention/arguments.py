@@ -1,18 +1,117 @@
-"""Validation of attention-op arguments, shared by every implementation.
+"""The rules of the attention ops' arguments, stated once.
 
 Each public op checks its inputs here once, before dispatch, so every
 implementation sees the same normalised options and every bad input gets the
-same error naming the argument.
+same error naming the argument. The option rules take the name to report:
+the ops pass the argument's name, and `longjax.models.config` passes the
+config path of the value (`model.attention.window`, ...), so a model config
+is held to the very rules of the op it configures, when it is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kernels_pallas.common import is_int
+from longjax.attention.specs import SlidingWindowSpec
+
+Implementation = Literal["xla", "pallas", "reference"]
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas", "reference")
+FEATURE_MAPS: tuple[str, ...] = ("softmax", "relu")
+
+
+def _is_int_sequence(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, str) and all(is_int(v) for v in x)
+
+
+# --- option rules, shared with the model config ---------------------------------------------------
+
+
+def check_impl(impl, *, name: str = "impl") -> None:
+    if impl is not None and impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{name} must be None or one of {IMPLEMENTATIONS}, got {impl!r}")
+
+
+def check_bool(value, *, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_int(value, *, name: str, minimum: int = 1, optional: bool = False) -> None:
+    """An int (not a bool) >= minimum; also None when optional."""
+    if value is None and optional:
+        return
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_window(window, *, causal: bool = False, name: str = "window") -> tuple[int, int]:
+    """`window` (w keys each side, or `(left, right)`) as (left, right); causal takes no right side."""
+    allowed = "an int >= 0 or a (left, right) pair of ints >= 0"
+    if is_int(window):
+        left, right = int(window), 0 if causal else int(window)
+    elif _is_int_sequence(window) and len(window) == 2:
+        left, right = int(window[0]), int(window[1])
+        if causal and right != 0:
+            raise ValueError(f"{name}=(left, right) must have right == 0 when causal=True, got {window!r}")
+    else:
+        raise ValueError(f"{name} must be {allowed}, got {window!r}")
+    if left < 0 or right < 0:
+        raise ValueError(f"{name} must be non-negative ({allowed}), got {window!r}")
+    return left, right
+
+
+def check_dilation(dilation, num_heads: int | None = None, *, name: str = "dilation") -> tuple[int, ...]:
+    """One dilation per head (an int applies to every head); None num_heads skips the count."""
+    allowed = "an int >= 1 or one int >= 1 per head"
+    if is_int(dilation):
+        dilations = (int(dilation),) * (1 if num_heads is None else num_heads)
+    elif _is_int_sequence(dilation):
+        dilations = tuple(int(d) for d in dilation)
+        if num_heads is not None and len(dilations) != num_heads:
+            raise ValueError(
+                f"{name} must be an int or one int per head, with one entry per head ({num_heads}); "
+                f"got {len(dilations)}: {tuple(dilation)!r}"
+            )
+    else:
+        raise ValueError(f"{name} must be {allowed}, got {dilation!r}")
+    if any(d < 1 for d in dilations):
+        raise ValueError(f"{name} must be >= 1 ({allowed}), got {dilation!r}")
+    return dilations
+
+
+def check_max_global_tokens(max_global_tokens, seq: int | None = None, *, name: str = "max_global_tokens") -> None:
+    """None or an int >= 1; at most seq when the sequence length is known (op time)."""
+    check_int(max_global_tokens, name=name, optional=True)
+    if seq is not None and max_global_tokens is not None and max_global_tokens > seq:
+        raise ValueError(f"{name} must be in [1, seq={seq}], got {max_global_tokens}")
+
+
+def check_num_window_blocks(num_window_blocks, *, name: str = "num_window_blocks") -> None:
+    if not is_int(num_window_blocks) or num_window_blocks < 1 or num_window_blocks % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd int (2s + 1), got {num_window_blocks!r}")
+
+
+def check_global_blocks(global_blocks, *, name: str = "global_blocks") -> None:
+    """A sequence of block indices; their range needs the number of blocks (`normalize_global_blocks`)."""
+    if not _is_int_sequence(global_blocks):
+        raise ValueError(
+            f"{name} must be a sequence of ints (block indices, negative from the end), got {global_blocks!r}"
+        )
+
+
+def check_feature_map(feature_map, *, name: str = "feature_map") -> None:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"{name} must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+# --- the ops' arguments -------------------------------------------------------------------------
 
 
 def check_qkv(q, k, v) -> None:
@@ -59,59 +158,10 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be a positive finite Python number or None, got {scale!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class SlidingWindowSpec:
-    """The static description of a Longformer pattern, after validation.
-
-    Attributes:
-      left: keys attended before the query, counted in dilated steps.
-      right: keys attended after the query, counted in dilated steps (0 when causal).
-      dilation: one dilation per head.
-      causal: whether keys after the query are excluded everywhere, globals included.
-    """
-
-    left: int
-    right: int
-    dilation: tuple[int, ...]
-    causal: bool
-
-
 def parse_sliding_window(window, dilation, causal, num_heads: int) -> SlidingWindowSpec:
     """Normalises `window`, `dilation` and `causal` into a `SlidingWindowSpec`."""
-    if isinstance(window, (bool, np.bool_)):
-        raise ValueError(f"window must be an int or a (left, right) tuple, got {window!r}")
-    if isinstance(window, (int, np.integer)):
-        left, right = int(window), int(window)
-        if causal:
-            right = 0
-    elif isinstance(window, Sequence) and len(window) == 2 and all(
-        isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window
-    ):
-        left, right = int(window[0]), int(window[1])
-        if causal and right != 0:
-            raise ValueError(
-                f"window=(left, right) must have right == 0 when causal=True, got {window!r}"
-            )
-    else:
-        raise ValueError(f"window must be an int or a (left, right) tuple of ints, got {window!r}")
-    if left < 0 or right < 0:
-        raise ValueError(f"window must be non-negative, got {window!r}")
-
-    if isinstance(dilation, (int, np.integer)) and not isinstance(dilation, bool):
-        dilations = (int(dilation),) * num_heads
-    elif isinstance(dilation, Sequence) and all(
-        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dilation
-    ):
-        dilations = tuple(int(d) for d in dilation)
-        if len(dilations) != num_heads:
-            raise ValueError(
-                f"dilation must have one entry per head ({num_heads}), got {len(dilations)}: "
-                f"{tuple(dilation)!r}"
-            )
-    else:
-        raise ValueError(f"dilation must be an int or a sequence of ints, got {dilation!r}")
-    if any(d < 1 for d in dilations):
-        raise ValueError(f"dilation must be >= 1, got {dilation!r}")
+    left, right = check_window(window, causal=causal)
+    dilations = check_dilation(dilation, num_heads)
     return SlidingWindowSpec(left=left, right=right, dilation=dilations, causal=bool(causal))
 
 
@@ -131,25 +181,9 @@ def check_global_qkv(global_qkv, global_mask, q) -> None:
             )
 
 
-def check_max_global_tokens(max_global_tokens, seq: int) -> None:
-    if max_global_tokens is None:
-        return
-    if not isinstance(max_global_tokens, (int, np.integer)) or isinstance(max_global_tokens, bool):
-        raise ValueError(f"max_global_tokens must be an int or None, got {max_global_tokens!r}")
-    if not 1 <= max_global_tokens <= seq:
-        raise ValueError(f"max_global_tokens must be in [1, seq={seq}], got {max_global_tokens}")
-
-
-def check_block_size(block_size) -> None:
-    if block_size is None:
-        return
-    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-
-
 def check_kernel_options(interpret, block_sizes) -> None:
     """The options of Pallas implementations: interpret is None or a bool; block_sizes
-    None or a block-size dataclass instance, whose fields its kernel family validates."""
+    None or a block-size dataclass instance, whose type and fields its kernel family checks."""
     if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
         raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
     if block_sizes is not None and (
@@ -160,47 +194,9 @@ def check_kernel_options(interpret, block_sizes) -> None:
         )
 
 
-def is_int(x) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSparseSpec:
-    """The static description of a BigBird pattern, after validation.
-
-    Attributes:
-      block_size: tokens per block.
-      num_blocks: blocks covering the sequence (the last one may be partial).
-      window_radius: s, with num_window_blocks = 2s + 1.
-      global_blocks: sorted, distinct, non-negative global block indices.
-      random_layout: int32 `[heads, num_blocks, num_random_blocks]`, -1 = none.
-      causal: no key after the query.
-    """
-
-    block_size: int
-    num_blocks: int
-    window_radius: int
-    global_blocks: tuple[int, ...]
-    random_layout: np.ndarray
-    causal: bool
-
-
-def check_block_sparse_shape(block_size, num_window_blocks, num_random_blocks) -> None:
-    if not is_int(block_size) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    if not is_int(num_window_blocks) or num_window_blocks < 1 or num_window_blocks % 2 == 0:
-        raise ValueError(
-            f"num_window_blocks must be a positive odd int (2s + 1), got {num_window_blocks!r}"
-        )
-    if not is_int(num_random_blocks) or num_random_blocks < 0:
-        raise ValueError(f"num_random_blocks must be an int >= 0, got {num_random_blocks!r}")
-
-
 def normalize_global_blocks(global_blocks, num_blocks: int) -> tuple[int, ...]:
     """Sorted distinct block indices; negative ones count from the end."""
-    if not isinstance(global_blocks, Sequence) or not all(is_int(g) for g in global_blocks):
-        raise ValueError(f"global_blocks must be a sequence of ints, got {global_blocks!r}")
+    check_global_blocks(global_blocks)
     for g in global_blocks:
         if not -num_blocks <= g < num_blocks:
             raise ValueError(
@@ -231,7 +227,7 @@ def check_random_layout(random_layout, num_heads: int, num_blocks: int, num_rand
     return layout.astype(np.int32)
 
 
-def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: int, feature_maps):
+def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: int) -> None:
     """Validates FAVOR+ options; projection is `[features, head_dim]` or `[heads, features, head_dim]`."""
     shape = getattr(projection, "shape", None)
     if shape is None or len(shape) not in (2, 3):
@@ -246,7 +242,5 @@ def check_favor(projection, feature_map, chunk_size, num_heads: int, head_dim: i
         raise ValueError(f"projection must have at least one feature, got shape {shape}")
     if not jnp.issubdtype(projection.dtype, jnp.floating):
         raise ValueError(f"projection must be floating-point, got dtype {projection.dtype}")
-    if feature_map not in feature_maps:
-        raise ValueError(f"feature_map must be one of {feature_maps}, got {feature_map!r}")
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    check_feature_map(feature_map)
+    check_int(chunk_size, name="chunk_size", optional=True)

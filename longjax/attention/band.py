@@ -24,9 +24,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longjax.attention import blockwise
-from longjax.attention.blockwise import attend, masked_scores, pad_seq, slice_seq, stack_blocks
-from longjax.attention.softmax_stats import PartialAttention
+from kernels_pallas.common import backward_row_terms
+from longjax.attention import flash_step
+from longjax.attention.flash_step import attend, masked_scores, pad_seq, slice_seq, stack_blocks
+from longjax.attention.partial_softmax import PartialAttention
 
 # Relative FLOP rate of one scan step by block length: XLA:CPU's small batched
 # dots cost far more per FLOP (measured at seq 16384, window 256, 12 heads of 64,
@@ -137,7 +138,7 @@ def _band_bwd(left, right, block, residuals, cotangents):
     kp, vp = pad_seq(f32(k), 0, keys - seq), pad_seq(f32(v), 0, keys - seq)
     validp = jnp.pad(key_valid, ((0, 0), (0, keys - seq)))
     d_outp = pad_seq(f32(d_out), 0, qpad)
-    row_term, lse = blockwise.backward_row_terms(out, lse, d_out, d_lse)
+    row_term, lse = backward_row_terms(out, lse, d_out, d_lse)
     row_term, lse = pad_seq(row_term, 0, qpad), pad_seq(lse, 0, qpad)
 
     def step(carry, a):
@@ -145,7 +146,7 @@ def _band_bwd(left, right, block, residuals, cotangents):
         start, mask = _span_of_block(a, validp, block=block, left=left, right=right, span=span)
         q_start = a * block
         q_blk, k_span, v_span = slice_seq(qp, q_start, block), slice_seq(kp, start, span), slice_seq(vp, start, span)
-        dq_blk, dk_span, dv_span = blockwise.attend_grads(
+        dq_blk, dk_span, dv_span = flash_step.attend_grads(
             masked_scores(q_blk, k_span, mask), slice_seq(lse, q_start, block),
             slice_seq(row_term, q_start, block), q_blk, k_span, v_span,
             slice_seq(d_outp, q_start, block),

@@ -6,7 +6,7 @@ host from the static pattern (linear in the number of blocks); entries that
 are out of range, -1, repeated within the row, or (causal) after the query
 block are flagged invalid, so every key counts once. A `lax.scan` walks the
 query blocks, gathering each one's key blocks and running one masked
-flash-attention step (`blockwise.py`); the backward pass recomputes the step
+flash-attention step (`flash_step.py`); the backward pass recomputes the step
 and scatter-adds dk, dv into the gathered blocks. Global query blocks are
 computed densely against every key and written over. Token-level global
 tokens go through `global_tokens.py`. Nothing is `seq x seq`.
@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import arguments, blockwise, global_tokens, softmax_stats
-from longjax.attention.arguments import BlockSparseSpec
-from longjax.attention.blockwise import pad_seq
-from longjax.attention.softmax_stats import PartialAttention
+from kernels_pallas.common import MASK_VALUE, backward_row_terms
+from longjax.attention import arguments, flash_step, global_tokens, partial_softmax
+from longjax.attention.flash_step import pad_seq
+from longjax.attention.partial_softmax import PartialAttention
+from longjax.attention.specs import BlockSparseSpec
 
 
 def bigbird_random_layout(
@@ -50,11 +51,10 @@ def bigbird_random_layout(
     Returns:
       int32 `[num_heads, num_blocks, num_random_blocks]`.
     """
-    if not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
-        raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
-    if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
-    arguments.check_block_sparse_shape(1, num_window_blocks, num_random_blocks)
+    arguments.check_int(num_blocks, name="num_blocks")
+    arguments.check_int(num_heads, name="num_heads")
+    arguments.check_num_window_blocks(num_window_blocks)
+    arguments.check_int(num_random_blocks, name="num_random_blocks", minimum=0)
     globals_ = arguments.normalize_global_blocks(global_blocks, num_blocks)
     radius = num_window_blocks // 2
     layout = np.full((num_heads, num_blocks, num_random_blocks), -1, np.int32)
@@ -159,13 +159,13 @@ def _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, bloc
 
     def step(_, t):
         a, ids, mask = _row_inputs(t, query_blocks, key_blocks, key_used, validb, block=block, causal=causal)
-        scores = blockwise.masked_scores(qb[:, :, a], _gather(kb, ids), mask)
-        return None, blockwise.attend(scores, _gather(vb, ids))
+        scores = flash_step.masked_scores(qb[:, :, a], _gather(kb, ids), mask)
+        return None, flash_step.attend(scores, _gather(vb, ids))
 
     _, (out, lse) = jax.lax.scan(step, None, jnp.arange(len(query_blocks)))
     return (
         _scatter_rows(out, query_blocks, nb, seq, 0.0),
-        _scatter_rows(lse, query_blocks, nb, seq, softmax_stats.MASK_VALUE),
+        _scatter_rows(lse, query_blocks, nb, seq, MASK_VALUE),
     )
 
 
@@ -188,7 +188,7 @@ def _sparse_bwd(block, causal, residuals, cotangents):
     f32 = lambda x: x.astype(jnp.float32)
     qb, kb, vb, d_outb = (_blocked(f32(x), nb, block) for x in (q, k, v, d_out))
     validb = jnp.pad(key_valid, ((0, 0), (0, nb * block - seq))).reshape(-1, nb, block)
-    row_term, lse = blockwise.backward_row_terms(out, lse, d_out, d_lse)
+    row_term, lse = backward_row_terms(out, lse, d_out, d_lse)
     row_termb, lseb = _blocked(row_term, nb, block), _blocked(lse, nb, block)
     heads = jnp.arange(q.shape[1])[:, None]
 
@@ -196,8 +196,8 @@ def _sparse_bwd(block, causal, residuals, cotangents):
         dkb, dvb = carry
         a, ids, mask = _row_inputs(t, query_blocks, key_blocks, key_used, validb, block=block, causal=causal)
         keys, values = _gather(kb, ids), _gather(vb, ids)
-        dq, dk, dv = blockwise.attend_grads(
-            blockwise.masked_scores(qb[:, :, a], keys, mask), lseb[:, :, a], row_termb[:, :, a],
+        dq, dk, dv = flash_step.attend_grads(
+            flash_step.masked_scores(qb[:, :, a], keys, mask), lseb[:, :, a], row_termb[:, :, a],
             qb[:, :, a], keys, values, d_outb[:, :, a],
         )
         unflat = lambda x: x.reshape(x.shape[:2] + ids.shape[1:] + (block, x.shape[-1]))
@@ -229,7 +229,7 @@ def _global_block_rows(q, k, v, key_valid, spec: BlockSparseSpec, scale):
     mask = key_valid[:, None, None, :]
     if spec.causal:
         mask = mask & (np.arange(seq)[None, :] <= rows[:, None])[None, None]
-    probs, _ = softmax_stats.masked_softmax(scores * scale, mask)
+    probs, _ = partial_softmax.masked_softmax(scores * scale, mask)
     out = jnp.einsum("bhgn,bhnd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return rows, out
 
@@ -256,7 +256,7 @@ def block_sparse_xla(
         )
     else:  # every block is global
         part = PartialAttention(
-            jnp.zeros((b, h, seq, d), jnp.float32), jnp.full((b, h, seq), softmax_stats.MASK_VALUE)
+            jnp.zeros((b, h, seq, d), jnp.float32), jnp.full((b, h, seq), MASK_VALUE)
         )
     if global_mask is not None:
         out = global_tokens.add_global_tokens(

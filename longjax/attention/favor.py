@@ -39,13 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention.softmax_stats import MASK_VALUE
+from kernels_pallas.common import MASK_VALUE, RELU_EPSILON
+from longjax.attention import arguments
 
-FEATURE_MAPS = ("softmax", "relu")
 SCALINGS = ("chi", "sqrt_d")
-# Added to every ReLU feature (Performer's generalised-kernel stabiliser), so a
-# row whose projections are all negative still has a positive normaliser.
-RELU_EPSILON = 1e-3
 # Rows per scan step of the bidirectional passes (256 and 512 were within noise
 # on CPU at seq 16384; 1024 was 40% slower).
 BIDIRECTIONAL_CHUNK = 256
@@ -70,10 +67,9 @@ def favor_projection(key, num_features: int, head_dim: int, *, orthogonal: bool 
     Returns:
       float32 `[num_features, head_dim]`.
     """
-    if not isinstance(num_features, (int, np.integer)) or num_features < 1:
-        raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
-    if not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
-        raise ValueError(f"head_dim must be an int >= 1, got {head_dim!r}")
+    arguments.check_int(num_features, name="num_features")
+    arguments.check_int(head_dim, name="head_dim")
+    arguments.check_bool(orthogonal, name="orthogonal")
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     direction_key, norm_key = jax.random.split(key)

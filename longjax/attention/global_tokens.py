@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.attention import softmax_stats
-from longjax.attention.softmax_stats import PartialAttention
+from longjax.attention import partial_softmax
+from longjax.attention.partial_softmax import PartialAttention
 
 
 def local_key_valid(q, global_mask, padding_mask):
@@ -46,7 +46,7 @@ def _to_global_keys(q, k, v, positions, used, causal, scale) -> PartialAttention
     mask = used[:, None, None, :]
     if causal:
         mask = mask & (positions[:, None, None, :] <= jnp.arange(n)[None, None, :, None])
-    probs, lse = softmax_stats.masked_softmax(scores * scale, mask)
+    probs, lse = partial_softmax.masked_softmax(scores * scale, mask)
     out = jnp.einsum("bhng,bhgd->bhnd", probs.astype(v.dtype), gather(v), preferred_element_type=jnp.float32)
     return PartialAttention(out, lse)
 
@@ -61,7 +61,7 @@ def _from_global_queries(q, k, v, key_valid, positions, used, causal, scale):
         mask = mask & key_valid[:, None, None, :]
     if causal:
         mask = mask & (jnp.arange(n)[None, None, None, :] <= positions[:, None, :, None])
-    probs, _ = softmax_stats.masked_softmax(scores * scale, mask)
+    probs, _ = partial_softmax.masked_softmax(scores * scale, mask)
     return jnp.einsum("bhgn,bhnd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
@@ -83,7 +83,7 @@ def add_global_tokens(
     """
     is_global = global_mask if padding_mask is None else global_mask & padding_mask
     positions, used, overflow = _global_slots(is_global, max_global_tokens)
-    out = softmax_stats.merge(part, _to_global_keys(q, k, v, positions, used, causal, scale)).out
+    out = partial_softmax.merge(part, _to_global_keys(q, k, v, positions, used, causal, scale)).out
     gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
     global_out = _from_global_queries(gq, gk, gv, padding_mask, positions, used, causal, scale)
     slot_target = jnp.where(used, positions, q.shape[2])  # unused slots scatter out of bounds: dropped

@@ -1,8 +1,9 @@
 """The 'pallas' implementation of `sliding_window_attention` and `block_sparse_attention`.
 
-The block-sparse flash kernels (`kernels_pallas/block_sparse_flash.py`) know
-two patterns: an undilated band and a BigBird block layout. This module
-reduces the ops to them, outside the kernels:
+The block-sparse flash kernels (`kernels_pallas/block_sparse_flash.py`) walk
+a block layout; `kernel_layouts.py` gives them two patterns, an undilated band
+and a BigBird block layout. This module reduces the ops to them, outside the
+kernels:
 
 * Dilation d is reduced exactly to an undilated band: positions
   `r, r + d, r + 2d, ...` form d interleaved subsequences, folded into the
@@ -26,11 +27,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import block_sparse_flash as flash
+from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
 from longjax.attention import global_tokens
-from longjax.attention.arguments import BlockSparseSpec, SlidingWindowSpec
-from longjax.attention.softmax_stats import PartialAttention
+from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
+from longjax.attention.partial_softmax import PartialAttention
+from longjax.attention.specs import BlockSparseSpec, SlidingWindowSpec
 
 
 def _pad_axis(x, axis: int, after: int):
@@ -44,8 +46,8 @@ def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_siz
     b, n = q.shape[:2]
     sub_len = -(-n // dilation)
     # Steps further than the subsequence length reach no key: clipping keeps the layout small.
-    pattern = flash.BandPattern(seq_len=sub_len, left=min(left, sub_len - 1), right=min(right, sub_len - 1))
-    run = lambda *xs: flash.block_sparse_flash(
+    pattern = BandPattern(seq_len=sub_len, left=min(left, sub_len - 1), right=min(right, sub_len - 1))
+    run = lambda *xs: block_sparse_kernels.block_sparse_flash(
         *xs, pattern=pattern, scale=scale, block_sizes=block_sizes, interpret=interpret
     )
     if dilation == 1:
@@ -117,7 +119,7 @@ def sliding_window_pallas(
         raise NotImplementedError(
             "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
         )
-    block_sizes = flash.default_block_sizes(block_sizes)
+    block_sizes = block_sparse_kernels.default_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
@@ -137,12 +139,13 @@ def block_sparse_pallas(
 
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
-    block_sizes = flash.default_block_sizes(block_sizes)
+    block_sizes = block_sparse_kernels.default_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     b, n = q.shape[:2]
     size, blocks = spec.block_size, spec.num_blocks
-    slot = flash.bigbird_slot(size, block_sizes, interpret)
+    # Each BigBird block sits in a slot of the next length the backend's blocks allow.
+    slot = block_sparse_kernels.allowed_block(size, block_sizes, interpret)
 
     def to_slots(x):
         x = _pad_axis(x, 1, blocks * size - n).reshape((b, blocks, size) + x.shape[2:])
@@ -153,9 +156,9 @@ def block_sparse_pallas(
         x = x[(slice(None),) * (axis + 1) + (slice(0, size),)]
         return x.reshape(x.shape[:axis] + (blocks * size,) + x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, n),)]
 
-    pattern = flash.BigBirdPattern.from_spec(spec, seq_len=n, slot=slot)
+    pattern = BigBirdPattern(spec, seq_len=n, slot=slot)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
-    out, lse = flash.block_sparse_flash(
+    out, lse = block_sparse_kernels.block_sparse_flash(
         to_slots(q), to_slots(k), to_slots(v), to_slots(key_valid), pattern=pattern, scale=scale,
         block_sizes=block_sizes, interpret=interpret,
     )

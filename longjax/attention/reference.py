@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longjax.attention import masks as masks_lib
+from kernels_pallas.common import RELU_EPSILON
+from longjax.attention import masks
 
 
 def dense_attention(q, k, v, mask, *, scale=None):
@@ -56,7 +57,7 @@ def sliding_window_reference(
     Global query rows use `global_qkv` when it is given: their queries come from
     `q_g` and every key and value from `k_g`, `v_g`.
     """
-    mask = masks_lib.sliding_window_mask(
+    mask = masks.sliding_window_mask(
         q.shape[1],
         left=spec.left,
         right=spec.right,
@@ -74,7 +75,7 @@ def sliding_window_reference(
 
 def block_sparse_reference(q, k, v, *, spec, global_mask=None, padding_mask=None, scale=None):
     """BigBird attention through `dense_attention` and `masks.block_sparse_mask`."""
-    mask = masks_lib.block_sparse_mask(
+    mask = masks.block_sparse_mask(
         q.shape[1],
         block_size=spec.block_size,
         window_radius=spec.window_radius,
@@ -111,14 +112,14 @@ def favor_reference(q, k, v, *, projection, feature_map, causal=False, padding_m
         k_logits = k_proj - 0.5 * jnp.sum(ks * ks, axis=-1).transpose(0, 2, 1)[..., None]
         log_a = jax.nn.logsumexp(q_logits[:, :, :, None, :] + k_logits[:, :, None, :, :], axis=-1)
     elif feature_map == "relu":
-        eps = 1e-3
+        eps = RELU_EPSILON
         log_a = jnp.log(jnp.einsum("bhqm,bhkm->bhqk", jax.nn.relu(q_proj) + eps, jax.nn.relu(k_proj) + eps))
     else:
         raise ValueError(f"feature_map must be 'softmax' or 'relu', got {feature_map!r}")
     seq = q.shape[1]
     mask = jnp.ones((1, 1, seq, seq), bool)
     if causal:
-        mask = mask & masks_lib.causal_mask(seq)
+        mask = mask & masks.causal_mask(seq)
     if padding_mask is not None:
-        mask = mask & masks_lib.padding_key_mask(padding_mask) & masks_lib.padding_query_mask(padding_mask)
+        mask = mask & masks.padding_key_mask(padding_mask) & masks.padding_query_mask(padding_mask)
     return attention_from_scores(log_a, mask, v).astype(q.dtype)

@@ -23,8 +23,8 @@ import numpy as np
 
 from longjax.attention import band
 from longjax.attention import global_tokens
-from longjax.attention.arguments import SlidingWindowSpec
-from longjax.attention.softmax_stats import PartialAttention
+from longjax.attention.partial_softmax import PartialAttention
+from longjax.attention.specs import SlidingWindowSpec
 
 
 def _dilated_band(q, k, v, key_valid, *, left, right, dilation, block_size, scale):

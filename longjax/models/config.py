@@ -2,8 +2,10 @@
 
 A config dict (or `ml_collections.ConfigDict`) is converted at the model
 boundary by `transformer_config(...)`; the modules only ever see the frozen
-dataclasses below, so a typo or a parameter that the chosen attention type does
-not take is an error at conversion time, naming the field.
+dataclasses below, so a typo, a parameter that the chosen attention type does
+not take, or a value the attention op would refuse is an error at conversion
+time, naming the field. Attention options are checked by the ops' own rules
+(`longjax.attention.arguments`), given the config path of the value.
 
 Attention is described per layer. `attention` gives the fields shared by every
 layer; `attention_per_layer` optionally gives some fields as one value per
@@ -17,12 +19,14 @@ are dilated):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 
-from longjax.attention import favor as favor_lib
+from longjax import sections
+from longjax.attention import arguments
 
 POSITIONS = ("txl_relative", "rope", "learned", "none")
 LAYER_NORMS = ("pre", "post")
@@ -177,7 +181,11 @@ class TransformerConfig:
                 f"{len(self.attention) if isinstance(self.attention, tuple) else self.attention!r}"
             )
         for layer, attention in enumerate(self.attention):
-            _check_attention(f"model.attention[{layer}]", attention, self.num_heads)
+            if not isinstance(attention, tuple(_OPTION_RULES)):
+                raise TypeError(
+                    f"model.attention[{layer}] must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}"
+                )
+            _check_attention(attention, _layer_field_name(layer), self.num_heads)
 
     @property
     def head_dim(self) -> int:
@@ -202,45 +210,77 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _check_attention(name: str, attention, num_heads: int) -> None:
-    if isinstance(attention, FullAttention):
-        _check_choice(f"{name}.impl", attention.impl, FullAttention.IMPLS)
-        return
-    _check_choice(f"{name}.impl", attention.impl, (None, "xla", "pallas", "reference"))
-    if isinstance(attention, SlidingWindowAttention):
-        dilation = attention.dilation
-        if isinstance(dilation, tuple) and len(dilation) != num_heads:
-            raise ValueError(
-                f"{name}.dilation must be an int or one int per head ({num_heads}), got {dilation!r}"
-            )
-    elif isinstance(attention, PerformerAttention):
-        _check_positive_int(f"{name}.num_features", attention.num_features)
-        _check_choice(f"{name}.feature_map", attention.feature_map, favor_lib.FEATURE_MAPS)
-        if attention.redraw_interval is not None:
-            _check_positive_int(f"{name}.redraw_interval", attention.redraw_interval)
-    elif isinstance(attention, BlockSparseAttention):
-        _check_positive_int(f"{name}.block_size", attention.block_size)
-    else:
-        raise TypeError(f"{name} must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}")
+def _rule(check, **options):
+    """An option's rule: `check(value, name=<the config path>, **options)`."""
+    return lambda value, name, num_heads: check(value, name=name, **options)
 
 
-def plain(value):
-    """ConfigDict / list values as plain Python: dicts stay dicts, lists become tuples."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(plain(v) for v in value)
-    return value
+# The rule of every attention option: the attention ops' own checks (`longjax.attention.arguments`),
+# given the config path to report and the number of heads (None when model.num_heads is itself
+# invalid, which the model config then reports). Checks that need the sequence length
+# (max_global_tokens against it, the range of global_blocks) are the ops' alone.
+_OPTION_RULES: Mapping[type, Mapping[str, Callable]] = types.MappingProxyType({
+    FullAttention: {
+        "impl": lambda value, name, num_heads: _check_choice(name, value, FullAttention.IMPLS),
+    },
+    SlidingWindowAttention: {
+        "window": _rule(arguments.check_window),
+        "dilation": lambda value, name, num_heads: arguments.check_dilation(value, num_heads, name=name),
+        "global_projections": _rule(arguments.check_bool),
+        "max_global_tokens": _rule(arguments.check_max_global_tokens),
+        "block_size": _rule(arguments.check_int, optional=True),
+        "impl": _rule(arguments.check_impl),
+    },
+    BlockSparseAttention: {
+        "block_size": _rule(arguments.check_int),
+        "num_window_blocks": _rule(arguments.check_num_window_blocks),
+        "global_blocks": _rule(arguments.check_global_blocks),
+        "num_random_blocks": _rule(arguments.check_int, minimum=0),
+        "max_global_tokens": _rule(arguments.check_max_global_tokens),
+        "impl": _rule(arguments.check_impl),
+    },
+    PerformerAttention: {
+        "num_features": _rule(arguments.check_int),
+        "feature_map": _rule(arguments.check_feature_map),
+        "orthogonal": _rule(arguments.check_bool),
+        "redraw_interval": _rule(arguments.check_int, optional=True),
+        "chunk_size": _rule(arguments.check_int, optional=True),
+        "impl": _rule(arguments.check_impl),
+    },
+})
 
 
-def attention_config(fields: Mapping[str, Any], *, name: str = "model.attention") -> AttentionConfig:
-    """One attention config from a dict with a `type` key and that type's fields."""
-    fields = dict(plain(fields))
+def _layer_field_name(layer: int) -> Callable[[str], str]:
+    """Names of the fields of layer `layer`'s attention config in a `TransformerConfig`."""
+    return lambda field: f"model.attention[{layer}].{field}"
+
+
+def _check_attention(attention, field_name: Callable[[str], str], num_heads: int | None) -> None:
+    """Checks every option of one attention config; `field_name(field)` is the name an error reports."""
+    (rules,) = [rules for cls, rules in _OPTION_RULES.items() if isinstance(attention, cls)]
+    for field, rule in rules.items():
+        rule(getattr(attention, field), field_name(field), num_heads)
+
+
+def attention_config(
+    fields: Mapping[str, Any], *, name: str = "model.attention", num_heads: int | None = None
+) -> AttentionConfig:
+    """One attention config from a dict with a `type` key and that type's fields.
+
+    Every option is checked by the attention ops' rules, errors naming
+    `<name>.<field>`; with `num_heads`, a per-head dilation is checked to have
+    one entry per head.
+    """
+    return _attention_config(fields, name=name, field_name=lambda field: f"{name}.{field}", num_heads=num_heads)
+
+
+def _attention_config(
+    fields: Mapping[str, Any], *, name: str, field_name: Callable[[str], str], num_heads: int | None
+) -> AttentionConfig:
+    fields = dict(sections.plain(fields))
     kind = fields.pop("type", None)
     if kind not in ATTENTION_TYPES:
-        raise ValueError(f"{name}.type must be one of {tuple(ATTENTION_TYPES)}, got {kind!r}")
+        raise ValueError(f"{field_name('type')} must be one of {tuple(ATTENTION_TYPES)}, got {kind!r}")
     cls = ATTENTION_TYPES[kind]
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - allowed)
@@ -248,18 +288,29 @@ def attention_config(fields: Mapping[str, Any], *, name: str = "model.attention"
         raise ValueError(
             f"{name}: attention type {kind!r} takes no field(s) {unknown}; its fields are {sorted(allowed)}"
         )
-    return cls(**fields)
+    attention = cls(**fields)
+    _check_attention(attention, field_name, num_heads)
+    return attention
 
 
 def per_layer_attention(
-    base: Mapping[str, Any], per_layer: Mapping[str, Sequence] | None, num_layers: int
+    base: Mapping[str, Any],
+    per_layer: Mapping[str, Sequence] | None,
+    num_layers: int,
+    *,
+    num_heads: int | None = None,
 ) -> tuple[AttentionConfig, ...]:
-    """Expands shared attention fields plus per-layer lists into one config per layer."""
-    base = dict(plain(base))
-    per_layer = dict(plain(per_layer or {}))
+    """Expands shared attention fields plus per-layer lists into one config per layer.
+
+    Every value is checked where it was given: an error names
+    `model.attention.<field>` for a shared value, and
+    `model.attention_per_layer.<field>[<layer>] -> model.attention[<layer>].<field>`
+    for one from a per-layer list (the list entry, and the layer's field it sets).
+    """
+    base = dict(sections.plain(base))
+    per_layer = dict(sections.plain(per_layer or {}))
     if "type" not in per_layer:
-        attention_config(base)  # errors in the shared fields name model.attention.<field>
-    layers = []
+        attention_config(base, num_heads=num_heads)  # errors in the shared fields name model.attention.<field>
     for field, values in per_layer.items():
         if not isinstance(values, tuple) or len(values) != num_layers:
             raise ValueError(
@@ -267,11 +318,28 @@ def per_layer_attention(
                 f"(model.num_layers = {num_layers}), got "
                 f"{len(values) if isinstance(values, tuple) else 'not a list'}: {values!r}"
             )
+    layers = []
     for layer in range(num_layers):
         fields = dict(base)
         fields.update({field: values[layer] for field, values in per_layer.items()})
-        layers.append(attention_config(fields, name=f"model.attention (layer {layer})"))
+        layers.append(
+            _attention_config(
+                fields, name=f"model.attention (layer {layer})", field_name=_source_name(per_layer, layer),
+                num_heads=num_heads,
+            )
+        )
     return tuple(layers)
+
+
+def _source_name(per_layer: Mapping[str, Sequence], layer: int) -> Callable[[str], str]:
+    """The config path of layer `layer`'s field: its per-layer list entry, or the shared field."""
+
+    def name(field: str) -> str:
+        if field in per_layer:
+            return f"model.attention_per_layer.{field}[{layer}] -> model.attention[{layer}].{field}"
+        return f"model.attention.{field}"
+
+    return name
 
 
 def transformer_config(model: Mapping[str, Any]) -> TransformerConfig:
@@ -281,13 +349,15 @@ def transformer_config(model: Mapping[str, Any]) -> TransformerConfig:
     `model.attention_per_layer` (optional) maps field names to per-layer lists.
     Every other key is a `TransformerConfig` field; unknown keys are errors.
     """
-    fields = dict(plain(model))
+    fields = dict(sections.plain(model))
     num_layers = fields.get("num_layers")
     _check_positive_int("model.num_layers", num_layers)
     if "attention" not in fields:
         raise ValueError("model.attention is required (a dict with a 'type' key)")
+    num_heads = fields.get("num_heads")
     attention = per_layer_attention(
-        fields.pop("attention"), fields.pop("attention_per_layer", None), num_layers
+        fields.pop("attention"), fields.pop("attention_per_layer", None), num_layers,
+        num_heads=num_heads if arguments.is_int(num_heads) and num_heads >= 1 else None,
     )
     allowed = {f.name for f in dataclasses.fields(TransformerConfig)} - {"attention"}
     unknown = sorted(set(fields) - allowed)

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import block_sparse_flash as flash
+from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
-from longjax.attention import arguments, bigbird_random_layout, masks, sliding_window_attention, softmax_stats
+from longjax.attention import bigbird_random_layout, masks, partial_softmax, sliding_window_attention, specs
+from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
 from tests.attention import battery
 
 FORMULATIONS = {
@@ -30,7 +31,7 @@ FORMULATIONS = {
 
 
 def _band_problem(batch, seq, heads):
-    pattern = flash.BandPattern(seq_len=seq, left=6, right=3)
+    pattern = BandPattern(seq_len=seq, left=6, right=3)
     allowed = masks.dilated_window_mask(seq, left=6, right=3)[None, None]
     return pattern, allowed
 
@@ -38,10 +39,10 @@ def _band_problem(batch, seq, heads):
 def _bigbird_problem(batch, seq, heads):
     blocks = seq // 8
     layout = bigbird_random_layout(blocks, heads, 2, global_blocks=(1,), causal=True, seed=4)
-    spec = arguments.BlockSparseSpec(
+    spec = specs.BlockSparseSpec(
         block_size=8, num_blocks=blocks, window_radius=1, global_blocks=(1,), random_layout=layout, causal=True
     )
-    pattern = flash.BigBirdPattern.from_spec(spec, seq_len=seq, slot=8)
+    pattern = BigBirdPattern(spec, seq_len=seq, slot=8)
     allowed = masks.block_sparse_mask(
         seq, block_size=8, window_radius=1, global_blocks=(1,), random_layout=layout, causal=True
     )
@@ -50,7 +51,7 @@ def _bigbird_problem(batch, seq, heads):
 
 def _dense(q, k, v, allowed, scale):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    probs, lse = softmax_stats.masked_softmax(scores, allowed)
+    probs, lse = partial_softmax.masked_softmax(scores, allowed)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype), lse
 
 
@@ -58,7 +59,7 @@ def _loss(fn, out_ct, lse_ct):
     def loss(q, k, v):
         out, lse = fn(q, k, v)
         # Rows that attend nothing have lse = MASK_VALUE: a constant, kept out of the loss.
-        lse = jnp.where(lse > softmax_stats.MASK_VALUE / 2, lse, 0.0)
+        lse = jnp.where(lse > common.MASK_VALUE / 2, lse, 0.0)
         return jnp.sum(out.astype(jnp.float32) * out_ct) + jnp.sum(lse * lse_ct)
 
     return loss
@@ -80,7 +81,7 @@ def test_out_lse_and_gradients_match_dense(formulation, problem, dtype):
     allowed = allowed & key_valid[:, None, None, :]
     scale = 0.4
     fast = functools.partial(
-        flash.block_sparse_flash, key_valid=key_valid, pattern=pattern, scale=scale,
+        block_sparse_kernels.block_sparse_flash, key_valid=key_valid, pattern=pattern, scale=scale,
         block_sizes=FORMULATIONS[formulation], interpret=True,
     )
     ref = functools.partial(_dense, allowed=allowed, scale=scale)
@@ -89,7 +90,7 @@ def test_out_lse_and_gradients_match_dense(formulation, problem, dtype):
     assert out.dtype == dtype and lse.dtype == jnp.float32
     chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol)
     chex.assert_trees_all_close(lse, ref_lse, **tol)
-    assert np.all(np.asarray(out[2]) == 0) and np.all(np.asarray(lse[2]) == softmax_stats.MASK_VALUE)
+    assert np.all(np.asarray(out[2]) == 0) and np.all(np.asarray(lse[2]) == common.MASK_VALUE)
 
     out_ct, lse_ct = battery.random_inputs(2, q.shape, jnp.float32, 1)[0], jnp.asarray(
         np.random.default_rng(3).normal(size=lse.shape), jnp.float32
@@ -108,8 +109,10 @@ def test_lse_cotangent_alone_reaches_the_inputs():
     pattern, allowed = _band_problem(1, 24, 1)
     q, k, v = battery.random_inputs(5, (1, 24, 1, 8), jnp.float32, 3)
     key_valid = jnp.ones((1, 24), bool)
-    fast = functools.partial(flash.block_sparse_flash, key_valid=key_valid, pattern=pattern, scale=0.5,
-                             block_sizes=FORMULATIONS["gpu"], interpret=True)
+    fast = functools.partial(
+        block_sparse_kernels.block_sparse_flash, key_valid=key_valid, pattern=pattern, scale=0.5,
+        block_sizes=FORMULATIONS["gpu"], interpret=True,
+    )
     zero = jnp.zeros(q.shape, jnp.float32)
     lse_ct = jnp.ones((1, 1, 24), jnp.float32)
     grads = jax.jit(jax.grad(_loss(fast, zero, lse_ct), (0, 1, 2)))(q, k, v)
@@ -144,17 +147,19 @@ def test_compiled_triton_refuses_blocks_below_16():
 
 
 def test_kernel_checks_its_inputs():
-    pattern = flash.BandPattern(seq_len=16, left=1, right=1)
+    pattern = BandPattern(seq_len=16, left=1, right=1)
     q = jnp.zeros((1, 16, 1, 8))
     with pytest.raises(ValueError, match="the pattern expects 16"):
-        flash.block_sparse_flash(q[:, :8], q[:, :8], q[:, :8], jnp.ones((1, 8), bool), pattern=pattern, scale=1.0)
+        block_sparse_kernels.block_sparse_flash(
+            q[:, :8], q[:, :8], q[:, :8], jnp.ones((1, 8), bool), pattern=pattern, scale=1.0
+        )
     with pytest.raises(ValueError, match="key_valid must be bool"):
-        flash.block_sparse_flash(q, q, q, jnp.ones((1, 16)), pattern=pattern, scale=1.0)
+        block_sparse_kernels.block_sparse_flash(q, q, q, jnp.ones((1, 16)), pattern=pattern, scale=1.0)
 
 
 def test_defaults_on_cpu_are_interpreted_gpu_kernels():
     assert jax.default_backend() == "cpu"
-    assert flash.default_block_sizes(None) == GpuBlockSizes()
+    assert block_sparse_kernels.default_block_sizes(None) == GpuBlockSizes()
     assert common.resolve_interpret(None) is True and common.resolve_interpret(False) is False
 
 

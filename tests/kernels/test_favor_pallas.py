@@ -12,8 +12,8 @@ import pytest
 
 from kernels_pallas import favor as favor_kernels
 from kernels_pallas.favor import GpuBlockSizes, TpuBlockSizes
-from longjax.attention import favor as favor_xla
-from longjax.attention import favor_projection
+from longjax.attention import favor as favor_lib
+from longjax.attention import favor_attention, favor_projection
 from tests.attention import battery
 
 BLOCKS = {"gpu": GpuBlockSizes, "tpu": TpuBlockSizes}
@@ -74,7 +74,7 @@ def test_matches_xla_implementation(backend, case):
         )
 
     def xla(q, k, v, p):
-        return favor_xla.favor_xla(q, k, v, projection=p, chunk_size=chunk, **{"causal": False} | common)
+        return favor_lib.favor_xla(q, k, v, projection=p, chunk_size=chunk, **{"causal": False} | common)
 
     arrays = battery.random_inputs(sum(map(ord, case)), shape, dtype, 3)
     if projection_grad:
@@ -134,8 +134,9 @@ class _OtherFamilyBlockSizes:
 
 
 def _call(**options):
+    """The op with impl='pallas': its checks, the implementation's (`pallas_favor`), the kernels'."""
     q = jnp.ones((1, 10, 2, 8))
-    return favor_kernels.favor_attention_pallas(q, q, q, projection=jnp.ones((16, 8)), **options)
+    return favor_attention(q, q, q, projection=jnp.ones((16, 8)), impl="pallas", **options)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,11 @@
 """One query block against its gathered keys: the flash-attention step, forward and backward.
 
-Shared by the scanned XLA implementations (the Longformer band and the BigBird
-block layout): they differ only in which keys a query block sees and how its
-mask is built. Layout: `[batch, heads, rows, head_dim]`; scores are float32
-and already masked (`MASK_VALUE` where a key is not allowed).
+Shared by the scanned XLA implementations (the Longformer band, `band.py`, and
+the BigBird block layout, `block_sparse.py`): they differ only in which keys a
+query block sees and how its mask is built. Layout: `[batch, heads, rows,
+head_dim]`; scores are float32 and already masked (`MASK_VALUE` where a key is
+not allowed). The backward step takes the per-row terms of
+`kernels_pallas.common.backward_row_terms`, which the Pallas kernels share.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longjax.attention.softmax_stats import MASK_VALUE
+from kernels_pallas.common import MASK_VALUE
 
 
 def pad_seq(x, before: int, after: int):
@@ -55,23 +57,11 @@ def attend(scores, values):
     return out, lse
 
 
-def backward_row_terms(out, lse, d_out, d_lse):
-    """Per-row quantities of the backward pass: (row_term, lse with empty rows at +1e30).
-
-    `d s_j = p_j (dp_j + row_term)` with `row_term = d_lse - sum(d_out * out)`:
-    d lse / d s_j = p_j, so the lse cotangent enters beside flash attention's
-    usual rowsum. Rows that attended nothing get lse = +1e30, so that
-    exp(score - lse) is 0 for every key without masking each weight.
-    """
-    row_term = d_lse.astype(jnp.float32) - jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
-    return row_term, jnp.where(lse > MASK_VALUE / 2, lse, -MASK_VALUE)
-
-
 def attend_grads(scores, lse, row_term, q_blk, keys, values, d_out):
     """Gradients of one block: (dq `[.., block, d]`, dk and dv `[.., keys, d]`), float32.
 
     `scores` are recomputed masked scores; lse and row_term come from
-    `backward_row_terms` for the block's rows; all other inputs float32, q_blk
+    `kernels_pallas.common.backward_row_terms` for the block's rows; all other inputs float32, q_blk
     pre-scaled as for `masked_scores` (so dq is the gradient wrt scaled queries).
     """
     probs = jnp.exp(scores - lse[..., None])

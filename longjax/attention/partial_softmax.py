@@ -4,8 +4,9 @@ Attention over a key set A is kept as `out_A` (normalised over A) and
 `lse_A = log sum_{j in A} exp(s_j)`. For disjoint A and B,
 `lse = logaddexp(lse_A, lse_B)` and
 `out = exp(lse_A - lse) out_A + exp(lse_B - lse) out_B` is the attention over
-the union. A row with no allowed key has output 0 and lse `MASK_VALUE`, a
-finite stand-in for -inf that keeps every merge and gradient finite.
+the union. A row with no allowed key has output 0 and lse `MASK_VALUE` (from
+`kernels_pallas.common`, shared with the kernels), a finite stand-in for -inf
+that keeps every merge and gradient finite.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Finite, so that a fully masked row gives exp(0) (then zeroed) instead of
-# exp(-inf - -inf) = NaN.
-MASK_VALUE = -1e30
+from kernels_pallas.common import MASK_VALUE
 
 
 class PartialAttention(NamedTuple):

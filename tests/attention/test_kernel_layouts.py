@@ -1,0 +1,132 @@
+"""The kernels' block layouts of each pattern against the exact masks of `longjax.attention.masks`.
+
+The union of the visited blocks (full blocks whole, partial blocks through the
+in-kernel band, written independently of the kernel in `layout_checks`) must
+equal the pattern's dense mask, with every block pair visited at most once (a
+repeat would count its keys twice), and the transposed and flattened forms
+must list the same visits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from longjax.attention import arguments, bigbird_random_layout, kernel_layouts, masks, specs
+from tests.kernels.layout_checks import check_transposed_and_flattened, visited
+
+_BLOCKS = st.sampled_from([1, 2, 4, 8, 16, 24])
+
+
+@settings(max_examples=80)
+@given(seq=st.integers(1, 70), left=st.integers(0, 40), right=st.integers(0, 40), block_q=_BLOCKS, block_k=_BLOCKS)
+def test_band_layout_matches_mask(seq, left, right, block_q, block_k):
+    layout = kernel_layouts.band_layout(seq, left=left, right=right, block_q=block_q, block_k=block_k)
+    expected = np.asarray(masks.dilated_window_mask(seq, left=left, right=right))
+    np.testing.assert_array_equal(visited(layout, 0)[:seq, :seq], expected)
+    check_transposed_and_flattened(layout)
+    # Linear in blocks: each query block visits at most the key blocks its window spans.
+    per_row = -(-(block_q + left + right) // block_k) + 1
+    assert layout.total_entries() <= layout.num_q_blocks * per_row
+
+
+def test_band_layout_marks_interior_blocks_full():
+    layout = kernel_layouts.band_layout(4096, left=256, right=256, block_q=128, block_k=64)
+    rows, _, partial = layout.entries(0)
+    interior = rows == 16
+    # 640 keys span ten 64-key blocks: the 6 in the middle are inside every row's window.
+    assert interior.sum() == 10 and partial[interior].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 1, 1]
+
+
+@st.composite
+def _bigbird(draw):
+    seq = draw(st.integers(1, 60))
+    block_size = draw(st.integers(1, 9))
+    blocks = -(-seq // block_size)
+    heads = draw(st.integers(1, 3))
+    radius = draw(st.integers(0, 2))
+    causal = draw(st.booleans())
+    global_blocks = tuple(draw(st.lists(st.integers(-blocks, blocks - 1), max_size=2)))
+    r = draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        random_layout = bigbird_random_layout(
+            blocks, heads, r, num_window_blocks=2 * radius + 1, global_blocks=global_blocks, causal=causal,
+            seed=draw(st.integers(0, 1000)),
+        )
+    else:  # hand-written rows: repeats, -1 and entries inside the window must be handled too
+        random_layout = np.asarray(
+            draw(st.lists(st.integers(-1, blocks - 1), min_size=heads * blocks * r, max_size=heads * blocks * r)),
+            np.int32,
+        ).reshape(heads, blocks, r)
+    # The slot is any length >= block_size (the backends round up); kernel blocks divide it.
+    slot = block_size + draw(st.integers(0, block_size))
+    divisors = [d for d in range(1, slot + 1) if slot % d == 0]
+    block_q, block_k = draw(st.sampled_from(divisors)), draw(st.sampled_from(divisors))
+    spec = specs.BlockSparseSpec(
+        block_size=block_size, num_blocks=blocks, window_radius=radius,
+        global_blocks=arguments.normalize_global_blocks(global_blocks, blocks), random_layout=random_layout,
+        causal=causal,
+    )
+    return seq, spec, slot, block_q, block_k
+
+
+@settings(max_examples=80)
+@given(_bigbird())
+def test_bigbird_layout_matches_mask(problem):
+    seq, spec, slot, block_q, block_k = problem
+    layout = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=slot, block_q=block_q, block_k=block_k)
+    expected = np.asarray(
+        masks.block_sparse_mask(
+            seq, block_size=spec.block_size, window_radius=spec.window_radius, global_blocks=spec.global_blocks,
+            random_layout=spec.random_layout, causal=spec.causal,
+        )
+    )[0]
+    assert layout.layout_heads == spec.random_layout.shape[0]
+    position = (np.arange(seq) // spec.block_size) * slot + np.arange(seq) % spec.block_size
+    for h in range(layout.layout_heads):
+        dense = visited(layout, h)
+        np.testing.assert_array_equal(dense[np.ix_(position, position)], expected[h])
+        # Nothing is visited at slot padding or past the sequence: that would be wasted work.
+        real = np.zeros(layout.padded_len, bool)
+        real[position] = True
+        rows, cols, _ = layout.entries(h)
+        assert np.all([real[c * block_k:(c + 1) * block_k].any() for c in cols.tolist()])
+        assert np.all([real[r * block_q:(r + 1) * block_q].any() for r in rows.tolist()])
+    check_transposed_and_flattened(layout)
+
+
+def test_layouts_are_cached_per_configuration():
+    a = kernel_layouts.band_layout(100, left=3, right=4, block_q=8, block_k=16)
+    assert a is kernel_layouts.band_layout(100, left=3, right=4, block_q=8, block_k=16)
+    assert a is not kernel_layouts.band_layout(100, left=3, right=5, block_q=8, block_k=16)
+    assert not a.codes.flags.writeable
+
+
+def _spec(random_layout, **overrides):
+    fields = dict(block_size=4, num_blocks=6, window_radius=1, global_blocks=(0,), causal=False)
+    return specs.BlockSparseSpec(random_layout=random_layout, **fields | overrides)
+
+
+def test_block_sparse_specs_are_equal_and_hashed_by_content():
+    layout = bigbird_random_layout(6, 2, 2, global_blocks=(0,), seed=3)
+    a, b = _spec(layout), _spec(layout.copy())
+    assert a == b and hash(a) == hash(b)
+    assert a != _spec(bigbird_random_layout(6, 2, 2, global_blocks=(0,), seed=4))
+    # Same bytes, another shape: another layout.
+    assert a != _spec(layout, causal=True) and a != _spec(layout.reshape(2, 3, 4))
+    # The spec keeps a read-only copy, so its hash cannot go stale when the caller's array changes.
+    layout[0, 1, 0] = 5
+    assert a == b and not a.random_layout.flags.writeable
+    # So a BigBird layout is cached per spec content.
+    layouts = [kernel_layouts.bigbird_layout(s, seq_len=24, slot=4, block_q=4, block_k=2) for s in (a, b)]
+    assert layouts[0] is layouts[1]
+
+
+def test_bigbird_layout_rejects_blocks_straddling_slots():
+    spec = specs.BlockSparseSpec(
+        block_size=6, num_blocks=4, window_radius=1, global_blocks=(), random_layout=np.zeros((1, 4, 0), np.int32),
+        causal=False,
+    )
+    with pytest.raises(ValueError, match="must divide the slot"):
+        kernel_layouts.bigbird_layout(spec, seq_len=24, slot=8, block_q=16, block_k=8)

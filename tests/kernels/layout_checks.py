@@ -1,0 +1,58 @@
+"""Checks of a `BlockLayout`'s invariants, shared by the kernel's layout tests and the patterns' ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels_pallas import block_layout
+
+
+def visited(layout, head: int):
+    """bool `[padded, padded]`: the pairs the kernel attends (before key validity).
+
+    Written here independently of the kernel: full blocks whole, partial blocks
+    through the in-kernel band. Fails if a block pair is visited twice (a
+    repeat would count its keys twice).
+    """
+    n = layout.padded_len
+    dense = np.zeros((n, n), bool)
+    seen = set()
+    rows, cols, partial = layout.entries(head)
+    for r, c, p in zip(rows.tolist(), cols.tolist(), partial.tolist()):
+        assert (r, c) not in seen, f"block pair {(r, c)} visited twice"
+        seen.add((r, c))
+        q = r * layout.block_q + np.arange(layout.block_q)[:, None]
+        k = c * layout.block_k + np.arange(layout.block_k)[None, :]
+        allowed = np.ones((layout.block_q, layout.block_k), bool)
+        if p:
+            if layout.left is not None:
+                allowed &= k - q >= -layout.left
+            if layout.right is not None:
+                allowed &= k - q <= layout.right
+        dense[r * layout.block_q:(r + 1) * layout.block_q, c * layout.block_k:(c + 1) * layout.block_k] = allowed
+    return dense
+
+
+def check_transposed_and_flattened(layout):
+    """The transposed and flattened forms list the same visits as the CSR rows."""
+    for h in range(layout.layout_heads):
+        forward = {tuple(x) for x in zip(*(a.tolist() for a in layout.entries(h)))}
+        t_rows, t_cols, t_partial = layout.entries(h, transposed=True)
+        assert {(c, r, p) for r, c, p in zip(t_rows.tolist(), t_cols.tolist(), t_partial.tolist())} == forward
+        assert len(t_rows) == len(forward)
+        for transposed, n_rows in ((False, layout.num_q_blocks), (True, layout.num_k_blocks)):
+            rows, cols, flags = (x[h] for x in layout.flattened(transposed))
+            compute = (flags & block_layout.FLAG_COMPUTE) != 0
+            expected = layout.entries(h, transposed)
+            np.testing.assert_array_equal(rows[compute], expected[0])
+            np.testing.assert_array_equal(cols[compute], expected[1])
+            np.testing.assert_array_equal(flags[compute] & block_layout.FLAG_PARTIAL, expected[2])
+            # Every row appears once, contiguously, first visit flagged FIRST and last flagged LAST.
+            firsts = np.flatnonzero(flags & block_layout.FLAG_FIRST)
+            lasts = np.flatnonzero(flags & block_layout.FLAG_LAST)
+            np.testing.assert_array_equal(rows[firsts], np.arange(n_rows))
+            np.testing.assert_array_equal(rows[lasts], np.arange(n_rows))
+            assert np.all(lasts >= firsts) and np.all(firsts[1:] == lasts[:-1] + 1)
+            # After the last row only fillers remain, which repeat the last visit.
+            tail = slice(lasts[-1] + 1, None)
+            assert not np.any(flags[tail]) and np.all(rows[tail] == rows[lasts[-1]])
