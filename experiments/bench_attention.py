@@ -15,19 +15,19 @@ forward+backward. It prints a table and writes CSV and a log-log PNG.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import os
 import resource
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from longjax.attention import block_sparse, block_sparse_attention, dense_attention, favor_attention
-from longjax.attention import favor_projection, masks, sliding_window_attention
+from longjax.attention import favor_projection, masks, sliding_window_attention, specs
+
+import bench_common
+from bench_common import Column, Panel
 
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
 BIGBIRD = dict(block_size=64, num_window_blocks=3, global_blocks=(0, -1), num_random_blocks=3)
@@ -81,7 +81,7 @@ def _bigbird_keys_per_query(seq: int) -> float:
         num_blocks, HEADS, BIGBIRD["num_random_blocks"], num_window_blocks=BIGBIRD["num_window_blocks"],
         global_blocks=BIGBIRD["global_blocks"],
     )
-    spec = block_sparse.arguments.BlockSparseSpec(
+    spec = specs.BlockSparseSpec(
         block_size=block, num_blocks=num_blocks, window_radius=BIGBIRD["num_window_blocks"] // 2,
         global_blocks=block_sparse.arguments.normalize_global_blocks(BIGBIRD["global_blocks"], num_blocks),
         random_layout=layout, causal=False,
@@ -92,28 +92,10 @@ def _bigbird_keys_per_query(seq: int) -> float:
     return (sparse_keys + global_keys) / seq
 
 
-def _median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matmul_flops_per_second(n: int = 4096, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    return 2 * n**3 / _median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
-
-
-def _fwd_bwd(attention):
-    def run(q, k, v, cotangent):
-        out, vjp = jax.vjp(attention, q, k, v)
-        return out, vjp(cotangent)
-
-    return jax.jit(run)
+    return 2 * n**3 / bench_common.median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
 
 
 def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
@@ -125,7 +107,7 @@ def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
             continue
         for seq in seqs:
             shape = jax.ShapeDtypeStruct((1, seq, HEADS, HEAD_DIM), jnp.float32)
-            compiled = _fwd_bwd(case.attention).lower(shape, shape, shape, shape).compile()
+            compiled = bench_common.forward_backward(case.attention).lower(shape, shape, shape, shape).compile()
             mem = compiled.memory_analysis()
             planned = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
             row = dict(op=case.name, seq=seq, planned_peak_gb=planned / 1e9)
@@ -136,7 +118,7 @@ def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
                 continue
             keys = jax.random.split(jax.random.key(seq), 4)
             args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
-            seconds = _median_seconds(compiled, *args, repeats=repeats)
+            seconds = bench_common.median_seconds(compiled, *args, repeats=repeats)
             if case.keys_per_query is None:
                 row.update(seconds=seconds, useful_gflops=float("nan"), fraction_of_matmul=float("nan"))
             else:
@@ -150,38 +132,29 @@ def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
     return peak, rows
 
 
-def _table(rows) -> str:
-    header = "| op | seq | fwd+bwd ms | planned peak GB | useful GFLOP/s | of matmul |\n|---|---:|---:|---:|---:|---:|"
-    lines = [header]
-    for r in rows:
-        lines.append(
-            f"| {r['op']} | {r['seq']} | {r['seconds'] * 1e3:.1f} | {r['planned_peak_gb']:.2f} | "
-            f"{r['useful_gflops']:.1f} | {r['fraction_of_matmul']:.1%} |"
-        )
-    return "\n".join(lines)
+TABLE = (
+    Column("op", "op", numeric=False),
+    Column("seq", "seq"),
+    Column("fwd+bwd ms", "seconds", ".1f", scale=1e3),
+    Column("planned peak GB", "planned_peak_gb", ".2f"),
+    Column("useful GFLOP/s", "useful_gflops", ".1f"),
+    Column("of matmul", "fraction_of_matmul", ".1%"),
+)
 
 
 def _plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for op in dict.fromkeys(r["op"] for r in rows):
-        pts = [r for r in rows if r["op"] == op and r["seconds"] == r["seconds"]]
-        if pts:
-            ax_t.loglog([r["seq"] for r in pts], [r["seconds"] for r in pts], "o-", label=op)
-            ax_m.loglog([r["seq"] for r in pts], [r["planned_peak_gb"] for r in pts], "o-", label=op)
-    ax_t.set(xlabel="sequence length", ylabel="forward+backward seconds", title="time")
-    ax_m.set(xlabel="sequence length", ylabel="planned peak GB", title="memory")
-    for ax in (ax_t, ax_m):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_xscale("log", base=2)
-    ax_t.legend(fontsize=8)
-    fig.suptitle(f"attention fwd+bwd, heads {HEADS}, head_dim {HEAD_DIM}, float32, {jax.devices()[0].device_kind}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench_common.plot_against_seq(
+        rows,
+        path,
+        panels=(
+            Panel("seconds", ylabel="forward+backward seconds", title="time"),
+            Panel("planned_peak_gb", ylabel="planned peak GB", title="memory"),
+        ),
+        measured="seconds",
+        title=f"attention fwd+bwd, heads {HEADS}, head_dim {HEAD_DIM}, float32, {jax.devices()[0].device_kind}",
+        figsize=(11, 4.2),
+        legend_fontsize=8,
+    )
 
 
 def main():
@@ -196,17 +169,13 @@ def main():
     peak, rows = bench(seqs, args.memory_budget_gb * 1e9, args.repeats, args.ops)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_attention.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["matmul_gflops"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "matmul_gflops": peak / 1e9})
+    bench_common.write_csv(csv_path, rows, extra={"matmul_gflops": peak / 1e9})
     png_path = os.path.join(args.out, "bench_attention.png")
     _plot(rows, png_path)
     print()
     print(f"matmul throughput: {peak / 1e9:.1f} GFLOP/s; process max RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
-    print(_table(rows))
+    print(bench_common.markdown_table(rows, TABLE))
     print(_performer_crossover(rows))
     print(f"wrote {csv_path} and {png_path}")
 

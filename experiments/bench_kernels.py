@@ -26,12 +26,9 @@ It writes CSV and PNG into --out (experiments/results/, not versioned).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -40,7 +37,10 @@ import numpy as np
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
 from longjax.attention import arguments, bigbird_random_layout, block_sparse, block_sparse_attention
-from longjax.attention import favor_attention, favor_projection, sliding_window_attention
+from longjax.attention import favor_attention, favor_projection, sliding_window_attention, specs
+
+import bench_common
+from bench_common import Column, Panel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _band_pairs(left: int, right: int):
 def _bigbird_spec(setting, seq):
     blocks = -(-seq // setting.bigbird_block)
     layout = bigbird_random_layout(blocks, setting.heads, 3, seed=0)
-    return arguments.BlockSparseSpec(
+    return specs.BlockSparseSpec(
         block_size=setting.bigbird_block, num_blocks=blocks, window_radius=1,
         global_blocks=arguments.normalize_global_blocks((0, -1), blocks), random_layout=layout, causal=False,
     )
@@ -221,27 +221,7 @@ for _causal in (False, True):
     register(Case(f"xla_favor{_suffix}", _favor("xla", _causal), _favor_pairs))
 
 
-# --- timing -----------------------------------------------------------------------------------
-
-
-def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _programs(attention):
-    forward = jax.jit(attention)
-
-    def forward_backward(q, k, v, cotangent):
-        out, vjp = jax.vjp(attention, q, k, v)
-        return out, vjp(cotangent)
-
-    return forward, jax.jit(forward_backward)
+# --- measuring and reporting (timing, CSV, table and plot helpers in bench_common.py) ---------
 
 
 def measure(case: Case, setting: Setting, seq: int, repeats: int) -> dict:
@@ -254,9 +234,10 @@ def measure(case: Case, setting: Setting, seq: int, repeats: int) -> dict:
         keys = jax.random.split(jax.random.key(seq), 4)
         shape = (batch, seq, setting.heads, setting.head_dim)
         q, k, v, cotangent = (jax.random.normal(key, shape, jnp.float32).astype(setting.dtype) for key in keys)
-        forward, forward_backward = _programs(attention)
-        fwd = _median_seconds(forward, (q, k, v), repeats)
-        fwd_bwd = _median_seconds(forward_backward, (q, k, v, cotangent), repeats)
+        fwd = bench_common.median_seconds(jax.jit(attention), q, k, v, repeats=repeats)
+        fwd_bwd = bench_common.median_seconds(
+            bench_common.forward_backward(attention), q, k, v, cotangent, repeats=repeats
+        )
     except Unavailable as e:
         row["note"] = str(e)
         return row
@@ -280,18 +261,22 @@ def add_fractions(rows):
     return rows
 
 
+TABLE = (
+    Column("op", "op", numeric=False),
+    Column("seq", "seq"),
+    Column("batch", "batch"),
+    Column("fwd ms", "fwd_ms", ".3f"),
+    Column("fwd TFLOP/s", "fwd_tflops", ".3g"),
+    Column("of dense", "fwd_of_dense", ".0%"),
+    Column("fwd+bwd ms", "fwd_bwd_ms", ".3f"),
+    Column("fwd+bwd TFLOP/s", "fwd_bwd_tflops", ".3g"),
+    Column("of dense", "fwd_bwd_of_dense", ".0%"),
+    Column("note", "note", numeric=False),
+)
+
+
 def table(rows) -> str:
-    lines = [
-        "| op | seq | batch | fwd ms | fwd TFLOP/s | of dense | fwd+bwd ms | fwd+bwd TFLOP/s | of dense | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['op']} | {r['seq']} | {r['batch']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.3g} | "
-            f"{r['fwd_of_dense']:.0%} | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_tflops']:.3g} | "
-            f"{r['fwd_bwd_of_dense']:.0%} | {r['note']} |"
-        )
-    return "\n".join(lines)
+    return bench_common.markdown_table(rows, TABLE)
 
 
 def goal(rows, seq: int = 32768) -> str:
@@ -318,27 +303,19 @@ def goal(rows, seq: int = 32768) -> str:
 
 
 def plot(rows, path: str, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for op in dict.fromkeys(r["op"] for r in rows):
-        pts = [r for r in rows if r["op"] == op and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]]
-        if pts:
-            ax_t.plot([r["seq"] for r in pts], [r["fwd_bwd_tflops"] for r in pts], "o-", label=op)
-            ax_f.plot([r["seq"] for r in pts], [r["fwd_bwd_of_dense"] for r in pts], "o-", label=op)
-    ax_t.set(xlabel="sequence length", ylabel="useful TFLOP/s (fwd+bwd)", title="throughput")
-    ax_f.set(xlabel="sequence length", ylabel="fraction of dense flash", title="vs dense flash attention")
-    ax_f.axhline(0.6, color="gray", linestyle=":", linewidth=1)
-    for ax in (ax_t, ax_f):
-        ax.set_xscale("log", base=2)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    bench_common.plot_against_seq(
+        rows,
+        path,
+        panels=(
+            Panel("fwd_bwd_tflops", ylabel="useful TFLOP/s (fwd+bwd)", title="throughput", log_y=False),
+            Panel("fwd_bwd_of_dense", ylabel="fraction of dense flash", title="vs dense flash attention",
+                  log_y=False, hline=0.6),
+        ),
+        measured="fwd_bwd_ms",
+        title=title,
+        figsize=(12, 4.5),
+        legend_fontsize=7,
+    )
 
 
 def _block_sizes(text: str | None):
@@ -393,11 +370,7 @@ def main():
     add_fractions(rows)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "bench_kernels.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["device"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "device": device})
+    bench_common.write_csv(csv_path, rows, extra={"device": device})
     png_path = os.path.join(args.out, "bench_kernels.png")
     plot(rows, png_path, f"attention kernels, {device}, heads {setting.heads}, head_dim {setting.head_dim}, "
                          f"{setting.dtype.name}")
