@@ -6,12 +6,21 @@ window of 3 blocks (the current and the previous ones count), the first block
 global and 3 random earlier blocks per query block; the layout is fixed per layer.
 """
 
-from longjax import recipes
+import ml_collections
+from ml_collections import config_dict
+
+from configs import enwik8_small
 
 
 def get_config():
-    config = recipes.char_lm_config("enwik8", "small")
-    return recipes.with_attention(
-        config,
-        dict(type="block_sparse", block_size=64, num_window_blocks=3, global_blocks=(0,), num_random_blocks=3),
-    )
+    config = enwik8_small.get_config()
+    config.model.attention = ml_collections.ConfigDict()
+    config.model.attention.type = "block_sparse"
+    config.model.attention.block_size = 64  # tokens per block
+    config.model.attention.num_window_blocks = 3  # the block itself and one each side (the right one is masked: causal)
+    config.model.attention.global_blocks = (0,)  # block indices attending and attended by everything
+    config.model.attention.num_random_blocks = 3  # random earlier blocks per query block
+    config.model.attention.impl = config_dict.placeholder(str)  # None | 'xla' | 'pallas' | 'reference'
+    config.model.attention_per_layer = ml_collections.ConfigDict()  # every layer alike
+    config.phases.window_scale = (1,) * len(config.phases.seq_len)  # no windows to scale
+    return config

@@ -11,13 +11,23 @@ features of norm sqrt(d_model/2) each, which makes the estimate much noisier
 Set --config.model.position=txl_relative for the like-for-like positions.
 """
 
-from longjax import recipes
+import ml_collections
+from ml_collections import config_dict
+
+from configs import enwik8_small
 
 
 def get_config():
-    config = recipes.char_lm_config("enwik8", "small")
-    config = recipes.with_attention(
-        config, dict(type="performer", num_features=256, feature_map="softmax", redraw_interval=1000)
-    )
+    config = enwik8_small.get_config()
     config.model.position = "rope"
+    config.model.attention = ml_collections.ConfigDict()
+    config.model.attention.type = "performer"
+    config.model.attention.num_features = 256  # random features per head
+    config.model.attention.feature_map = "softmax"  # positive random features (FAVOR+); or 'relu'
+    config.model.attention.orthogonal = True  # orthogonal random features (False: i.i.d. Gaussian rows)
+    config.model.attention.redraw_interval = 1000  # steps between projection redraws
+    config.model.attention.chunk_size = config_dict.placeholder(int)  # causal chunk length (None: automatic)
+    config.model.attention.impl = config_dict.placeholder(str)  # None | 'xla' | 'pallas' | 'reference'
+    config.model.attention_per_layer = ml_collections.ConfigDict()  # every layer alike
+    config.phases.window_scale = (1,) * len(config.phases.seq_len)  # no windows to scale
     return config

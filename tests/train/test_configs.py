@@ -8,10 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longjax import evaluation, experiment, models, recipes, train_steps
+from longjax import models, run
+from longjax.run import steps
+from longjax.tasks import char_lm
 from tests.train import tiny_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# The paper's dilated layers (appendix A), by its dilation d: heads 6-7 of these layers use d + 1 here.
+PAPER_DILATION_LAYERS = {
+    "small": {1: range(6, 8), 2: range(8, 10), 3: range(10, 12)},
+    "large": {1: range(15, 20), 2: range(20, 25), 3: range(25, 30)},
+}
 
 
 def _load(path):
@@ -21,11 +29,10 @@ def _load(path):
     return module.get_config()
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.py")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
 def test_every_config_loads_validates_and_plans(path):
     config = _load(path)
-    experiment.validate(config)
-    phases = experiment.plan(config)
+    phases = run.parse(config).phases
     assert phases[0].start_step == 0
     assert all(a.end_step == b.start_step for a, b in zip(phases, phases[1:]))
 
@@ -37,7 +44,7 @@ def test_every_config_loads_validates_and_plans(path):
 ])
 def test_longformer_recipe(corpus, size, steps, layers, dropout):
     config = _load(CONFIG_DIR / f"{corpus}_{size}.py")
-    phases = experiment.plan(config)
+    phases = run.parse(config).phases
     assert [p.seq_len for p in phases] == [2048, 4096, 8192, 16384, 23040]
     assert [p.batch_size for p in phases] == [32, 32, 16, 16, 16]
     assert [p.steps for p in phases] == list(steps)
@@ -57,7 +64,7 @@ def test_longformer_recipe(corpus, size, steps, layers, dropout):
         ]
     dilated = {1: (1,) * 6 + (2, 2), 2: (1,) * 6 + (3, 3), 3: (1,) * 6 + (4, 4)}
     expected = [1] * layers
-    for paper_d, span in recipes.PAPER_DILATION_LAYERS[size].items():
+    for paper_d, span in PAPER_DILATION_LAYERS[size].items():
         for layer in span:
             expected[layer] = dilated[paper_d]
     assert [a.dilation for a in base.attention] == expected
@@ -84,22 +91,25 @@ def _bad(mutate):
     (lambda c: setattr(c.model, "vocab_size", 27), r"model.vocab_size \(27\) is smaller than the pydoc_topics alphabet"),
 ])
 def test_bad_configs_are_rejected_naming_the_field(mutate, message):
-    with pytest.raises(experiment.ConfigError, match=message):
-        experiment.validate(_bad(mutate))
+    with pytest.raises(run.ConfigError, match=message):
+        run.parse(_bad(mutate))
 
 
 def test_window_scale_needs_sliding_window_layers():
-    config = recipes.with_attention(tiny_config.get_config(), dict(type="performer", num_features=8))
-    experiment.validate(config)
+    config = tiny_config.get_config()
+    config.model.attention = dict(type="performer", num_features=8)
+    config.model.attention_per_layer = {}
+    config.phases.window_scale = (1, 1)
+    run.parse(config)
     config.phases.window_scale = (1, 2)
-    with pytest.raises(experiment.ConfigError, match="phases.window_scale scales sliding-window layers"):
-        experiment.validate(config)
+    with pytest.raises(run.ConfigError, match="phases.window_scale scales sliding-window layers"):
+        run.parse(config)
 
 
 def test_weight_decay_skips_biases_norms_and_txl_vectors():
     cfg = models.transformer_config(tiny_config.get_config().model)
     params = jax.eval_shape(models.CharLM(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    mask = train_steps.decay_mask(params)
+    mask = steps.decay_mask(params)
     flat = {
         "/".join(str(getattr(k, "key", k)) for k in path): decayed
         for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
@@ -115,9 +125,10 @@ def test_weight_decay_skips_biases_norms_and_txl_vectors():
 def test_evaluation_uses_the_windows_each_phase_trained_with():
     config = _load(CONFIG_DIR / "enwik8_small.py")
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    for phase in experiment.plan(config):
-        evaluator = evaluation.Evaluator(config, phase, mesh)
+    plan = run.parse(config)
+    for phase in plan.phases:
+        evaluator = char_lm.BpcEvaluator(plan.eval, None, phase, mesh)
         windows = [a.window for a in evaluator.model_config.attention]
         assert windows == [a.window for a in phase.model.attention]
         # Clipped to the training length, not widened to the 32,256-character evaluation windows.
-        assert max(windows) == phase.seq_len < config.eval.seq_len
+        assert max(windows) == phase.seq_len < plan.eval.seq_len

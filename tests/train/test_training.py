@@ -12,8 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from longjax import checkpointing, evaluate, experiment, metrics_log, trainer
+from longjax import run, tracking
 from longjax.data import corpora
+from longjax.run import checkpointing
 from tests.train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -40,7 +41,11 @@ def _run(workdir, *overrides, devices=1, check=True):
 
 
 def _train_losses(workdir):
-    return [(r["step"], r["loss"]) for r in metrics_log.read_metrics(workdir) if r["kind"] == "train"]
+    return [(r["step"], r["loss"]) for r in tracking.read_metrics(workdir) if r["kind"] == "train"]
+
+
+def _train(config, workdir):
+    return run.train(run.parse(config), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,7 @@ def test_training_runs_both_phases_and_the_loss_falls(uninterrupted):
     losses = _train_losses(workdir)
     assert [step for step, _ in losses] == list(range(1, 11))
     assert np.mean([loss for _, loss in losses[-3:]]) < np.mean([loss for _, loss in losses[:3]])
-    records = metrics_log.read_metrics(workdir)
+    records = tracking.read_metrics(workdir)
     lr = {r["step"]: r["learning_rate"] for r in records if r["kind"] == "train"}
     # Warmup restarts each phase; the phase-2 rate is half the phase-1 rate.
     assert [lr[s] for s in range(1, 11)] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2, 2.5e-3, 5e-3, 5e-3, 5e-3])
@@ -70,7 +75,7 @@ def test_training_runs_both_phases_and_the_loss_falls(uninterrupted):
 
 
 def test_phase_change_doubles_windows_and_length_and_halves_the_rate():
-    first, second = experiment.plan(tiny_config.get_config())
+    first, second = run.parse(tiny_config.get_config()).phases
     assert second.seq_len == 2 * first.seq_len
     assert second.learning_rate == first.learning_rate / 2
     assert [a.window for a in second.model.attention] == [2 * a.window for a in first.model.attention]
@@ -122,7 +127,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(uninterrupted, tmp_path):
 def test_half_written_and_unreadable_checkpoints_are_skipped(tmp_path):
     config = tiny_config.get_config()
     config.phases.steps = (4, 2)
-    trainer.train_and_evaluate(config, tmp_path)
+    _train(config, tmp_path)
     first_losses = _train_losses(tmp_path)
     checkpoints = tmp_path / "checkpoints"
     # A crash mid-save leaves orbax's temporary directory ...
@@ -131,7 +136,7 @@ def test_half_written_and_unreadable_checkpoints_are_skipped(tmp_path):
     # ... and a lost or damaged file leaves a listed step that does not restore.
     shutil.rmtree(checkpoints / "6" / "state")
     (checkpoints / "6" / "state").mkdir()
-    result = trainer.train_and_evaluate(config, tmp_path)
+    result = _train(config, tmp_path)
     assert result.status == "finished" and result.step == 6
     # Resumed from step 4, set step 6 aside, and re-ran steps 5-6 exactly.
     assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == ["6"]
@@ -141,17 +146,17 @@ def test_half_written_and_unreadable_checkpoints_are_skipped(tmp_path):
 def test_a_changed_model_shape_is_refused_before_anything_is_touched(tmp_path):
     config = tiny_config.get_config()
     config.phases.steps = (2, 1)
-    trainer.train_and_evaluate(config, tmp_path)
+    _train(config, tmp_path)
     metrics_before = (tmp_path / "metrics.jsonl").read_text()
     wider = tiny_config.get_config()
     wider.phases.steps = (2, 1)
     wider.model.d_model = 48
-    with pytest.raises(trainer.ConfigChangedError, match=r"model.d_model: 32 -> 48"):
-        trainer.train_and_evaluate(wider, tmp_path)
+    with pytest.raises(run.ConfigChangedError, match=r"model.d_model: 32 -> 48"):
+        _train(wider, tmp_path)
     # Allowed config changes still cannot load other shapes: an error, not a fresh start.
     wider.allow_config_change = True
-    with pytest.raises(checkpointing.CheckpointError, match="none restores"):
-        trainer.train_and_evaluate(wider, tmp_path)
+    with pytest.raises(run.CheckpointError, match="none restores"):
+        _train(wider, tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
     assert not (tmp_path / "checkpoints_unreadable").exists()
 
@@ -159,14 +164,14 @@ def test_a_changed_model_shape_is_refused_before_anything_is_touched(tmp_path):
 def test_resuming_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     config = tiny_config.get_config()
     config.phases.steps = (2, 1)
-    trainer.train_and_evaluate(config, tmp_path)
+    _train(config, tmp_path)
     changed = tiny_config.get_config()
     changed.phases.steps = (2, 3)
     changed.model.dropout = 0.3
-    with pytest.raises(trainer.ConfigChangedError, match=r"model.dropout: 0.1 -> 0.3; phases.steps: \(2, 1\) -> \(2, 3\)"):
-        trainer.train_and_evaluate(changed, tmp_path)
+    with pytest.raises(run.ConfigChangedError, match=r"model.dropout: 0.1 -> 0.3; phases.steps: \(2, 1\) -> \(2, 3\)"):
+        _train(changed, tmp_path)
     changed.allow_config_change = True
-    result = trainer.train_and_evaluate(changed, tmp_path)
+    result = _train(changed, tmp_path)
     assert result.step == 5
 
 
@@ -175,8 +180,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     config.phases.learning_rate = (1e30, 1e30)
     config.optimizer.max_warmup_steps = 0
     config.checkpoint.every_steps = 1
-    with pytest.raises(trainer.NonFiniteLossError, match=r"the training loss is (nan|inf) at step (\d+)") as error:
-        trainer.train_and_evaluate(config, tmp_path)
+    with pytest.raises(run.NonFiniteLossError, match=r"the training loss is (nan|inf) at step (\d+)") as error:
+        _train(config, tmp_path)
     bad_step = int(str(error.value).split(" at step ")[1].split()[0])
     saved = checkpointing.Checkpointer(tmp_path, keep=3, async_save=False)
     assert saved.steps() and saved.steps()[-1] == bad_step - 1
@@ -188,7 +193,7 @@ def test_missing_data_fails_at_start_naming_the_file(tmp_path):
     config = tiny_config.get_config()
     config.data.update(dict(name="enwik8", dir=str(tmp_path / "data"), download=False))
     with pytest.raises(corpora.CorpusNotFoundError, match=r"enwik8") as error:
-        trainer.train_and_evaluate(config, tmp_path / "run")
+        _train(config, tmp_path / "run")
     assert str(tmp_path / "data") in str(error.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -210,6 +215,41 @@ def test_data_parallel_on_four_devices_equals_one_device(uninterrupted, tmp_path
 
 def test_standalone_evaluation_scores_each_character_once(uninterrupted):
     workdir, _ = uninterrupted
-    result = evaluate.evaluate_checkpoint(workdir, "test", max_chars=300)
+    result = run.evaluate_checkpoint(workdir, "test", limit=300)
     assert result["step"] == 10 and result["phase"] == 2
     assert result["chars"] == 299 and np.isfinite(result["bpc"])
+
+
+def _one_error_line(result) -> str:
+    """The run's stderr is exactly one `error:` line: no traceback, no background thread's complaint."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def test_unrestorable_checkpoints_fail_in_one_line_and_touch_nothing(tmp_path):
+    config = tiny_config.get_config()
+    config.phases.steps = (2, 1)
+    _train(config, tmp_path)
+    for step in (2, 3):
+        # Every array of every checkpoint lost: the reads fail in orbax's background machinery.
+        shutil.rmtree(tmp_path / "checkpoints" / str(step) / "state" / "ocdbt.process_0" / "d")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = _run(tmp_path, "--config.phases.steps=(2,1)", check=False)
+    line = _one_error_line(result)
+    assert "holds checkpoints but none restores (step 3: " in line and "; step 2: " in line
+    assert "Nothing was changed" in line and "another --workdir" in line
+    assert "TensorStore" not in line and len(line) < 1000
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    verbose = _run(tmp_path, "--config.phases.steps=(2,1)", "--verbose", check=False)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+    # The same error line last (which array's read fails first varies between runs).
+    assert verbose.stderr.strip().splitlines()[-1].startswith(line.split(" (step 3: ")[0])
+
+
+def test_a_bad_attention_option_names_its_config_path_before_anything_is_written(tmp_path):
+    result = _run(tmp_path / "run", "--config.model.attention_per_layer.window=(4,-32)", check=False)
+    line = _one_error_line(result)
+    assert "model.attention_per_layer.window[1]" in line and "-32" in line
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,50 @@
+"""`evaluate_checkpoint`: the task's evaluator on a checkpoint of a run, behind `python -m longjax.evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from longjax import tasks
+from longjax.run import checkpointing, plan as plan_lib
+from longjax.run.setup import setup
+from longjax.sections import ConfigError
+
+
+def evaluate_checkpoint(workdir, split: str | None = None, *, step: int | None = None,
+                        limit: int | None = None) -> dict:
+    """Scores `split` with checkpoint `step` (the newest when None) of the run in `workdir`.
+
+    The model, data and evaluator are rebuilt from the config saved in the
+    checkpoint, with the model of the phase the checkpoint was saved in.
+
+    Args:
+      workdir: the training run's directory.
+      split: one of the task's splits; None: its validation split.
+      step: the checkpoint; None: the newest.
+      limit: score only the first `limit` units of the split (the task's unit:
+        characters for `char_lm`); None: all of it.
+
+    Returns:
+      `{'task', 'step', 'phase' (1-based), 'split', **the evaluator's metrics}`.
+
+    Raises:
+      CheckpointError: no such checkpoint, or it does not restore;
+      ConfigError: the saved config no longer parses, or `split` is not the task's.
+    """
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+    try:
+        meta = checkpointer.meta(checkpointer.resolve_step(step))
+    finally:
+        checkpointer.close()
+    plan = plan_lib.parse(ml_collections.ConfigDict(json.loads(meta["config"])))
+    task = tasks.get(plan.task)
+    split = task.validation_split if split is None else split
+    if split not in task.splits:
+        raise ConfigError(f"split must be one of the {plan.task} task's {list(task.splits)}, got {split!r}")
+    with setup(plan, workdir, evaluate=True, step=meta["step"]) as run:
+        phase = plan.phases[meta["phase"]]
+        evaluator = run.task.evaluator(plan, run.data, phase, run.mesh)
+        metrics = evaluator(run.state.params, split, trained_steps=run.step, limit=limit)
+    return {"task": plan.task, "step": run.step, "phase": phase.index + 1, "split": split, **metrics}

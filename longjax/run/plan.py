@@ -1,0 +1,259 @@
+"""The experiment plan: a config parsed once into frozen, typed sections, validated as it is built.
+
+An experiment config (`configs/*.py`, `get_config()` -> `ml_collections.ConfigDict`)
+has these top-level fields; `parse(config)` turns it into an `ExperimentPlan`:
+
+    task                 the task module (`longjax.tasks.<task>`): model, data, loss, evaluators
+    seed                 every random choice of the run derives from it
+    init_from            None, or a run's workdir (or checkpoint directory) whose newest
+                         parameters initialise a new run (optimizer fresh)
+    model                the task's model config (`longjax.models.transformer_config` fields)
+    data                 the task's data section
+    eval                 the task's evaluation section (every task: every_steps)
+    phases               lists, one entry per phase: seq_len, batch_size, steps,
+                         learning_rate, window_scale
+    optimizer            AdamW: b1, b2, eps, weight_decay, grad_clip_norm,
+                         warmup_fraction, max_warmup_steps
+    checkpoint           every_steps, keep, async_save
+    mesh                 data (devices on the data axis, -1 = all), distributed
+                         (call jax.distributed.initialize() first: multi-host)
+    log_every_steps      console / TensorBoard / JSONL interval
+    allow_config_change  resume even if the saved config differs
+
+Parsing touches nothing: no file, device or JAX backend. Every error is a
+`ConfigError` naming the field, the value and what is allowed. Each phase
+carries its own model config (the task scales the sliding windows by the
+phase's `window_scale`, clipped to its length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from longjax import sections, tasks
+from longjax.sections import ConfigError
+
+PHASE_FIELDS = ("seq_len", "batch_size", "steps", "learning_rate", "window_scale")
+TOP_LEVEL = (
+    "task", "seed", "init_from", "model", "data", "eval", "phases", "optimizer", "checkpoint", "mesh",
+    "log_every_steps", "allow_config_change",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    """AdamW after global-norm clipping; a linear warmup restarts at every phase.
+
+    Attributes:
+      b1, b2, eps: Adam's moment decays and epsilon.
+      weight_decay: decoupled (AdamW) decay, on weight matrices and embeddings only.
+      grad_clip_norm: global gradient-norm clip.
+      warmup_fraction, max_warmup_steps: a phase warms up over
+        min(warmup_fraction * its steps, max_warmup_steps) steps.
+    """
+
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    warmup_fraction: float = 0.0
+    max_warmup_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            sections.require(0 <= value < 1, f"optimizer.{name}", value, "in [0, 1)")
+        sections.positive_number("optimizer.eps", self.eps)
+        sections.require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        sections.positive_number("optimizer.grad_clip_norm", self.grad_clip_norm)
+        sections.require(
+            0 <= self.warmup_fraction <= 1, "optimizer.warmup_fraction", self.warmup_fraction, "in [0, 1]"
+        )
+        sections.non_negative_int("optimizer.max_warmup_steps", self.max_warmup_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints: every N steps (and at phase ends and SIGTERM), the last `keep`, written asynchronously."""
+
+    every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        sections.positive_int("checkpoint.every_steps", self.every_steps)
+        sections.positive_int("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """The device mesh: today one `data` axis (data parallelism).
+
+    Attributes:
+      data: devices on the data axis; -1 takes them all.
+      distributed: call `jax.distributed.initialize()` before touching devices (multi-host runs).
+    """
+
+    data: int = -1
+    distributed: bool = False
+
+    def __post_init__(self):
+        sections.require(self.data == -1 or self.data >= 1, "mesh.data", self.data, "-1 (all devices) or >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training phase.
+
+    Attributes:
+      index: 0-based phase number.
+      start_step, end_step: global steps `[start_step, end_step)` of the phase.
+      seq_len, batch_size, learning_rate: the phase's settings (batch is global).
+      warmup_steps: linear warmup at the phase start; the rate is then constant.
+      window_scale: the phase's sliding windows are the base windows times this.
+      model: the phase's model config (windows scaled and clipped).
+    """
+
+    index: int
+    start_step: int
+    end_step: int
+    seq_len: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    window_scale: int
+    model: Any
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.start_step
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """A parsed, validated experiment config; see the module docstring for the fields.
+
+    `config_json` is the config as JSON (sorted keys), recorded with every
+    checkpoint so that a resumed or evaluated run is rebuilt from it.
+    """
+
+    task: str
+    seed: int
+    init_from: str | None
+    model: Any
+    data: Any
+    eval: Any
+    phases: tuple[Phase, ...]
+    optimizer: OptimizerSection
+    checkpoint: CheckpointSection
+    mesh: MeshSection
+    log_every_steps: int
+    allow_config_change: bool
+    config_json: str
+
+    @property
+    def total_steps(self) -> int:
+        return self.phases[-1].end_step
+
+    @property
+    def phase_starts(self) -> tuple[int, ...]:
+        return tuple(p.start_step for p in self.phases)
+
+
+def parse(config) -> ExperimentPlan:
+    """The `ExperimentPlan` of an experiment config (a ConfigDict or a nested dict).
+
+    Raises:
+      ConfigError: naming the first wrong field.
+    """
+    fields = sections.plain(config)
+    if not isinstance(fields, dict):
+        raise ConfigError(f"an experiment config must be a ConfigDict or dict, got {type(config).__name__}")
+    unknown = sorted(set(fields) - set(TOP_LEVEL))
+    if unknown:
+        raise ConfigError(f"unknown top-level field(s) {unknown}; the fields are {sorted(TOP_LEVEL)}")
+    missing = sorted(set(TOP_LEVEL) - set(fields))
+    if missing:
+        raise ConfigError(f"missing top-level field(s) {missing}")
+    task = tasks.get(fields["task"])
+    sections.non_negative_int("seed", fields["seed"])
+    init_from = fields["init_from"]
+    sections.require(init_from is None or (isinstance(init_from, str) and init_from), "init_from", init_from,
+                     "None or a directory")
+    sections.positive_int("log_every_steps", fields["log_every_steps"])
+    sections.require(isinstance(fields["allow_config_change"], bool), "allow_config_change",
+                     fields["allow_config_change"], "a bool (True/False)")
+    try:
+        model = task.model_config(fields["model"])
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from e
+    optimizer = sections.parse_section(OptimizerSection, fields["optimizer"], "optimizer")
+    plan = ExperimentPlan(
+        task=fields["task"],
+        seed=fields["seed"],
+        init_from=init_from,
+        model=model,
+        data=sections.parse_section(task.data_section, fields["data"], "data"),
+        eval=sections.parse_section(task.eval_section, fields["eval"], "eval"),
+        phases=_phases(fields["phases"], optimizer, model, task),
+        optimizer=optimizer,
+        checkpoint=sections.parse_section(CheckpointSection, fields["checkpoint"], "checkpoint"),
+        mesh=sections.parse_section(MeshSection, fields["mesh"], "mesh"),
+        log_every_steps=fields["log_every_steps"],
+        allow_config_change=fields["allow_config_change"],
+        config_json=config_json(config),
+    )
+    task.check(plan)
+    return plan
+
+
+def config_json(config) -> str:
+    """The config as JSON (tuples as lists, sorted keys), for checkpoint meta and the workdir."""
+    if hasattr(config, "to_json"):
+        return config.to_json(sort_keys=True)
+    return json.dumps(config, sort_keys=True)
+
+
+def _phases(section, optimizer: OptimizerSection, model, task) -> tuple[Phase, ...]:
+    if not isinstance(section, dict):
+        raise ConfigError(f"phases must be a section of per-phase lists, got {section!r}")
+    unknown = sorted(set(section) - set(PHASE_FIELDS))
+    if unknown:
+        raise ConfigError(f"phases: unknown field(s) {unknown}; the fields are {list(PHASE_FIELDS)}")
+    lists = {}
+    for field in PHASE_FIELDS:
+        if field not in section:
+            raise ConfigError(f"phases.{field} is missing: give one value per phase")
+        value = section[field]
+        if not isinstance(value, tuple) or not value:
+            raise ConfigError(f"phases.{field} must be a non-empty list (one value per phase), got {value!r}")
+        lists[field] = value
+    lengths = {field: len(values) for field, values in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"phases lists must have equal lengths (one value per phase), got {lengths}")
+    phases, start = [], 0
+    for p in range(lengths["seq_len"]):
+        for field in ("seq_len", "batch_size", "steps", "window_scale"):
+            sections.positive_int(f"phases.{field}[{p}]", lists[field][p])
+        sections.positive_number(f"phases.learning_rate[{p}]", lists["learning_rate"][p])
+        steps, seq_len, scale = lists["steps"][p], lists["seq_len"][p], lists["window_scale"][p]
+        phases.append(
+            Phase(
+                index=p,
+                start_step=start,
+                end_step=start + steps,
+                seq_len=seq_len,
+                batch_size=lists["batch_size"][p],
+                learning_rate=float(lists["learning_rate"][p]),
+                warmup_steps=min(int(optimizer.warmup_fraction * steps), optimizer.max_warmup_steps),
+                window_scale=scale,
+                model=task.phase_model(model, window_scale=scale, seq_len=seq_len),
+            )
+        )
+        start += steps
+    return tuple(phases)

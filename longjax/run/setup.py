@@ -1,0 +1,263 @@
+"""One set-up for training and evaluation: devices, mesh, optimizer, data, and the state to start from.
+
+Initialisation order (the one place it is decided):
+
+1. resume: this workdir's own newest checkpoint that restores (evaluation: the
+   checkpoint asked for, the newest by default);
+2. else `init_from`: parameters from another run's checkpoint (or a converted
+   one in the same layout), the optimizer fresh, step 0;
+3. else from scratch: parameters from `key(seed)`, step 0.
+
+Training reads everything it needs (devices, data, the workdir's checkpoints,
+`init_from`) before it writes anything, so a run that cannot start leaves the
+workdir as it found it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from longjax import tasks
+from longjax.run import checkpointing, steps
+from longjax.run.errors import ConfigChangedError, DeviceError, InitFromError
+from longjax.run.plan import ExperimentPlan
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` prepared; a context manager that closes the checkpointer.
+
+    Attributes:
+      plan, task: the experiment and its task.
+      workdir: the run's directory.
+      mesh: the device mesh; `replicated` and `batch_sharding` (leading axis
+        over `data`) are its shardings.
+      tx: the optimizer.
+      data: the task's data (`task.load_data`).
+      checkpointer: the workdir's checkpoints.
+      state: the train state to start from, placed with `replicated`.
+      step: its step.
+      restored: the checkpoint it came from when resumed (None otherwise).
+      origin: 'resumed', 'init_from' or 'scratch'.
+      notes: lines to report once the run's log is open (what came from where).
+    """
+
+    plan: ExperimentPlan
+    task: tasks.Task
+    workdir: Path
+    mesh: Mesh
+    replicated: NamedSharding
+    batch_sharding: NamedSharding
+    tx: Any
+    data: Any
+    checkpointer: checkpointing.Checkpointer
+    state: steps.TrainState
+    step: int
+    restored: checkpointing.Restored | None
+    origin: str
+    notes: list[str]
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def make_mesh(plan: ExperimentPlan) -> Mesh:
+    """The data-parallel mesh over every device, after checking that the phases' batches divide over it.
+
+    Raises:
+      DeviceError: naming the field that does not fit the devices.
+    """
+    devices = np.array(jax.devices())
+    if plan.mesh.data not in (-1, devices.size):
+        raise DeviceError(
+            f"mesh.data ({plan.mesh.data}) must be -1 or the number of devices ({devices.size}): "
+            "the data axis spans them all"
+        )
+    for phase in plan.phases:
+        for count, what in ((devices.size, "devices"), (jax.process_count(), "processes")):
+            if phase.batch_size % count:
+                raise DeviceError(
+                    f"phases.batch_size[{phase.index}] ({phase.batch_size}) must be a multiple of the "
+                    f"{count} {what}"
+                )
+    return Mesh(devices, (DATA_AXIS,))
+
+
+def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | None = None) -> Run:
+    """Devices, data, optimizer and the starting state of `plan` in `workdir`.
+
+    Args:
+      plan: the experiment.
+      workdir: the run's directory.
+      evaluate: set up to evaluate checkpoint `step` of the workdir (the
+        newest when None), reading only. Otherwise set up to train.
+
+    Raises:
+      DeviceError, data errors of the task, ConfigChangedError, CheckpointError, InitFromError.
+    """
+    if plan.mesh.distributed:
+        jax.distributed.initialize()
+    task = tasks.get(plan.task)
+    mesh = make_mesh(plan)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data = task.load_data(plan)
+    tx = steps.optimizer(plan.optimizer)
+    model = task.build_model(plan.phases[0].model)
+
+    def fresh_state():
+        return steps.init_state(task.init_params(model, jax.random.key(plan.seed)), tx)
+
+    abstract_state = checkpointing.abstract(jax.eval_shape(fresh_state), replicated)
+    workdir = Path(workdir)
+    parts = dict(
+        plan=plan, task=task, workdir=workdir, mesh=mesh, replicated=replicated,
+        batch_sharding=NamedSharding(mesh, PartitionSpec(DATA_AXIS)), tx=tx, data=data,
+    )
+    if evaluate:
+        return _evaluation_run(parts, abstract_state, step)
+
+    checkpoints = workdir / checkpointing.CHECKPOINT_DIR
+    checkpointer = None
+    restored = None
+    try:
+        if checkpoints.is_dir():
+            checkpointer = _checkpointer(plan, workdir)
+            restored = checkpointer.restore_latest(
+                abstract_state, lambda meta: _check_resumable(meta, plan, data, workdir)
+            )
+        notes = []
+        if restored is not None:
+            state, start_step, origin = restored.state, restored.step, "resumed"
+            notes.append(f"resumed from the checkpoint at step {start_step} in {checkpointer.directory}")
+            if plan.init_from:
+                notes.append(f"init_from ({plan.init_from}) not used: the run's own checkpoint comes first")
+        else:
+            state = jax.jit(fresh_state, out_shardings=replicated)()
+            start_step, origin = 0, "scratch"
+            if plan.init_from:
+                params, note = _params_from(plan.init_from, state.params, replicated)
+                state = state.replace(params=params)
+                origin = "init_from"
+                notes.append(note)
+        if checkpointer is None:
+            checkpointer = _checkpointer(plan, workdir)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        raise
+    return Run(**parts, checkpointer=checkpointer, state=state, step=start_step, restored=restored,
+               origin=origin, notes=notes)
+
+
+def _checkpointer(plan, workdir) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(workdir, keep=plan.checkpoint.keep, async_save=plan.checkpoint.async_save)
+
+
+def _check_resumable(meta: dict, plan: ExperimentPlan, data, workdir) -> None:
+    """Refuses to resume a checkpoint written with another config or other data (unless allowed)."""
+    if plan.allow_config_change:
+        return
+    differences = checkpointing.config_differences(meta["config"], plan.config_json)
+    if differences:
+        raise ConfigChangedError(
+            f"{workdir} holds a run with another config; differing fields (saved -> now): "
+            + "; ".join(differences)
+            + ". Use another --workdir, or pass --config.allow_config_change=True to resume anyway."
+        )
+    if meta["data"] != data.fingerprint:
+        raise ConfigChangedError(
+            f"{workdir} was trained on data with fingerprint {meta['data']}, this data has {data.fingerprint}. "
+            "Use another --workdir, or pass --config.allow_config_change=True to resume anyway."
+        )
+
+
+def _evaluation_run(parts: dict, abstract_state, step: int | None) -> Run:
+    plan, workdir, data = parts["plan"], parts["workdir"], parts["data"]
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+    try:
+        step = checkpointer.resolve_step(step)
+        restored = checkpointer.restore(step, abstract_state)
+        if restored.meta["data"] != data.fingerprint:
+            raise ConfigChangedError(
+                f"checkpoint {step} was trained on data with fingerprint {restored.meta['data']}, "
+                f"the data here has {data.fingerprint}"
+            )
+    except BaseException:
+        checkpointer.close()
+        raise
+    return Run(**parts, checkpointer=checkpointer, state=restored.state, step=step, restored=restored,
+               origin="resumed", notes=[])
+
+
+def _params_from(directory, fresh_params, sharding) -> tuple[Any, str]:
+    """`fresh_params` with every leaf that `directory`'s newest checkpoint holds taken from it, and a note."""
+    loaded, saved_paths, step, source = checkpointing.read_params(
+        directory, checkpointing.abstract(fresh_params, sharding), sharding
+    )
+    flat_fresh = _flat(fresh_params)
+    flat_loaded = _flat(loaded)
+    mismatched = [
+        f"{'/'.join(path)}: {tuple(flat_loaded[path].shape)} there, {tuple(x.shape)} here"
+        for path, x in flat_fresh.items()
+        if path in flat_loaded and flat_loaded[path].shape != x.shape
+    ]
+    if mismatched:
+        raise InitFromError(
+            f"init_from: {len(mismatched)} parameter(s) of checkpoint {step} in {source} have other shapes than "
+            f"this model's ({'; '.join(mismatched[:5])}{'; ...' if len(mismatched) > 5 else ''}): "
+            "the model config differs from the one that checkpoint was trained with"
+        )
+    if not flat_loaded:
+        raise InitFromError(
+            f"init_from: checkpoint {step} in {source} holds none of this model's {len(flat_fresh)} parameters "
+            "(another model family?)"
+        )
+    merged = {
+        path: flat_loaded[path].astype(x.dtype) if path in flat_loaded else x for path, x in flat_fresh.items()
+    }
+    fresh = sorted("/".join(p) for p in flat_fresh if p not in flat_loaded)
+    unused = sorted("/".join(p) for p in saved_paths if p not in flat_fresh)
+    note = f"init_from: {len(flat_loaded)} of {len(flat_fresh)} parameter arrays from checkpoint {step} in {source}"
+    if fresh:
+        note += f"; initialised fresh: {_listing(fresh)}"
+    if unused:
+        note += f"; not used: {_listing(unused)}"
+    return _unflat(merged), note
+
+
+def _flat(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, prefix + (str(key),)))
+        return out
+    return {prefix: tree}
+
+
+def _unflat(flat: dict[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _listing(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
