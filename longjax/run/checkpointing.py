@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from longjax import sections
 from longjax.run.errors import CheckpointError, InitFromError, brief
@@ -245,7 +246,7 @@ class Checkpointer:
             self.manager.close()
 
 
-def read_params(directory, abstract_params, sharding) -> tuple[dict, int, Path]:
+def read_params(directory, abstract_params, sharding) -> tuple[dict, set, int, Path]:
     """The parameters of the newest checkpoint that restores under `directory`, for `init_from`.
 
     Args:
@@ -285,33 +286,23 @@ def read_params(directory, abstract_params, sharding) -> tuple[dict, int, Path]:
                 saved = jax.tree_util.tree_map(
                     lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), manager.item_metadata(step)["state"]
                 )["params"]
-                wanted = _common_leaves(abstract_params, saved)
+                saved_leaves = traverse_util.flatten_dict(saved)
+                wanted = traverse_util.unflatten_dict({
+                    path: saved_leaves[path] for path in traverse_util.flatten_dict(abstract_params)
+                    if path in saved_leaves
+                })
+                if not wanted:  # nothing in common: the caller says so
+                    return {}, set(saved_leaves), step, directory
                 restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), wanted)
                 restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                     item={"params": wanted}, restore_args={"params": restore_args}, partial_restore=True,
                 )))
-                return restored["state"]["params"], _paths(saved), step, directory
+                return restored["state"]["params"], set(saved_leaves), step, directory
             except Exception as e:  # noqa: BLE001 - storage and structure errors alike, in one line
                 errors.append(f"step {step}: {brief(e)}")
         raise InitFromError(f"init_from: no checkpoint in {directory} restores ({'; '.join(errors)})")
     finally:
         manager.close()
-
-
-def _common_leaves(abstract, saved):
-    """The part of `abstract` whose paths `saved` has too, with `saved`'s shapes and dtypes."""
-    if isinstance(abstract, dict):
-        if not isinstance(saved, dict):
-            return {}
-        out = {k: _common_leaves(v, saved[k]) for k, v in abstract.items() if k in saved}
-        return {k: v for k, v in out.items() if v != {}}
-    return {} if isinstance(saved, dict) else saved
-
-
-def _paths(tree, prefix=()) -> set[tuple[str, ...]]:
-    if isinstance(tree, dict):
-        return set().union(*(_paths(v, prefix + (k,)) for k, v in tree.items())) if tree else set()
-    return {prefix}
 
 
 def config_differences(saved_json: str, config_json: str) -> list[str]:

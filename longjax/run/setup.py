@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longjax import tasks
@@ -208,8 +209,8 @@ def _params_from(directory, fresh_params, sharding) -> tuple[Any, str]:
     loaded, saved_paths, step, source = checkpointing.read_params(
         directory, checkpointing.abstract(fresh_params, sharding), sharding
     )
-    flat_fresh = _flat(fresh_params)
-    flat_loaded = _flat(loaded)
+    flat_fresh = traverse_util.flatten_dict(fresh_params)
+    flat_loaded = traverse_util.flatten_dict(loaded)
     mismatched = [
         f"{'/'.join(path)}: {tuple(flat_loaded[path].shape)} there, {tuple(x.shape)} here"
         for path, x in flat_fresh.items()
@@ -236,26 +237,7 @@ def _params_from(directory, fresh_params, sharding) -> tuple[Any, str]:
         note += f"; initialised fresh: {_listing(fresh)}"
     if unused:
         note += f"; not used: {_listing(unused)}"
-    return _unflat(merged), note
-
-
-def _flat(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flat(value, prefix + (str(key),)))
-        return out
-    return {prefix: tree}
-
-
-def _unflat(flat: dict[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
+    return traverse_util.unflatten_dict(merged), note
 
 
 def _listing(names: list[str], most: int = 6) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from longjax import run, tasks, tracking
-from tests.train import toy_config
+from tests.train import tiny_config, toy_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -130,6 +130,12 @@ def test_init_from_refuses_other_shapes_and_unrelated_checkpoints(toy_run, tmp_p
     assert not (tmp_path / "a").exists()
     with pytest.raises(run.InitFromError, match="holds no checkpoint|is not a directory"):
         run.setup(run.parse(_finetune_config(tmp_path / "nothing")), tmp_path / "b")
+    # A character LM shares no parameter path with the classifier.
+    char_lm = tiny_config.get_config()
+    char_lm.init_from = str(source)
+    with pytest.raises(run.InitFromError, match=r"holds none of this model's \d+ parameters"):
+        run.setup(run.parse(char_lm), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_runs_own_checkpoint_comes_before_init_from(toy_run, tmp_path):
