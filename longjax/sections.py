@@ -54,6 +54,10 @@ def require(condition: bool, path: str, value, allowed: str) -> None:
         raise ConfigError(f"{path} must be {allowed}, got {value!r}")
 
 
+def one_of(path: str, value, choices) -> None:
+    require(value in choices, path, value, f"one of {choices}")
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -157,22 +157,22 @@ class TransformerConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff"):
-            _check_positive_int(f"model.{name}", getattr(self, name))
+            sections.positive_int(f"model.{name}", getattr(self, name))
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})"
             )
-        _check_choice("model.position", self.position, POSITIONS)
-        _check_choice("model.layer_norm", self.layer_norm, LAYER_NORMS)
-        _check_choice("model.activation", self.activation, ACTIVATIONS)
-        _check_choice("model.dtype", self.dtype, DTYPES)
-        _check_choice("model.param_dtype", self.param_dtype, DTYPES)
+        sections.one_of("model.position", self.position, POSITIONS)
+        sections.one_of("model.layer_norm", self.layer_norm, LAYER_NORMS)
+        sections.one_of("model.activation", self.activation, ACTIVATIONS)
+        sections.one_of("model.dtype", self.dtype, DTYPES)
+        sections.one_of("model.param_dtype", self.param_dtype, DTYPES)
         for name in ("dropout", "attention_dropout"):
             rate = getattr(self, name)
             if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
                 raise ValueError(f"model.{name} must be a number in [0, 1), got {rate!r}")
         if self.position == "learned":
-            _check_positive_int("model.max_positions", self.max_positions)
+            sections.positive_int("model.max_positions", self.max_positions)
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"model.position='rope' needs an even head_dim, got {self.head_dim}")
         if not isinstance(self.attention, tuple) or len(self.attention) != self.num_layers:
@@ -200,16 +200,6 @@ class TransformerConfig:
         return jnp.dtype(self.param_dtype)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def _rule(check, **options):
     """An option's rule: `check(value, name=<the config path>, **options)`."""
     return lambda value, name, num_heads: check(value, name=name, **options)
@@ -221,7 +211,7 @@ def _rule(check, **options):
 # (max_global_tokens against it, the range of global_blocks) are the ops' alone.
 _OPTION_RULES: Mapping[type, Mapping[str, Callable]] = types.MappingProxyType({
     FullAttention: {
-        "impl": lambda value, name, num_heads: _check_choice(name, value, FullAttention.IMPLS),
+        "impl": lambda value, name, num_heads: sections.one_of(name, value, FullAttention.IMPLS),
     },
     SlidingWindowAttention: {
         "window": _rule(arguments.check_window),
@@ -351,7 +341,7 @@ def transformer_config(model: Mapping[str, Any]) -> TransformerConfig:
     """
     fields = dict(sections.plain(model))
     num_layers = fields.get("num_layers")
-    _check_positive_int("model.num_layers", num_layers)
+    sections.positive_int("model.num_layers", num_layers)
     if "attention" not in fields:
         raise ValueError("model.attention is required (a dict with a 'type' key)")
     num_heads = fields.get("num_heads")

@@ -48,7 +48,7 @@ class DataSection:
     download: bool = True
 
     def __post_init__(self):
-        sections.require(self.name in CORPUS_NAMES, "data.name", self.name, f"one of {list(CORPUS_NAMES)}")
+        sections.one_of("data.name", self.name, CORPUS_NAMES)
 
     @property
     def alphabet_size(self) -> int:
