@@ -1,0 +1,73 @@
+"""The programs whose Triton kernels must fit a Hopper GPU: every public op with `impl='pallas'`.
+
+Shared by `test_gpu_resources.py` and `experiments/kernel_resources.py` (which prints the table).
+Each case is a gradient program (value and gradients wrt q, k and v), so its
+export holds the forward, dq and dk/dv kernels of the op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from kernels_pallas.gpu_resources import TRITON_CALL
+from longjax.attention import block_sparse_attention, favor_attention, sliding_window_attention
+
+SEQ, HEADS, FEATURES = 4096, 4, 256
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+HEAD_DIMS = (64, 128)
+
+
+def _ops():
+    kernel = dict(impl="pallas", interpret=False)
+    return {
+        "band": lambda q, k, v, m, w: sliding_window_attention(
+            q, k, v, window=256, global_mask=m, padding_mask=m, max_global_tokens=8, **kernel
+        ),
+        "band_causal_dilated": lambda q, k, v, m, w: sliding_window_attention(
+            q, k, v, window=256, dilation=(1, 1, 2, 2), causal=True, padding_mask=m, **kernel
+        ),
+        "bigbird": lambda q, k, v, m, w: block_sparse_attention(
+            q, k, v, block_size=64, padding_mask=m, seed=0, **kernel
+        ),
+        "bigbird_causal_globals": lambda q, k, v, m, w: block_sparse_attention(
+            q, k, v, block_size=64, causal=True, global_mask=m, max_global_tokens=8, seed=0, **kernel
+        ),
+        "favor_causal": lambda q, k, v, m, w: favor_attention(
+            q, k, v, projection=w, causal=True, padding_mask=m, **kernel
+        ),
+        "favor_bidirectional": lambda q, k, v, m, w: favor_attention(
+            q, k, v, projection=w, padding_mask=m, **kernel
+        ),
+    }
+
+
+OPS = tuple(_ops())
+
+
+def _hopper():
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
+def exported_gradient(op: str, dtype: str, head_dim: int) -> str:
+    """The module text of `value_and_grad` of the op wrt q, k, v, exported for CUDA."""
+    fn = _ops()[op]
+    x = jax.ShapeDtypeStruct((1, SEQ, HEADS, head_dim), DTYPES[dtype])
+    mask = jax.ShapeDtypeStruct((1, SEQ), jnp.bool_)
+    projection = jax.ShapeDtypeStruct((FEATURES, head_dim), jnp.float32)
+
+    def loss(q, k, v, m, w):
+        return jnp.sum(fn(q, k, v, m, w).astype(jnp.float32))
+
+    program = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    with _hopper():
+        exported = export.export(
+            jax.jit(program), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+        )(x, x, x, mask, projection)
+    return exported.mlir_module()
