@@ -7,27 +7,35 @@ denominator, float32 states, stabilisers (and the usable-feature selection)
 held constant in the gradient. Features are computed inside the kernels from
 q, k and the projection, so no `[seq, features]` array reaches memory.
 
-Passes (each a chunk walk of `favor_walk`, one per (batch, head)):
+Passes (each a `favor_passes` pass: one program per (batch, head, chunk), all
+parallel; what links the chunks is a scan over per-chunk states between passes,
+as flash-linear-attention does it):
 
-* causal forward: walk the chunks carrying the float32 state
-  `S = sum_j phi(k_j) v_j^T` `[features, head_dim]`, the normaliser
-  `z = sum_j phi(k_j)` and the running key maximum; within a chunk, the exact
-  masked product of the chunk's query and key features.
-* causal backward: (1) a forward walk that recomputes S and z, giving dq, the
-  row terms `g_i . out_i`, and the chunk-start normaliser and running maximum
-  (`[features]` and a scalar per chunk: what the second walk needs to rebuild
-  each row's query stabiliser); (2) a reverse walk carrying the cotangent
-  state `dS` `[features, head_dim]` and `dz`, giving dk and dv. Every carried
-  factor is `exp(M_earlier - M_later) <= 1`; no per-position state is stored
-  and no earlier state is recovered by subtraction.
-* bidirectional forward: one walk reduces `phi(K)^T V`, the normaliser and the
-  key maximum (rescaling online as the maximum grows); an independent pass
-  applies `phi(Q)` to them.
-* bidirectional backward: a walk over query chunks gives dq and reduces
-  `dKV = sum_i phi(q_i) a_i^T` and dz; an independent pass over key chunks
-  gives dk and dv.
+* causal forward: (1) each chunk's own state `S_c = sum_j phi(k_j) v_j^T`
+  `[features, head_dim]`, normaliser `z_c` and key maximum `mu_c`, the
+  features stabilised by `mu_c`; (2) in XLA, the state entering each chunk
+  by a prefix scan over the chunks, `E_(c+1) = exp(P_c - P_(c+1)) E_c +
+  exp(mu_c - P_(c+1)) S_c` with `P` the running key maximum (every factor
+  <= 1; chunk c reads only chunks before it, so nothing later leaks in);
+  (3) each chunk's output from its entering state and the exact masked
+  product of its own query and key features, with each key stabilised by its
+  running maximum, as in the XLA implementation.
+* causal backward: (1)-(2) again; (3) per chunk, dq, the row terms
+  `g_i . out_i`, and what the chunk's rows saw of its entering state (the
+  local cotangent `seen^T a`); (4) in XLA, a reverse scan of those gives the
+  cotangent of the state leaving each chunk (factors <= 1); (5) per chunk,
+  dk and dv. No earlier state is recovered by subtraction.
+* bidirectional forward: per-chunk partial sums of `phi(K)^T V`, the
+  normaliser and the key maximum, combined in XLA (rescaled to the overall
+  maximum); then a pass applies `phi(Q)` to them.
+* bidirectional backward: per query chunk, dq and partial sums of
+  `dKV = sum_i phi(q_i) a_i^T` and dz, summed in XLA; per key chunk, dk, dv.
 
-The projection's gradient is computed (inside the same walks) only when the
+The per-chunk states cost `chunks * features * head_dim` float32 per (batch,
+head) in memory, `features * head_dim / chunk` per token: a longer chunk
+makes them smaller and the in-chunk products larger.
+
+The projection's gradient is computed (inside the same passes, as per-chunk partial sums) only when the
 projection is being differentiated.
 
 GPU runs through Triton, TPU through Mosaic; the block-size dataclass
@@ -46,11 +54,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas import common
-from kernels_pallas import favor_walk as walk
+from kernels_pallas import favor_passes as passes
 from kernels_pallas.common import MASK_VALUE, RELU_EPSILON
 
-# Widest (padded) head the Triton walks take: their float32 [features, head_dim]
-# state lives in registers (the lowering tests cover 64 and 128).
+# Widest (padded) head the Triton kernels take: each program holds float32
+# [features, head_dim] operands (the projection and a state) whole.
 _GPU_MAX_HEAD_DIM = 128
 
 
@@ -66,20 +74,22 @@ class GpuBlockSizes:
     """Chunk lengths and launch parameters of the Triton lowering.
 
     Attributes:
-      causal_chunk: rows per step of the causal walks (forward and backward):
+      causal_chunk: rows per program of the causal passes (forward and backward):
         the side of the exact in-chunk `[chunk, chunk]` product.
-      bidirectional_chunk: rows per step of the bidirectional passes.
-      num_warps: warps per program. The walks carry a float32
-        `[features, head_dim]` state in registers, so more warps mean fewer
-        registers per thread for it.
-      num_stages: software-pipelining stages of the chunk loop.
+      bidirectional_chunk: rows per program of the bidirectional passes.
+      num_warps: warps per program (every program is one chunk of one
+        (batch, head)).
+      num_stages: Triton's software-pipelining stages.
 
     Compiled, chunks must be powers of two >= 16 (Triton tiles are powers of
     two, `tl.dot` at least 16 on each side); interpret mode takes any chunk.
     """
 
-    causal_chunk: int = 64
-    bidirectional_chunk: int = 64
+    # 32 rows: at 64 the causal dq/dk,dv and the bidirectional backward kernels
+    # need more than Hopper's 232,448 B of shared memory at head_dim 64 with 256
+    # features (experiments/kernel_resources.py).
+    causal_chunk: int = 32
+    bidirectional_chunk: int = 32
     num_warps: int = 8
     num_stages: int = 2
 
@@ -106,7 +116,7 @@ class TpuBlockSizes:
     """Chunk lengths of the Mosaic lowering.
 
     Attributes:
-      causal_chunk: rows per step of the causal walks (forward and backward).
+      causal_chunk: rows per program of the causal passes (forward and backward).
       bidirectional_chunk: rows per step of the bidirectional passes.
 
     Compiled, chunks must be multiples of 16 (whole bfloat16 sublane tiles);
@@ -164,9 +174,9 @@ class _Spec:
     num_warps: int | None
     num_stages: int | None
 
-    def launch(self, order: str, name: str) -> walk.Launch:
-        return walk.Launch(
-            backend=self.backend, order=order, chunk=self.chunk, interpret=self.interpret,
+    def launch(self, name: str) -> passes.Launch:
+        return passes.Launch(
+            backend=self.backend, chunk=self.chunk, interpret=self.interpret,
             num_warps=self.num_warps, num_stages=self.num_stages, name=name,
         )
 
@@ -190,7 +200,7 @@ def favor_attention_pallas(
     The arguments are taken as valid: `longjax.attention.favor_attention`
     checks them before it dispatches here (through `longjax.attention.pallas_favor`).
     What is checked here is what the kernels themselves impose: chunk lengths
-    the compiled lowerings take, and the widest head of the Triton walks.
+    the compiled lowerings take, and the widest head of the Triton kernels.
 
     Args:
       q, k, v: `[batch, seq, heads, head_dim]`, one shape and floating dtype.
@@ -357,85 +367,136 @@ def _shape(x, *tail, dtype):
     return jax.ShapeDtypeStruct(x.shape[:2] + tuple(tail), dtype)
 
 
-def _state_init(spec, m, d, *, with_max: bool, extra=()):
-    """A walk's initial carry: `[m, d]` state and `[1, m]` normaliser (and `[1, 1]` running max)."""
+def _dw_outputs(spec, q, m, d, wants_dw):
+    """Per-chunk partial projection gradients `[B, H, chunks, m, d]`, when wanted."""
+    num_chunks = q.shape[2] // spec.chunk
+    return [(_shape(q, num_chunks, m, d, dtype=spec.compute_dtype), passes.CHUNKS)] if wants_dw else []
+
+
+def _sum_chunks(parts):
+    return [p.sum(axis=2) for p in parts]
+
+
+def _chunk_states(spec, k, v, valid, w, name):
+    """Each chunk's own key state, in parallel over (batch, head, chunk).
+
+    Returns `S_c = sum_j phi_c(k_j) v_j^T` `[B, H, chunks, m, d]`, `z_c = sum_j
+    phi_c(k_j)` `[B, H, chunks, 1, m]` and the chunk's key maximum `mu_c`
+    `[B, H, chunks, 1, 1]` that stabilises them (MASK_VALUE for a chunk with
+    no valid key, and for ReLU features, which need no stabiliser).
+    """
+    m, d = w.shape[-2:]
     cd = spec.compute_dtype
+    num_chunks = k.shape[2] // spec.chunk
+    return passes.run(
+        functools.partial(_chunk_state_step, spec),
+        [(k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE)],
+        [
+            (_shape(k, num_chunks, m, d, dtype=cd), passes.CHUNKS),
+            (_shape(k, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
+            (_shape(k, num_chunks, 1, 1, dtype=cd), passes.CHUNKS),
+        ],
+        spec.launch(name),
+    )
 
-    def init():
-        carry = (jnp.zeros((m, d), cd), jnp.zeros((1, m), cd))
-        if with_max:
-            carry += (jnp.full((1, 1), MASK_VALUE, cd),)
-        return carry + tuple(jnp.zeros(s, cd) for s in extra)
 
-    return init
+def _affine_scan(log_factor, terms, *, reverse: bool):
+    """`X_c = exp(log_factor_c) X_(c-1) + terms_c` over the chunk axis (2), inclusive, from
+    `X = 0`; `reverse` runs it from the last chunk. Every factor is <= 1, and each result
+    reads only the chunks on its own side (a prefix scan)."""
+
+    def combine(earlier, later):
+        (log_a, a), (log_b, b) = earlier, later
+        return log_a + log_b, jnp.exp(log_b) * a + b
+
+    return jax.lax.associative_scan(combine, (log_factor, terms), reverse=reverse, axis=2)[1]
+
+
+def _shift(x, *, later: bool):
+    """The chunk axis moved by one, zero-filled: each chunk gets its predecessor's value
+    (or, with `later`, its successor's)."""
+    zero = jnp.zeros_like(x[:, :, :1])
+    return jnp.concatenate([x[:, :, 1:], zero] if later else [zero, x[:, :, :-1]], axis=2)
+
+
+def _entering_states(states, normalisers, maxima):
+    """The feature state each causal chunk starts from, from the chunk-local states.
+
+    With `P_c` the running key maximum before chunk c (the exclusive prefix
+    max of the chunk maxima, MASK_VALUE before any key), the state entering
+    chunk c + 1 is `E_(c+1) = exp(P_c - P_(c+1)) E_c + exp(mu_c - P_(c+1)) S_c`:
+    the carry of a serial walk over the chunks, stabilised by the same running maximum, computed
+    by a prefix scan with factors <= 1. Returns `(E_c, Z_c, P_c)` per chunk
+    and `log_decay = P_c - P_(c+1)`, the factor the backward scan reuses.
+    """
+    after = jax.lax.cummax(maxima, axis=2)
+    before = jnp.concatenate([jnp.full_like(after[:, :, :1], MASK_VALUE), after[:, :, :-1]], axis=2)
+    log_decay = before - after
+    weight = jnp.exp(maxima - after)
+    state_in = _shift(_affine_scan(log_decay, states * weight, reverse=False), later=False)
+    normaliser_in = _shift(_affine_scan(log_decay, normalisers * weight, reverse=False), later=False)
+    return state_in, normaliser_in, before, log_decay
 
 
 def _causal_forward(spec, q, k, v, w, valid):
-    m, d = w.shape[-2:]
-    (out,) = walk.run(
+    state_in, normaliser_in, max_in, _ = _entering_states(*_chunk_states(spec, k, v, valid, w, "favor_causal_fwd_states"))
+    (out,) = passes.run(
         functools.partial(_causal_forward_step, spec),
-        [(q, walk.ROWS), (k, walk.ROWS), (v, walk.ROWS), (valid, walk.ROWS), (w, walk.WHOLE)],
-        [(_shape(q, *q.shape[2:], dtype=spec.out_dtype), walk.ROWS)],
-        spec.launch(walk.FORWARD, "favor_causal_fwd"),
-        init=_state_init(spec, m, d, with_max=True),
+        [(q, passes.ROWS), (k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS),
+         (state_in, passes.CHUNKS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS), (w, passes.WHOLE)],
+        [(_shape(q, *q.shape[2:], dtype=spec.out_dtype), passes.ROWS)],
+        spec.launch("favor_causal_fwd"),
     )
     return out
 
 
 def _causal_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
-    del saved  # the causal forward saves nothing: the first walk recomputes it
+    del saved  # the causal forward saves nothing: the chunk states are recomputed
     m, d = w.shape[-2:]
     cd = spec.compute_dtype
     seq = q.shape[2]
     num_chunks = seq // spec.chunk
-    dw_shape = [(_shape(q, m, d, dtype=cd), walk.WHOLE)] if wants_dw else []
-    dw_init = [(m, d)] if wants_dw else []
-    rows = [(q, walk.ROWS), (k, walk.ROWS), (v, walk.ROWS), (g, walk.ROWS), (valid, walk.ROWS)]
-    dq, delta, z_start, max_start, *dw_q = walk.run(
+    state_in, normaliser_in, max_in, log_decay = _entering_states(
+        *_chunk_states(spec, k, v, valid, w, "favor_causal_bwd_states")
+    )
+    rows = [(q, passes.ROWS), (k, passes.ROWS), (v, passes.ROWS), (g, passes.ROWS), (valid, passes.ROWS)]
+    dq, delta, dstate_local, dnormaliser_local, *dw_q = passes.run(
         functools.partial(_causal_dq_step, spec, wants_dw),
-        rows + [(w, walk.WHOLE)],
+        rows + [(state_in, passes.CHUNKS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS), (w, passes.WHOLE)],
         [
-            (_shape(q, seq, d, dtype=spec.out_dtype), walk.ROWS),
-            (_shape(q, seq, 1, dtype=cd), walk.ROWS),
-            (_shape(q, num_chunks, 1, m, dtype=cd), walk.CHUNKS),
-            (_shape(q, num_chunks, 1, 1, dtype=cd), walk.CHUNKS),
+            (_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS),
+            (_shape(q, seq, 1, dtype=cd), passes.ROWS),
+            (_shape(q, num_chunks, m, d, dtype=cd), passes.CHUNKS),
+            (_shape(q, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
         ]
-        + dw_shape,
-        spec.launch(walk.FORWARD, "favor_causal_bwd_dq"),
-        init=_state_init(spec, m, d, with_max=True, extra=dw_init),
-        finish=(lambda carry, _: carry[3:]) if wants_dw else None,
+        + _dw_outputs(spec, q, m, d, wants_dw),
+        spec.launch("favor_causal_bwd_dq"),
     )
-    dk, dv, *dw_k = walk.run(
+    # The cotangent of the state leaving each chunk: what the later chunks' rows
+    # saw of it, each term carried back with factors exp(P_c - P_(c+1)) <= 1.
+    dstate_out = _shift(_affine_scan(log_decay, dstate_local, reverse=True), later=True)
+    dnormaliser_out = _shift(_affine_scan(log_decay, dnormaliser_local, reverse=True), later=True)
+    dk, dv, *dw_k = passes.run(
         functools.partial(_causal_dkv_step, spec, wants_dw),
-        rows + [(delta, walk.ROWS), (z_start, walk.CHUNKS), (max_start, walk.CHUNKS), (w, walk.WHOLE)],
-        [(_shape(q, seq, d, dtype=spec.out_dtype), walk.ROWS)] * 2 + dw_shape,
-        spec.launch(walk.REVERSE, "favor_causal_bwd_dkv"),
-        init=_state_init(spec, m, d, with_max=False, extra=dw_init),
-        finish=(lambda carry, _: carry[2:]) if wants_dw else None,
+        rows + [(delta, passes.ROWS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS),
+                (dstate_out, passes.CHUNKS), (dnormaliser_out, passes.CHUNKS), (w, passes.WHOLE)],
+        [(_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS)] * 2 + _dw_outputs(spec, q, m, d, wants_dw),
+        spec.launch("favor_causal_bwd_dkv"),
     )
-    return dq, dk, dv, dw_q + dw_k
+    return dq, dk, dv, _sum_chunks(dw_q + dw_k)
 
 
 def _bidirectional_forward(spec, q, k, v, w, valid):
-    m, d = w.shape[-2:]
-    cd = spec.compute_dtype
-    kv, z, key_max = walk.run(
-        functools.partial(_key_reduce_step, spec),
-        [(k, walk.ROWS), (v, walk.ROWS), (valid, walk.ROWS), (w, walk.WHOLE)],
-        [
-            (_shape(k, m, d, dtype=cd), walk.WHOLE),
-            (_shape(k, 1, m, dtype=cd), walk.WHOLE),
-            (_shape(k, 1, 1, dtype=cd), walk.WHOLE),
-        ],
-        spec.launch(walk.FORWARD, "favor_bidirectional_fwd_keys"),
-        init=_state_init(spec, m, d, with_max=True),
-        finish=lambda carry, _: carry,
-    )
-    (out,) = walk.run(
+    kv_parts, z_parts, max_parts = _chunk_states(spec, k, v, valid, w, "favor_bidirectional_fwd_keys")
+    # Partial sums rescaled to the maximum over all keys (factors <= 1).
+    key_max = jnp.max(max_parts, axis=2)
+    factor = jnp.exp(max_parts - key_max[:, :, None])
+    kv, z = jnp.sum(kv_parts * factor, axis=2), jnp.sum(z_parts * factor, axis=2)
+    (out,) = passes.run(
         functools.partial(_query_apply_step, spec),
-        [(q, walk.ROWS), (valid, walk.ROWS), (w, walk.WHOLE), (kv, walk.WHOLE), (z, walk.WHOLE)],
-        [(_shape(q, *q.shape[2:], dtype=spec.out_dtype), walk.ROWS)],
-        spec.launch(walk.INDEPENDENT, "favor_bidirectional_fwd_queries"),
+        [(q, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE), (kv, passes.WHOLE), (z, passes.WHOLE)],
+        [(_shape(q, *q.shape[2:], dtype=spec.out_dtype), passes.ROWS)],
+        spec.launch("favor_bidirectional_fwd_queries"),
     )
     return out, (kv, z, key_max)
 
@@ -445,32 +506,27 @@ def _bidirectional_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
     m, d = w.shape[-2:]
     cd = spec.compute_dtype
     seq = q.shape[2]
-    dw_shape = [(_shape(q, m, d, dtype=cd), walk.WHOLE)] if wants_dw else []
-    dw_init = [(m, d)] if wants_dw else []
-    dq, dkv, dz, *dw_q = walk.run(
+    num_chunks = seq // spec.chunk
+    dq, dkv_parts, dz_parts, *dw_q = passes.run(
         functools.partial(_query_grad_step, spec, wants_dw),
-        [(q, walk.ROWS), (g, walk.ROWS), (valid, walk.ROWS), (w, walk.WHOLE), (kv, walk.WHOLE), (z, walk.WHOLE)],
+        [(q, passes.ROWS), (g, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE), (kv, passes.WHOLE), (z, passes.WHOLE)],
         [
-            (_shape(q, seq, d, dtype=spec.out_dtype), walk.ROWS),
-            (_shape(q, m, d, dtype=cd), walk.WHOLE),
-            (_shape(q, 1, m, dtype=cd), walk.WHOLE),
+            (_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS),
+            (_shape(q, num_chunks, m, d, dtype=cd), passes.CHUNKS),
+            (_shape(q, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
         ]
-        + dw_shape,
-        spec.launch(walk.FORWARD, "favor_bidirectional_bwd_queries"),
-        init=_state_init(spec, m, d, with_max=False, extra=dw_init),
-        finish=lambda carry, _: carry,
+        + _dw_outputs(spec, q, m, d, wants_dw),
+        spec.launch("favor_bidirectional_bwd_queries"),
     )
-    # Without a projection gradient the key chunks are independent.
-    dk, dv, *dw_k = walk.run(
+    dkv, dz = dkv_parts.sum(axis=2), dz_parts.sum(axis=2)
+    dk, dv, *dw_k = passes.run(
         functools.partial(_key_grad_step, spec, wants_dw),
-        [(k, walk.ROWS), (v, walk.ROWS), (valid, walk.ROWS), (w, walk.WHOLE), (dkv, walk.WHOLE),
-         (dz, walk.WHOLE), (key_max, walk.WHOLE)],
-        [(_shape(q, seq, d, dtype=spec.out_dtype), walk.ROWS)] * 2 + dw_shape,
-        spec.launch(walk.FORWARD if wants_dw else walk.INDEPENDENT, "favor_bidirectional_bwd_keys"),
-        init=(lambda: (jnp.zeros((m, d), cd),)) if wants_dw else tuple,
-        finish=(lambda carry, _: carry) if wants_dw else None,
+        [(k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE), (dkv, passes.WHOLE),
+         (dz, passes.WHOLE), (key_max, passes.WHOLE)],
+        [(_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS)] * 2 + _dw_outputs(spec, q, m, d, wants_dw),
+        spec.launch("favor_bidirectional_bwd_keys"),
     )
-    return dq, dk, dv, dw_q + dw_k
+    return dq, dk, dv, _sum_chunks(dw_q + dw_k)
 
 
 # --- kernel bodies: one chunk of one (batch, head), as values ----------------------------------
@@ -561,9 +617,7 @@ class _CausalChunk:
     kf: jax.Array  # [C, m] key features, stabilised by each key's own running max M_j
     decay: jax.Array  # [C, 1] exp(M_prev - M_i): carried terms seen from row i
     rescale: jax.Array  # [C, C] exp(M_j - M_i) for j <= i, else 0
-    to_end: jax.Array  # [C, 1] exp(M_j - M_end): key j in the carry leaving the chunk
-    carry_decay: jax.Array  # [1, 1] exp(M_prev - M_end)
-    max_end: jax.Array  # [1, 1] M_end, the running max after the chunk
+    to_end: jax.Array  # [C, 1] exp(M_j - M_end): key j in the state leaving the chunk
     normaliser: jax.Array  # [C, m] each row's key normaliser z_i
     scores: jax.Array  # [C, C] phi(q_i) . phi(k_j) exp(M_j - M_i), causal
     den: jax.Array  # [C, 1]
@@ -594,13 +648,11 @@ def _causal_chunk(spec, q, k, valid, w, max_prev, z_prev) -> _CausalChunk:
         decay = jnp.exp(max_prev - max_col)
         rescale = jnp.where(causal, jnp.exp(jnp.minimum(max_row - max_col, 0.0)), 0.0)
         to_end = jnp.exp(max_col - max_end)
-        carry_decay = jnp.exp(max_prev - max_end)
     else:
         kf = jnp.where(key_valid, _relu_features(spec, proj_k), 0.0)
         ones = jnp.ones((rows, 1), spec.compute_dtype)
         decay, to_end = ones, ones
         rescale = jnp.where(causal, 1.0, 0.0).astype(spec.compute_dtype)
-        carry_decay, max_end = jnp.ones((1, 1), spec.compute_dtype), max_prev
     normaliser = decay * z_prev + _dot(rescale, kf, cd)
     if spec.feature_map == "softmax":
         qf = _query_features(spec, logits_q, normaliser)
@@ -610,8 +662,7 @@ def _causal_chunk(spec, q, k, valid, w, max_prev, z_prev) -> _CausalChunk:
     den = jnp.sum(qf * normaliser, axis=1, keepdims=True)
     return _CausalChunk(
         xq=xq, proj_q=proj_q, xk=xk, proj_k=proj_k, qf=qf, kf=kf, decay=decay, rescale=rescale,
-        to_end=to_end, carry_decay=carry_decay, max_end=max_end, normaliser=normaliser,
-        scores=scores, den=den,
+        to_end=to_end, normaliser=normaliser, scores=scores, den=den,
     )
 
 
@@ -620,22 +671,12 @@ def _causal_numerator(spec, ch: _CausalChunk, state, v):
     return _dot(ch.qf, state, cd) * ch.decay + _dot(ch.scores, v, cd)
 
 
-def _advance(spec, ch: _CausalChunk, v, state, normaliser):
-    """The carry leaving the chunk, rescaled to the running max at its end."""
-    leaving = ch.kf * ch.to_end
-    state = state * ch.carry_decay + _dot(leaving, v, spec.compute_dtype, contract=(0, 0))
-    normaliser = normaliser * ch.carry_decay + jnp.sum(leaving, axis=0, keepdims=True)
-    return state, normaliser
-
-
-def _causal_forward_step(spec, values, whole, carry):
-    q, k, v, valid = values
+def _causal_forward_step(spec, values, whole):
+    q, k, v, valid, state, normaliser, max_prev = values
     (w,) = whole
-    state, normaliser, max_prev = carry
     ch = _causal_chunk(spec, q, k, valid, w, max_prev, normaliser)
     out, _ = _normalise(spec, _causal_numerator(spec, ch, state, v), ch.den, valid)
-    state, normaliser = _advance(spec, ch, v, state, normaliser)
-    return [out], (state, normaliser, ch.max_end)
+    return [out]
 
 
 def _row_cotangents(spec, g, out, inv):
@@ -646,10 +687,11 @@ def _row_cotangents(spec, g, out, inv):
     return g * inv, -delta * inv, delta
 
 
-def _causal_dq_step(spec, wants_dw, values, whole, carry):
-    q, k, v, g, valid = values
+def _causal_dq_step(spec, wants_dw, values, whole):
+    """dq, the row terms `g_i . out_i`, and what the chunk's rows saw of the entering state:
+    `seen^T a` `[m, d]` and `sum_i seen_i b_i` `[1, m]` (the local cotangent of that state)."""
+    q, k, v, g, valid, state, normaliser, max_prev = values
     (w,) = whole
-    state, normaliser, max_prev, *dw = carry
     cd = spec.compute_dtype
     ch = _causal_chunk(spec, q, k, valid, w, max_prev, normaliser)
     out, inv = _normalise(spec, _causal_numerator(spec, ch, state, v), ch.den, valid)
@@ -660,17 +702,18 @@ def _causal_dq_step(spec, wants_dw, values, whole, carry):
         + b * ch.normaliser
     )
     dq, dlogit = _input_grads(spec, dqf, ch.qf, ch.xq, ch.proj_q, w)
-    chunk_out = [dq, delta, normaliser, max_prev]
-    state, new_normaliser = _advance(spec, ch, v, state, normaliser)
+    # Every factor exp(M_prev - M_i) <= 1.
+    seen = ch.qf * ch.decay
+    chunk_out = [dq, delta, _dot(seen, a, cd, contract=(0, 0)), jnp.sum(seen * b, axis=0, keepdims=True)]
     if wants_dw:
-        dw = [dw[0] + _dot(dlogit, ch.xq, spec.compute_dtype, contract=(0, 0))]
-    return chunk_out, (state, new_normaliser, ch.max_end, *dw)
+        chunk_out.append(_dot(dlogit, ch.xq, cd, contract=(0, 0)))
+    return chunk_out
 
 
-def _causal_dkv_step(spec, wants_dw, values, whole, carry):
-    q, k, v, g, valid, delta, z_start, max_start = values
+def _causal_dkv_step(spec, wants_dw, values, whole):
+    """dk and dv, given the cotangent `dstate`, `dnormaliser` of the state leaving the chunk."""
+    q, k, v, g, valid, delta, z_start, max_start, dstate, dnormaliser = values
     (w,) = whole
-    dstate, dnormaliser, *dw = carry
     cd = spec.compute_dtype
     ch = _causal_chunk(spec, q, k, valid, w, max_start, z_start)
     _, inv = _normalise(spec, None, ch.den, valid)
@@ -683,13 +726,10 @@ def _causal_dkv_step(spec, wants_dw, values, whole, carry):
     dkf = _dot(dscores, ch.qf, cd, contract=(0, 0))
     dkf = dkf + ch.to_end * (_dot(v, dstate, cd, contract=(1, 1)) + dnormaliser)
     dk, dlogit = _input_grads(spec, dkf, ch.kf, ch.xk, ch.proj_k, w, mask=valid)
-    # The cotangent of the carry entering the chunk: every factor exp(M_prev - M_i) <= 1.
-    seen = ch.qf * ch.decay
-    dstate = _dot(seen, a, cd, contract=(0, 0)) + ch.carry_decay * dstate
-    dnormaliser = jnp.sum(seen * b, axis=0, keepdims=True) + ch.carry_decay * dnormaliser
+    chunk_out = [dk, dv]
     if wants_dw:
-        dw = [dw[0] + _dot(dlogit, ch.xk, spec.compute_dtype, contract=(0, 0))]
-    return [dk, dv], (dstate, dnormaliser, *dw)
+        chunk_out.append(_dot(dlogit, ch.xk, cd, contract=(0, 0)))
+    return chunk_out
 
 
 def _bidirectional_keys(spec, k, valid, w, key_max):
@@ -701,25 +741,21 @@ def _bidirectional_keys(spec, k, valid, w, key_max):
     return xk, proj_k, jnp.exp(jnp.where(valid > 0, logits - key_max, MASK_VALUE))
 
 
-def _key_reduce_step(spec, values, whole, carry):
+def _chunk_state_step(spec, values, whole):
+    """The chunk's `phi(K)^T V`, `sum phi(K)` and key maximum, features stabilised by it."""
     k, v, valid = values
     (w,) = whole
-    kv, normaliser, key_max = carry
     if spec.feature_map == "softmax":
         xk, proj_k = _project(spec, k, w)
         logits = _softmax_logits(spec, xk, proj_k)
         row_max = jnp.max(jnp.where(valid > 0, logits, MASK_VALUE), axis=1, keepdims=True)
         chunk_max = jnp.max(row_max, axis=0, keepdims=True)
-        new_max = jnp.maximum(key_max, chunk_max)
-        # What was summed so far is rescaled to the new maximum; the total equals
-        # the features stabilised by the maximum over all keys.
-        factor = jnp.exp(key_max - new_max)
-        kf = jnp.exp(jnp.where(valid > 0, logits - new_max, MASK_VALUE))
-        kv, normaliser, key_max = kv * factor, normaliser * factor, new_max
+        kf = jnp.exp(jnp.where(valid > 0, logits - chunk_max, MASK_VALUE))
     else:
-        _, _, kf = _bidirectional_keys(spec, k, valid, w, key_max)
-    kv = kv + _dot(kf, v, spec.compute_dtype, contract=(0, 0))
-    return [], (kv, normaliser + jnp.sum(kf, axis=0, keepdims=True), key_max)
+        chunk_max = jnp.full((1, 1), MASK_VALUE, spec.compute_dtype)
+        _, _, kf = _bidirectional_keys(spec, k, valid, w, chunk_max)
+    kv = _dot(kf, v, spec.compute_dtype, contract=(0, 0))
+    return [kv, jnp.sum(kf, axis=0, keepdims=True), chunk_max]
 
 
 def _bidirectional_queries(spec, q, w, kv, normaliser):
@@ -732,32 +768,31 @@ def _bidirectional_queries(spec, q, w, kv, normaliser):
     return xq, proj_q, qf, num, jnp.sum(qf * normaliser, axis=1, keepdims=True)
 
 
-def _query_apply_step(spec, values, whole, carry):
+def _query_apply_step(spec, values, whole):
     q, valid = values
     w, kv, normaliser = whole
     _, _, _, num, den = _bidirectional_queries(spec, q, w, kv, normaliser)
     out, _ = _normalise(spec, num, den, valid)
-    return [out], carry
+    return [out]
 
 
-def _query_grad_step(spec, wants_dw, values, whole, carry):
+def _query_grad_step(spec, wants_dw, values, whole):
+    """dq and the chunk's partial sums of `dKV = sum_i phi(q_i) a_i^T` and dz."""
     q, g, valid = values
     w, kv, normaliser = whole
-    dkv, dnormaliser, *dw = carry
     cd = spec.compute_dtype
     xq, proj_q, qf, num, den = _bidirectional_queries(spec, q, w, kv, normaliser)
     out, inv = _normalise(spec, num, den, valid)
     a, b, _ = _row_cotangents(spec, g, out, inv)
     dqf = _dot(a, kv, cd, contract=(1, 1)) + b * normaliser
     dq, dlogit = _input_grads(spec, dqf, qf, xq, proj_q, w)
-    dkv = dkv + _dot(qf, a, cd, contract=(0, 0))
-    dnormaliser = dnormaliser + jnp.sum(qf * b, axis=0, keepdims=True)
+    chunk_out = [dq, _dot(qf, a, cd, contract=(0, 0)), jnp.sum(qf * b, axis=0, keepdims=True)]
     if wants_dw:
-        dw = [dw[0] + _dot(dlogit, xq, spec.compute_dtype, contract=(0, 0))]
-    return [dq], (dkv, dnormaliser, *dw)
+        chunk_out.append(_dot(dlogit, xq, cd, contract=(0, 0)))
+    return chunk_out
 
 
-def _key_grad_step(spec, wants_dw, values, whole, carry):
+def _key_grad_step(spec, wants_dw, values, whole):
     k, v, valid = values
     w, dkv, dnormaliser, key_max = whole
     cd = spec.compute_dtype
@@ -765,6 +800,7 @@ def _key_grad_step(spec, wants_dw, values, whole, carry):
     dv = _dot(kf, dkv, cd)
     dkf = _dot(v, dkv, cd, contract=(1, 1)) + dnormaliser
     dk, dlogit = _input_grads(spec, dkf, kf, xk, proj_k, w, mask=valid)
+    chunk_out = [dk, dv]
     if wants_dw:
-        carry = (carry[0] + _dot(dlogit, xk, spec.compute_dtype, contract=(0, 0)),)
-    return [dk, dv], carry
+        chunk_out.append(_dot(dlogit, xk, cd, contract=(0, 0)))
+    return chunk_out
