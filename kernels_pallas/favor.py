@@ -77,6 +77,10 @@ class GpuBlockSizes:
       causal_chunk: rows per program of the causal passes (forward and backward):
         the side of the exact in-chunk `[chunk, chunk]` product.
       bidirectional_chunk: rows per program of the bidirectional passes.
+      feature_tile: features per step of the kernels' loop over the features:
+        a program holds `[feature_tile, head_dim]` of the projection and of a
+        state at a time, which is what keeps it within shared memory and
+        registers (features beyond the padded count are not walked).
       num_warps: warps per program (every program is one chunk of one
         (batch, head)).
       num_stages: Triton's software-pipelining stages.
@@ -85,16 +89,22 @@ class GpuBlockSizes:
     two, `tl.dot` at least 16 on each side); interpret mode takes any chunk.
     """
 
-    # 32 rows: at 64 the causal dq/dk,dv and the bidirectional backward kernels
-    # need more than Hopper's 232,448 B of shared memory at head_dim 64 with 256
-    # features (experiments/kernel_resources.py).
+    # Measured with experiments/kernel_resources.py (sm_90, 256 features): with
+    # 32 rows and 32-feature tiles every kernel needs at most 74 KB of shared
+    # memory and the bidirectional ones no spills; 64-feature tiles or 16 warps
+    # spill more, 16-row chunks double the per-chunk states for a little less.
     causal_chunk: int = 32
     bidirectional_chunk: int = 32
+    feature_tile: int = 32
     num_warps: int = 8
     num_stages: int = 2
 
     def __post_init__(self):
         _check_chunks(self)
+        tile = self.feature_tile
+        # The Triton kernels pad the features to a power of two, which such a tile divides.
+        if not common.is_int(tile) or tile < 16 or tile & (tile - 1):
+            raise ValueError(f"GpuBlockSizes.feature_tile must be a power of two >= 16, got {tile!r}")
         warps = self.num_warps
         if not common.is_int(warps) or not 1 <= warps <= 32 or warps & (warps - 1):
             raise ValueError(f"GpuBlockSizes.num_warps must be a power of two <= 32, got {self.num_warps!r}")
@@ -171,6 +181,7 @@ class _Spec:
     backend: str
     interpret: bool
     chunk: int
+    feature_tile: int
     num_warps: int | None
     num_stages: int | None
 
@@ -300,6 +311,9 @@ def _favor_on(blocks, q, k, v, projection, padding_mask, *, feature_map, causal,
         backend=backend,
         interpret=interpret,
         chunk=chunk,
+        # Mosaic takes the features whole (one tile): its VMEM holds them, and
+        # lane slices narrower than 128 would not be aligned.
+        feature_tile=min(blocks.feature_tile, m_pad) if backend == "gpu" else m_pad,
         num_warps=getattr(blocks, "num_warps", None),
         num_stages=getattr(blocks, "num_stages", None),
     )
@@ -529,7 +543,14 @@ def _bidirectional_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
     return dq, dk, dv, _sum_chunks(dw_q + dw_k)
 
 
-# --- kernel bodies: one chunk of one (batch, head), as values ----------------------------------
+# --- kernel bodies: one chunk of one (batch, head) -------------------------------------------
+#
+# The features are walked in tiles of `spec.feature_tile` columns, so a program
+# holds a `[feature_tile, head_dim]` slice of the projection and of a state at a
+# time, never the whole `[features, head_dim]` (128 KB each in float32 at
+# head_dim 128 with 256 features). What needs every feature of a row, the key
+# maxima and the query stabilisers, is a reduction over the tiles first; the
+# tiles' features are then recomputed where they are used.
 
 
 def _dot(a, b, dtype, *, contract=(1, 0)):
@@ -541,39 +562,79 @@ def _dot(a, b, dtype, *, contract=(1, 0)):
     )
 
 
-def _feature_ok(spec, width):
-    """`[1, width]`: True for real features, False for the backend's padding."""
-    return jax.lax.broadcasted_iota(jnp.int32, (1, width), 1) < spec.features
+def _tiles(spec, width, body, init):
+    """Folds `body(cols, t, carry) -> carry` over the feature tiles of a `width`-feature
+    array, `cols` the tile's column slice and `t` its index; a single tile is a plain call."""
+    tile = spec.feature_tile
+    if width == tile:
+        return body(slice(None), 0, init)
+
+    def step(t, carry):
+        return body(pl.ds(pl.multiple_of(t * tile, tile), tile), t, carry)
+
+    return jax.lax.fori_loop(0, width // tile, step, init)
 
 
-def _project(spec, x, w):
-    """`(x', x' W^T)` for a chunk `x` `[rows, head_dim]`, with `x' = sqrt(scale) x`."""
+def _feature_ok(spec, t, width):
+    """`[1, width]`: True for the real features of tile t, False for the backend's padding."""
+    return jax.lax.broadcasted_iota(jnp.int32, (1, width), 1) + t * width < spec.features
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """One chunk of query or key rows, projected a feature tile at a time."""
+
+    xs: jax.Array  # [C, d] sqrt(scale) x
+    half_square: jax.Array  # [C, 1] |x'|^2 / 2
+
+
+def _rows(spec, x) -> _Rows:
     xs = x.astype(spec.compute_dtype) * math.sqrt(spec.scale)
-    return xs, _dot(xs, w, spec.compute_dtype, contract=(1, 1))
+    return _Rows(xs=xs, half_square=0.5 * jnp.sum(xs * xs, axis=1, keepdims=True))
 
 
-def _softmax_logits(spec, xs, proj):
-    """`w_f . x' - |x'|^2 / 2`, and MASK_VALUE at padded features (so they never win a max)."""
-    logits = proj - 0.5 * jnp.sum(xs * xs, axis=1, keepdims=True)
-    return jnp.where(_feature_ok(spec, proj.shape[1]), logits, MASK_VALUE)
+def _projected(spec, rows: _Rows, w_tile, t):
+    """`(x' W_t^T, logits)` of a feature tile: `w_f . x' - |x'|^2 / 2` (softmax; MASK_VALUE at
+    padded features, so they never win a max) or the ReLU features."""
+    proj = _dot(rows.xs, w_tile, spec.compute_dtype, contract=(1, 1))
+    ok = _feature_ok(spec, t, proj.shape[1])
+    if spec.feature_map == "relu":
+        return proj, jnp.where(ok, jnp.maximum(proj, 0.0) + RELU_EPSILON, 0.0)
+    return proj, jnp.where(ok, proj - rows.half_square, MASK_VALUE)
 
 
-def _relu_features(spec, proj):
-    return jnp.where(_feature_ok(spec, proj.shape[1]), jnp.maximum(proj, 0.0) + RELU_EPSILON, 0.0)
+def _max_logit(spec, rows: _Rows, w_ref, width):
+    """`[C, 1]`: each row's largest softmax logit over all features."""
+
+    def body(cols, t, best):
+        _, logits = _projected(spec, rows, w_ref[cols, :], t)
+        return jnp.maximum(best, jnp.max(logits, axis=1, keepdims=True))
+
+    return _tiles(spec, width, body, jnp.full((rows.xs.shape[0], 1), MASK_VALUE, spec.compute_dtype))
 
 
-def _query_features(spec, logits, normaliser):
-    """`longjax.attention.favor._query_features` for one chunk of rows.
+def _usable(spec, normaliser):
+    """Features whose key mass is at least sqrt(smallest normal); the others are left out."""
+    return normaliser >= math.sqrt(jnp.finfo(spec.compute_dtype).tiny)
 
-    `c_i = max_f (logit_if + log z_if)` over the features whose key mass z_if
-    is at least sqrt(smallest normal); the others are left out (zero).
-    """
-    cd = spec.compute_dtype
-    usable = normaliser >= math.sqrt(jnp.finfo(cd).tiny)
+
+def _stabiliser_term(spec, logits, normaliser):
+    """`max_f (logit_if + log z_if)` over one tile's usable features, `[C, 1]`."""
+    usable = _usable(spec, normaliser)
     shifted = jnp.where(usable, logits + jnp.log(jnp.where(usable, normaliser, 1.0)), MASK_VALUE)
-    c = jnp.max(shifted, axis=1, keepdims=True)
-    c = jnp.where(c > MASK_VALUE / 2, c, 0.0)  # a row with no key: every feature unusable
-    return jnp.exp(jnp.where(usable, logits - c, MASK_VALUE))
+    return jnp.max(shifted, axis=1, keepdims=True)
+
+
+def _finish_stabiliser(c):
+    return jnp.where(c > MASK_VALUE / 2, c, 0.0)  # a row with no key: every feature unusable
+
+
+def _query_tile(spec, logits, normaliser, c):
+    """`longjax.attention.favor._query_features` for one tile: `exp(logit - c_i)` at usable
+    features, with `c_i` the row's stabiliser over all tiles (ReLU: the features as they are)."""
+    if spec.feature_map == "relu":
+        return logits
+    return jnp.exp(jnp.where(_usable(spec, normaliser), logits - c, MASK_VALUE))
 
 
 def _normalise(spec, num, den, valid):
@@ -585,98 +646,35 @@ def _normalise(spec, num, den, valid):
     return (None if num is None else jnp.where(ok, num / safe, 0.0)), inverse
 
 
-def _input_grads(spec, dfeat, feat, xs, proj, w, mask=None):
-    """Gradients wrt the chunk's inputs and the projection, given those wrt its features.
+def _logit_grad(spec, dfeat, feat, proj, t, mask=None):
+    """The gradient wrt one tile's projections `x' W_t^T`, given that wrt its features.
 
-    Softmax features are `exp(logit - stabiliser)` (stabiliser constant), so the
-    logit gradient is `feat * dfeat`; `logit = x' W^T - |x'|^2 / 2`. ReLU
-    features `relu(x' W^T) + eps` pass the gradient where the projection is
-    positive; `mask` (`[rows, 1]`) zeroes rows whose features were zeroed.
+    Softmax features are `exp(logit - stabiliser)` (stabiliser constant), so
+    the logit gradient is `feat * dfeat`. ReLU features `relu(x' W^T) + eps`
+    pass the gradient where the projection is positive; `mask` (`[rows, 1]`)
+    zeroes rows whose features were zeroed.
     """
-    cd = spec.compute_dtype
     if spec.feature_map == "softmax":
-        dlogit = feat * dfeat
-        dxs = _dot(dlogit, w, cd) - xs * jnp.sum(dlogit, axis=1, keepdims=True)
-    else:
-        dlogit = jnp.where((proj > 0) & _feature_ok(spec, proj.shape[1]), dfeat, 0.0)
-        if mask is not None:
-            dlogit = jnp.where(mask > 0, dlogit, 0.0)
-        dxs = _dot(dlogit, w, cd)
-    return dxs * math.sqrt(spec.scale), dlogit
+        return feat * dfeat
+    dlogit = jnp.where((proj > 0) & _feature_ok(spec, t, proj.shape[1]), dfeat, 0.0)
+    return dlogit if mask is None else jnp.where(mask > 0, dlogit, 0.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _CausalChunk:
-    """One causal chunk's recomputed quantities (rows i, keys j of the chunk)."""
-
-    xq: jax.Array  # [C, d] sqrt(scale) q
-    proj_q: jax.Array  # [C, m]
-    xk: jax.Array
-    proj_k: jax.Array
-    qf: jax.Array  # [C, m] query features
-    kf: jax.Array  # [C, m] key features, stabilised by each key's own running max M_j
-    decay: jax.Array  # [C, 1] exp(M_prev - M_i): carried terms seen from row i
-    rescale: jax.Array  # [C, C] exp(M_j - M_i) for j <= i, else 0
-    to_end: jax.Array  # [C, 1] exp(M_j - M_end): key j in the state leaving the chunk
-    normaliser: jax.Array  # [C, m] each row's key normaliser z_i
-    scores: jax.Array  # [C, C] phi(q_i) . phi(k_j) exp(M_j - M_i), causal
-    den: jax.Array  # [C, 1]
-
-
-def _causal_chunk(spec, q, k, valid, w, max_prev, z_prev) -> _CausalChunk:
-    """Recomputes a causal chunk's features and in-chunk products from its inputs and the
-    carry entering it (running max `max_prev` `[1, 1]`, normaliser `z_prev` `[1, m]`)."""
-    cd = spec.compute_dtype
-    rows = q.shape[0]
-    i = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
-    j = jax.lax.broadcasted_iota(jnp.int32, (rows, rows), 1)
-    causal = j <= i
-    key_valid = valid > 0
-    xq, proj_q = _project(spec, q, w)
-    xk, proj_k = _project(spec, k, w)
+def _input_grad(spec, rows: _Rows, dxs, dlogit_sum):
+    """dx from `sum_t dlogit_t W_t` and the row sums of the logit gradients (softmax logits
+    hold `-|x'|^2 / 2`)."""
     if spec.feature_map == "softmax":
-        logits_q = _softmax_logits(spec, xq, proj_q)
-        logits_k = _softmax_logits(spec, xk, proj_k)
-        key_max = jnp.where(key_valid, jnp.max(logits_k, axis=1, keepdims=True), MASK_VALUE)  # [C, 1]
-        # The running max over valid keys up to each position, as a row and as a
-        # column (transposed through a diagonal select: no 1-D vectors in the kernel).
-        max_row = jnp.maximum(max_prev, jnp.max(jnp.where(i <= j, key_max, MASK_VALUE), axis=0, keepdims=True))
-        max_col = jnp.max(jnp.where(i == j, max_row, MASK_VALUE), axis=1, keepdims=True)
-        max_end = jnp.maximum(max_prev, jnp.max(key_max, axis=0, keepdims=True))
-        # Masking the exponent, not the result: exp(+huge) * 0 would be NaN.
-        kf = jnp.exp(jnp.where(key_valid, logits_k - max_col, MASK_VALUE))
-        decay = jnp.exp(max_prev - max_col)
-        rescale = jnp.where(causal, jnp.exp(jnp.minimum(max_row - max_col, 0.0)), 0.0)
-        to_end = jnp.exp(max_col - max_end)
-    else:
-        kf = jnp.where(key_valid, _relu_features(spec, proj_k), 0.0)
-        ones = jnp.ones((rows, 1), spec.compute_dtype)
-        decay, to_end = ones, ones
-        rescale = jnp.where(causal, 1.0, 0.0).astype(spec.compute_dtype)
-    normaliser = decay * z_prev + _dot(rescale, kf, cd)
-    if spec.feature_map == "softmax":
-        qf = _query_features(spec, logits_q, normaliser)
-    else:
-        qf = _relu_features(spec, proj_q)
-    scores = _dot(qf, kf, cd, contract=(1, 1)) * rescale
-    den = jnp.sum(qf * normaliser, axis=1, keepdims=True)
-    return _CausalChunk(
-        xq=xq, proj_q=proj_q, xk=xk, proj_k=proj_k, qf=qf, kf=kf, decay=decay, rescale=rescale,
-        to_end=to_end, normaliser=normaliser, scores=scores, den=den,
-    )
+        dxs = dxs - rows.xs * dlogit_sum
+    return dxs * math.sqrt(spec.scale)
 
 
-def _causal_numerator(spec, ch: _CausalChunk, state, v):
-    cd = spec.compute_dtype
-    return _dot(ch.qf, state, cd) * ch.decay + _dot(ch.scores, v, cd)
+def _grad_init(rows: _Rows):
+    return jnp.zeros_like(rows.xs), jnp.zeros_like(rows.half_square)
 
 
-def _causal_forward_step(spec, values, whole):
-    q, k, v, valid, state, normaliser, max_prev = values
-    (w,) = whole
-    ch = _causal_chunk(spec, q, k, valid, w, max_prev, normaliser)
-    out, _ = _normalise(spec, _causal_numerator(spec, ch, state, v), ch.den, valid)
-    return [out]
+def _grad_step(spec, grads, dlogit, w_tile):
+    dxs, dlogit_sum = grads
+    return dxs + _dot(dlogit, w_tile, spec.compute_dtype), dlogit_sum + jnp.sum(dlogit, axis=1, keepdims=True)
 
 
 def _row_cotangents(spec, g, out, inv):
@@ -687,120 +685,277 @@ def _row_cotangents(spec, g, out, inv):
     return g * inv, -delta * inv, delta
 
 
-def _causal_dq_step(spec, wants_dw, values, whole):
+@dataclasses.dataclass(frozen=True)
+class _CausalChunk:
+    """What one causal chunk needs of every feature (rows i, keys j of the chunk)."""
+
+    q: _Rows
+    k: _Rows
+    valid: jax.Array  # [C, 1]
+    max_col: jax.Array  # [C, 1] M_i, the running key max at row i (softmax)
+    decay: jax.Array  # [C, 1] exp(M_prev - M_i): entering-state terms seen from row i
+    rescale: jax.Array  # [C, C] exp(M_j - M_i) for j <= i, else 0
+    to_end: jax.Array  # [C, 1] exp(M_j - M_end): key j in the state leaving the chunk
+    stabiliser: jax.Array  # [C, 1] each row's query stabiliser c_i (softmax)
+
+
+def _causal_chunk(spec, q, k, valid, w_ref, z_ref, max_prev) -> _CausalChunk:
+    """A causal chunk's running maxima and query stabilisers, from its inputs and the state
+    entering it (running max `max_prev` `[1, 1]`, normaliser `z_ref` `[1, m]`)."""
+    cd = spec.compute_dtype
+    n = q.shape[0]
+    width = w_ref.shape[0]
+    i = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    causal = j <= i
+    rows_q, rows_k = _rows(spec, q), _rows(spec, k)
+    if spec.feature_map == "softmax":
+        key_max = jnp.where(valid > 0, _max_logit(spec, rows_k, w_ref, width), MASK_VALUE)  # [C, 1]
+        # The running max over valid keys up to each position, as a row and as a
+        # column (transposed through a diagonal select: no 1-D vectors in the kernel).
+        max_row = jnp.maximum(max_prev, jnp.max(jnp.where(i <= j, key_max, MASK_VALUE), axis=0, keepdims=True))
+        max_col = jnp.max(jnp.where(i == j, max_row, MASK_VALUE), axis=1, keepdims=True)
+        max_end = jnp.maximum(max_prev, jnp.max(key_max, axis=0, keepdims=True))
+        decay = jnp.exp(max_prev - max_col)
+        rescale = jnp.where(causal, jnp.exp(jnp.minimum(max_row - max_col, 0.0)), 0.0)
+        to_end = jnp.exp(max_col - max_end)
+    else:
+        ones = jnp.ones((n, 1), cd)
+        max_col, decay, to_end = ones, ones, ones
+        rescale = jnp.where(causal, 1.0, 0.0).astype(cd)
+    ch = _CausalChunk(
+        q=rows_q, k=rows_k, valid=valid, max_col=max_col, decay=decay, rescale=rescale, to_end=to_end,
+        stabiliser=jnp.zeros((n, 1), cd),
+    )
+    if spec.feature_map == "relu":
+        return ch
+
+    def body(cols, t, c):
+        _, logits_q, _, _, normaliser = _causal_tile(spec, ch, w_ref[cols, :], z_ref[:, cols], t)
+        return jnp.maximum(c, _stabiliser_term(spec, logits_q, normaliser))
+
+    c = _tiles(spec, width, body, jnp.full((n, 1), MASK_VALUE, cd))
+    return dataclasses.replace(ch, stabiliser=_finish_stabiliser(c))
+
+
+def _causal_tile(spec, ch: _CausalChunk, w_tile, z_tile, t):
+    """One feature tile of a causal chunk: `(proj_q, logits_q, proj_k, kf, normaliser)`, the
+    key features stabilised by each key's running max and `normaliser` `[C, T]` each row's z_i."""
+    proj_q, logits_q = _projected(spec, ch.q, w_tile, t)
+    proj_k, logits_k = _projected(spec, ch.k, w_tile, t)
+    if spec.feature_map == "softmax":
+        # Masking the exponent, not the result: exp(+huge) * 0 would be NaN.
+        kf = jnp.exp(jnp.where(ch.valid > 0, logits_k - ch.max_col, MASK_VALUE))
+    else:
+        kf = jnp.where(ch.valid > 0, logits_k, 0.0)
+    normaliser = ch.decay * z_tile + _dot(ch.rescale, kf, spec.compute_dtype)
+    return proj_q, logits_q, proj_k, kf, normaliser
+
+
+def _causal_products(spec, ch: _CausalChunk, w_ref, z_ref, state_ref):
+    """`(carried numerator, scores, den)`: `phi(q_i) . E` decayed to row i `[C, d]` (or None
+    without `state_ref`), the masked in-chunk `phi(q_i) . phi(k_j)` `[C, C]` and the
+    denominators `[C, 1]`, each summed over the feature tiles."""
+    cd = spec.compute_dtype
+    n, d = ch.q.xs.shape
+
+    def body(cols, t, acc):
+        num, scores, den = acc
+        _, logits_q, _, kf, normaliser = _causal_tile(spec, ch, w_ref[cols, :], z_ref[:, cols], t)
+        qf = _query_tile(spec, logits_q, normaliser, ch.stabiliser)
+        if state_ref is not None:
+            num = num + _dot(qf, state_ref[cols, :], cd)
+        scores = scores + _dot(qf, kf, cd, contract=(1, 1))
+        return num, scores, den + jnp.sum(qf * normaliser, axis=1, keepdims=True)
+
+    init = (jnp.zeros((n, d), cd), jnp.zeros((n, n), cd), jnp.zeros((n, 1), cd))
+    num, scores, den = _tiles(spec, w_ref.shape[0], body, init)
+    return (num * ch.decay if state_ref is not None else None), scores * ch.rescale, den
+
+
+def _causal_forward_step(spec, ins, outs):
+    q_ref, k_ref, v_ref, valid_ref, state_ref, z_ref, max_ref, w_ref = ins
+    (o_ref,) = outs
+    valid = valid_ref[...]
+    ch = _causal_chunk(spec, q_ref[...], k_ref[...], valid, w_ref, z_ref, max_ref[...])
+    carried, scores, den = _causal_products(spec, ch, w_ref, z_ref, state_ref)
+    out, _ = _normalise(spec, carried + _dot(scores, v_ref[...], spec.compute_dtype), den, valid)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _causal_dq_step(spec, wants_dw, ins, outs):
     """dq, the row terms `g_i . out_i`, and what the chunk's rows saw of the entering state:
     `seen^T a` `[m, d]` and `sum_i seen_i b_i` `[1, m]` (the local cotangent of that state)."""
-    q, k, v, g, valid, state, normaliser, max_prev = values
-    (w,) = whole
+    q_ref, k_ref, v_ref, g_ref, valid_ref, state_ref, z_ref, max_ref, w_ref = ins
+    dq_ref, delta_ref, dstate_ref, dz_ref, *dw_ref = outs
     cd = spec.compute_dtype
-    ch = _causal_chunk(spec, q, k, valid, w, max_prev, normaliser)
-    out, inv = _normalise(spec, _causal_numerator(spec, ch, state, v), ch.den, valid)
-    a, b, delta = _row_cotangents(spec, g, out, inv)
-    dqf = (
-        _dot(a, state, cd, contract=(1, 1)) * ch.decay
-        + _dot(_dot(a, v, cd, contract=(1, 1)) * ch.rescale, ch.kf, cd)
-        + b * ch.normaliser
-    )
-    dq, dlogit = _input_grads(spec, dqf, ch.qf, ch.xq, ch.proj_q, w)
-    # Every factor exp(M_prev - M_i) <= 1.
-    seen = ch.qf * ch.decay
-    chunk_out = [dq, delta, _dot(seen, a, cd, contract=(0, 0)), jnp.sum(seen * b, axis=0, keepdims=True)]
-    if wants_dw:
-        chunk_out.append(_dot(dlogit, ch.xq, cd, contract=(0, 0)))
-    return chunk_out
+    valid, v = valid_ref[...], v_ref[...]
+    ch = _causal_chunk(spec, q_ref[...], k_ref[...], valid, w_ref, z_ref, max_ref[...])
+    carried, scores, den = _causal_products(spec, ch, w_ref, z_ref, state_ref)
+    out, inv = _normalise(spec, carried + _dot(scores, v, cd), den, valid)
+    a, b, delta = _row_cotangents(spec, g_ref[...], out, inv)
+    a_v = _dot(a, v, cd, contract=(1, 1)) * ch.rescale
+
+    def body(cols, t, grads):
+        w_tile, state = w_ref[cols, :], state_ref[cols, :]
+        proj_q, logits_q, _, kf, normaliser = _causal_tile(spec, ch, w_tile, z_ref[:, cols], t)
+        qf = _query_tile(spec, logits_q, normaliser, ch.stabiliser)
+        dqf = _dot(a, state, cd, contract=(1, 1)) * ch.decay + _dot(a_v, kf, cd) + b * normaliser
+        dlogit = _logit_grad(spec, dqf, qf, proj_q, t)
+        # Every factor exp(M_prev - M_i) <= 1.
+        seen = qf * ch.decay
+        dstate_ref[cols, :] = _dot(seen, a, cd, contract=(0, 0)).astype(dstate_ref.dtype)
+        dz_ref[:, cols] = jnp.sum(seen * b, axis=0, keepdims=True).astype(dz_ref.dtype)
+        if wants_dw:
+            dw_ref[0][cols, :] = _dot(dlogit, ch.q.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+        return _grad_step(spec, grads, dlogit, w_tile)
+
+    dq = _input_grad(spec, ch.q, *_tiles(spec, w_ref.shape[0], body, _grad_init(ch.q)))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    delta_ref[...] = delta.astype(delta_ref.dtype)
 
 
-def _causal_dkv_step(spec, wants_dw, values, whole):
+def _causal_dkv_step(spec, wants_dw, ins, outs):
     """dk and dv, given the cotangent `dstate`, `dnormaliser` of the state leaving the chunk."""
-    q, k, v, g, valid, delta, z_start, max_start, dstate, dnormaliser = values
-    (w,) = whole
+    q_ref, k_ref, v_ref, g_ref, valid_ref, delta_ref, z_ref, max_ref, dstate_ref, dz_ref, w_ref = ins
+    dk_ref, dv_ref, *dw_ref = outs
     cd = spec.compute_dtype
-    ch = _causal_chunk(spec, q, k, valid, w, max_start, z_start)
-    _, inv = _normalise(spec, None, ch.den, valid)
-    g = g.astype(spec.compute_dtype)
-    a, b = g * inv, -delta * inv
+    valid, v = valid_ref[...], v_ref[...]
+    ch = _causal_chunk(spec, q_ref[...], k_ref[...], valid, w_ref, z_ref, max_ref[...])
+    _, scores, den = _causal_products(spec, ch, w_ref, z_ref, None)
+    _, inv = _normalise(spec, None, den, valid)
+    a, b = g_ref[...].astype(cd) * inv, -delta_ref[...] * inv
     # d(score_ij) for the in-chunk pairs: through row i's numerator and denominator.
     dscores = ch.rescale * (_dot(a, v, cd, contract=(1, 1)) + b)
-    leaving = ch.kf * ch.to_end
-    dv = _dot(ch.scores, a, cd, contract=(0, 0)) + _dot(leaving, dstate, cd)
-    dkf = _dot(dscores, ch.qf, cd, contract=(0, 0))
-    dkf = dkf + ch.to_end * (_dot(v, dstate, cd, contract=(1, 1)) + dnormaliser)
-    dk, dlogit = _input_grads(spec, dkf, ch.kf, ch.xk, ch.proj_k, w, mask=valid)
-    chunk_out = [dk, dv]
-    if wants_dw:
-        chunk_out.append(_dot(dlogit, ch.xk, cd, contract=(0, 0)))
-    return chunk_out
+
+    def body(cols, t, carry):
+        grads, dv = carry
+        w_tile, dstate = w_ref[cols, :], dstate_ref[cols, :]
+        _, logits_q, proj_k, kf, normaliser = _causal_tile(spec, ch, w_tile, z_ref[:, cols], t)
+        qf = _query_tile(spec, logits_q, normaliser, ch.stabiliser)
+        leaving = kf * ch.to_end
+        dv = dv + _dot(leaving, dstate, cd)
+        dkf = _dot(dscores, qf, cd, contract=(0, 0))
+        dkf = dkf + ch.to_end * (_dot(v, dstate, cd, contract=(1, 1)) + dz_ref[:, cols])
+        dlogit = _logit_grad(spec, dkf, kf, proj_k, t, mask=valid)
+        if wants_dw:
+            dw_ref[0][cols, :] = _dot(dlogit, ch.k.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+        return _grad_step(spec, grads, dlogit, w_tile), dv
+
+    init = (_grad_init(ch.k), _dot(scores, a, cd, contract=(0, 0)))
+    grads, dv = _tiles(spec, w_ref.shape[0], body, init)
+    dk_ref[...] = _input_grad(spec, ch.k, *grads).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _bidirectional_keys(spec, k, valid, w, key_max):
-    """Key features of a chunk stabilised by `key_max` `[1, 1]`; zero at invalid keys."""
-    xk, proj_k = _project(spec, k, w)
+def _key_tile(spec, rows: _Rows, valid, w_tile, t, key_max):
+    """`(proj, kf)` of one tile of key features stabilised by `key_max` (`[1, 1]`); zero at
+    invalid keys."""
+    proj, logits = _projected(spec, rows, w_tile, t)
     if spec.feature_map == "relu":
-        return xk, proj_k, jnp.where(valid > 0, _relu_features(spec, proj_k), 0.0)
-    logits = _softmax_logits(spec, xk, proj_k)
-    return xk, proj_k, jnp.exp(jnp.where(valid > 0, logits - key_max, MASK_VALUE))
+        return proj, jnp.where(valid > 0, logits, 0.0)
+    return proj, jnp.exp(jnp.where(valid > 0, logits - key_max, MASK_VALUE))
 
 
-def _chunk_state_step(spec, values, whole):
-    """The chunk's `phi(K)^T V`, `sum phi(K)` and key maximum, features stabilised by it."""
-    k, v, valid = values
-    (w,) = whole
+def _chunk_state_step(spec, ins, outs):
+    """The chunk's `phi(K)^T V` `[m, d]`, `sum phi(K)` `[1, m]` and key maximum `[1, 1]`,
+    features stabilised by that maximum."""
+    k_ref, v_ref, valid_ref, w_ref = ins
+    kv_ref, z_ref, max_ref = outs
+    cd = spec.compute_dtype
+    rows, valid, v = _rows(spec, k_ref[...]), valid_ref[...], v_ref[...]
+    width = w_ref.shape[0]
+    chunk_max = jnp.full((1, 1), MASK_VALUE, cd)
     if spec.feature_map == "softmax":
-        xk, proj_k = _project(spec, k, w)
-        logits = _softmax_logits(spec, xk, proj_k)
-        row_max = jnp.max(jnp.where(valid > 0, logits, MASK_VALUE), axis=1, keepdims=True)
+        row_max = jnp.where(valid > 0, _max_logit(spec, rows, w_ref, width), MASK_VALUE)
         chunk_max = jnp.max(row_max, axis=0, keepdims=True)
-        kf = jnp.exp(jnp.where(valid > 0, logits - chunk_max, MASK_VALUE))
-    else:
-        chunk_max = jnp.full((1, 1), MASK_VALUE, spec.compute_dtype)
-        _, _, kf = _bidirectional_keys(spec, k, valid, w, chunk_max)
-    kv = _dot(kf, v, spec.compute_dtype, contract=(0, 0))
-    return [kv, jnp.sum(kf, axis=0, keepdims=True), chunk_max]
+
+    def body(cols, t, carry):
+        _, kf = _key_tile(spec, rows, valid, w_ref[cols, :], t, chunk_max)
+        kv_ref[cols, :] = _dot(kf, v, cd, contract=(0, 0)).astype(kv_ref.dtype)
+        z_ref[:, cols] = jnp.sum(kf, axis=0, keepdims=True).astype(z_ref.dtype)
+        return carry
+
+    _tiles(spec, width, body, ())
+    max_ref[...] = chunk_max.astype(max_ref.dtype)
 
 
-def _bidirectional_queries(spec, q, w, kv, normaliser):
-    xq, proj_q = _project(spec, q, w)
+def _bidirectional_products(spec, rows: _Rows, w_ref, kv_ref, z_ref):
+    """`(num, den, stabiliser)` of a chunk of queries against the whole key state."""
+    cd = spec.compute_dtype
+    n, d = rows.xs.shape
+    width = w_ref.shape[0]
+    c = jnp.zeros((n, 1), cd)
     if spec.feature_map == "softmax":
-        qf = _query_features(spec, _softmax_logits(spec, xq, proj_q), normaliser)
-    else:
-        qf = _relu_features(spec, proj_q)
-    num = _dot(qf, kv, spec.compute_dtype)
-    return xq, proj_q, qf, num, jnp.sum(qf * normaliser, axis=1, keepdims=True)
+
+        def reduce(cols, t, best):
+            _, logits = _projected(spec, rows, w_ref[cols, :], t)
+            return jnp.maximum(best, _stabiliser_term(spec, logits, z_ref[:, cols]))
+
+        c = _finish_stabiliser(_tiles(spec, width, reduce, jnp.full((n, 1), MASK_VALUE, cd)))
+
+    def body(cols, t, acc):
+        num, den = acc
+        normaliser = z_ref[:, cols]
+        _, logits = _projected(spec, rows, w_ref[cols, :], t)
+        qf = _query_tile(spec, logits, normaliser, c)
+        return num + _dot(qf, kv_ref[cols, :], cd), den + jnp.sum(qf * normaliser, axis=1, keepdims=True)
+
+    num, den = _tiles(spec, width, body, (jnp.zeros((n, d), cd), jnp.zeros((n, 1), cd)))
+    return num, den, c
 
 
-def _query_apply_step(spec, values, whole):
-    q, valid = values
-    w, kv, normaliser = whole
-    _, _, _, num, den = _bidirectional_queries(spec, q, w, kv, normaliser)
-    out, _ = _normalise(spec, num, den, valid)
-    return [out]
+def _query_apply_step(spec, ins, outs):
+    q_ref, valid_ref, w_ref, kv_ref, z_ref = ins
+    (o_ref,) = outs
+    num, den, _ = _bidirectional_products(spec, _rows(spec, q_ref[...]), w_ref, kv_ref, z_ref)
+    out, _ = _normalise(spec, num, den, valid_ref[...])
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _query_grad_step(spec, wants_dw, values, whole):
+def _query_grad_step(spec, wants_dw, ins, outs):
     """dq and the chunk's partial sums of `dKV = sum_i phi(q_i) a_i^T` and dz."""
-    q, g, valid = values
-    w, kv, normaliser = whole
+    q_ref, g_ref, valid_ref, w_ref, kv_ref, z_ref = ins
+    dq_ref, dkv_ref, dz_ref, *dw_ref = outs
     cd = spec.compute_dtype
-    xq, proj_q, qf, num, den = _bidirectional_queries(spec, q, w, kv, normaliser)
-    out, inv = _normalise(spec, num, den, valid)
-    a, b, _ = _row_cotangents(spec, g, out, inv)
-    dqf = _dot(a, kv, cd, contract=(1, 1)) + b * normaliser
-    dq, dlogit = _input_grads(spec, dqf, qf, xq, proj_q, w)
-    chunk_out = [dq, _dot(qf, a, cd, contract=(0, 0)), jnp.sum(qf * b, axis=0, keepdims=True)]
-    if wants_dw:
-        chunk_out.append(_dot(dlogit, xq, cd, contract=(0, 0)))
-    return chunk_out
+    rows = _rows(spec, q_ref[...])
+    num, den, c = _bidirectional_products(spec, rows, w_ref, kv_ref, z_ref)
+    out, inv = _normalise(spec, num, den, valid_ref[...])
+    a, b, _ = _row_cotangents(spec, g_ref[...], out, inv)
+
+    def body(cols, t, grads):
+        w_tile, normaliser = w_ref[cols, :], z_ref[:, cols]
+        proj, logits = _projected(spec, rows, w_tile, t)
+        qf = _query_tile(spec, logits, normaliser, c)
+        dqf = _dot(a, kv_ref[cols, :], cd, contract=(1, 1)) + b * normaliser
+        dlogit = _logit_grad(spec, dqf, qf, proj, t)
+        dkv_ref[cols, :] = _dot(qf, a, cd, contract=(0, 0)).astype(dkv_ref.dtype)
+        dz_ref[:, cols] = jnp.sum(qf * b, axis=0, keepdims=True).astype(dz_ref.dtype)
+        if wants_dw:
+            dw_ref[0][cols, :] = _dot(dlogit, rows.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+        return _grad_step(spec, grads, dlogit, w_tile)
+
+    dq = _input_grad(spec, rows, *_tiles(spec, w_ref.shape[0], body, _grad_init(rows)))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _key_grad_step(spec, wants_dw, values, whole):
-    k, v, valid = values
-    w, dkv, dnormaliser, key_max = whole
+def _key_grad_step(spec, wants_dw, ins, outs):
+    k_ref, v_ref, valid_ref, w_ref, dkv_ref, dz_ref, max_ref = ins
+    dk_ref, dv_ref, *dw_ref = outs
     cd = spec.compute_dtype
-    xk, proj_k, kf = _bidirectional_keys(spec, k, valid, w, key_max)
-    dv = _dot(kf, dkv, cd)
-    dkf = _dot(v, dkv, cd, contract=(1, 1)) + dnormaliser
-    dk, dlogit = _input_grads(spec, dkf, kf, xk, proj_k, w, mask=valid)
-    chunk_out = [dk, dv]
-    if wants_dw:
-        chunk_out.append(_dot(dlogit, xk, cd, contract=(0, 0)))
-    return chunk_out
+    rows, valid, v, key_max = _rows(spec, k_ref[...]), valid_ref[...], v_ref[...], max_ref[...]
+
+    def body(cols, t, carry):
+        grads, dv = carry
+        w_tile, dkv = w_ref[cols, :], dkv_ref[cols, :]
+        proj, kf = _key_tile(spec, rows, valid, w_tile, t, key_max)
+        dv = dv + _dot(kf, dkv, cd)
+        dkf = _dot(v, dkv, cd, contract=(1, 1)) + dz_ref[:, cols]
+        dlogit = _logit_grad(spec, dkf, kf, proj, t, mask=valid)
+        if wants_dw:
+            dw_ref[0][cols, :] = _dot(dlogit, rows.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+        return _grad_step(spec, grads, dlogit, w_tile), dv
+
+    grads, dv = _tiles(spec, w_ref.shape[0], body, (_grad_init(rows), jnp.zeros_like(rows.xs)))
+    dk_ref[...] = _input_grad(spec, rows, *grads).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)

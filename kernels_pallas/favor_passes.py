@@ -7,9 +7,9 @@ sequence (the feature state entering each chunk) is computed between passes,
 by a scan over per-chunk states in `favor.py`, so no program walks the
 sequence: the GPU gets batch * heads * chunks programs, not batch * heads.
 
-The step sees one chunk of each row operand, the chunk's entry of each
-per-chunk operand and the whole of each per-(batch, head) operand, and
-returns the chunk's outputs. Operand layouts (`B` and `H` may be 1 for an
+The step sees refs to one chunk of each row operand, the chunk's entry of
+each per-chunk operand and the whole of each per-(batch, head) operand, and
+writes the chunk's outputs. Operand layouts (`B` and `H` may be 1 for an
 operand shared by all batch rows or heads; the index maps broadcast it):
 
 * `ROWS`: `[B, H, seq, width]`, seen as `[chunk, width]`;
@@ -81,14 +81,13 @@ def run(
     """Runs one pass and returns its outputs, in the order of `outputs`.
 
     Args:
-      step: `(chunk_values, whole_values) -> chunk_outputs`: chunk_values are
-        the ROWS and CHUNKS inputs in order, whole_values the WHOLE inputs;
-        chunk_outputs are values for the outputs, in order.
+      step: `(input_refs, output_refs) -> None`, the refs in the order of
+        `inputs` and `outputs`, each seen as in the module docstring; the step
+        loads what it needs and stores every output (in slices, if it likes).
       inputs: `(array, kind)` pairs, laid out as in the module docstring.
       outputs: `(shape_dtype, kind)` pairs, ROWS or CHUNKS.
       launch: backend, chunk and launch parameters.
     """
-    kinds_in = [kind for _, kind in inputs]
     if any(kind == WHOLE for _, kind in outputs):
         raise ValueError(f"{launch.name}: outputs are ROWS or CHUNKS; whole results are reduced outside")
     batch, heads = outputs[0][0].shape[:2]
@@ -96,11 +95,7 @@ def run(
     n_in = len(inputs)
 
     def kernel(*refs):
-        in_refs, out_refs = refs[:n_in], refs[n_in:]
-        values = [r[...] for r, kind in zip(in_refs, kinds_in) if kind != WHOLE]
-        whole = [r[...] for r, kind in zip(in_refs, kinds_in) if kind == WHOLE]
-        for ref, value in zip(out_refs, step(values, whole)):
-            ref[...] = value.astype(ref.dtype)
+        step(refs[:n_in], refs[n_in:])
 
     if launch.backend == "gpu":
         compiler_params = plgpu.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
