@@ -14,7 +14,9 @@ is the pattern's business (`longjax.attention.kernel_layouts`), through
 `BlockLayout.from_visits`. Layouts come in compressed-sparse-row form, by
 query block (the forward and dq kernels) and transposed, by key block (the
 dk/dv kernel: which query blocks see each key block), and flattened into one
-visit list per head for the TPU grid.
+visit list per head for the TPU grid, whose scalar-memory form
+(`VisitTables`: a row per visit as chunk base + int8 offset, column and flags
+packed in one code, each table in its smallest int) is what the TPU kernels read.
 """
 
 from __future__ import annotations
@@ -162,6 +164,97 @@ class BlockLayout:
 
     def total_entries(self) -> int:
         return int(self.offsets[:, -1].sum())
+
+    @functools.cached_property
+    def _tables(self):
+        return {t: _visit_tables(self, t) for t in (False, True)}
+
+    def visit_tables(self, transposed: bool = False) -> VisitTables:
+        """The flattened visits compacted for TPU scalar memory (`VisitTables`)."""
+        return self._tables[transposed]
+
+
+# Bits of `VisitTables.codes`: `code = (column << CODE_SHIFT) | compute | partial`.
+CODE_PARTIAL = 1
+CODE_COMPUTE = 2
+CODE_SHIFT = 2
+# Visits per entry of `VisitTables.row_base`: every row has at least one visit, so the
+# row advances by 0 or 1 per visit and a chunk's offsets from its base are < 128 (int8).
+ROW_CHUNK = 128
+
+
+def smallest_int(array: np.ndarray) -> np.ndarray:
+    """The array in the smallest of int8, int16 and int32 that holds its (non-negative) values.
+
+    As splash attention's `downcast_smem_data`: scalar memory is small, and
+    these tables are all of it that a call uses.
+    """
+    array = np.asarray(array)
+    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"tables hold values in [0, 2**31), got [{array.min()}, {array.max()}]")
+    top = int(array.max()) if array.size else 0
+    for dtype in (np.int8, np.int16, np.int32):
+        if top <= np.iinfo(dtype).max:
+            return array.astype(dtype)
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VisitTables:
+    """The flattened visits as a TPU grid reads them from scalar memory, each table in its smallest int.
+
+    Visit `i = head * length + e` (per_head layouts; else `i = e`) is at row
+    `row_base[i // ROW_CHUNK] + row_offset[i]` and column `codes[i] >> CODE_SHIFT`,
+    partial if `codes[i] & CODE_PARTIAL`, a real visit (not filler) if
+    `codes[i] & CODE_COMPUTE`. A visit is the first of its row when the row
+    differs from the previous visit's (or e = 0), the last when it differs from
+    the next one's (or e = length - 1): no flag table is needed. Each head's
+    list is padded with fillers to a multiple of ROW_CHUNK so no chunk spans two heads.
+
+    Attributes:
+      length: visits per head (grid steps).
+      row_base: `[layout_heads * length / ROW_CHUNK]`, the row at each chunk's start.
+      row_offset: int8 `[layout_heads * length]`, the row minus its chunk's base (< ROW_CHUNK).
+      codes: `[layout_heads * length]`.
+    """
+
+    length: int
+    row_base: np.ndarray
+    row_offset: np.ndarray
+    codes: np.ndarray
+
+    @property
+    def arrays(self):
+        return self.row_base, self.row_offset, self.codes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays)
+
+
+def _visit_tables(layout: BlockLayout, transposed: bool) -> VisitTables:
+    rows, cols, flags = layout.flattened(transposed)
+    heads, length = rows.shape
+    padded = -(-length // ROW_CHUNK) * ROW_CHUNK
+    # Fillers repeat the last visit, computing nothing: no new block is fetched, and the row's
+    # outputs are written at the head's last step, which is still that row.
+    pad = lambda x, fill: np.concatenate([x, np.repeat(fill, padded - length, axis=1)], axis=1)
+    rows, cols = pad(rows, rows[:, -1:]), pad(cols, cols[:, -1:])
+    flags = pad(flags, np.zeros((heads, 1), flags.dtype))
+    codes = (cols.astype(np.int64) << CODE_SHIFT) | np.where(flags & FLAG_COMPUTE, CODE_COMPUTE, 0) | np.where(
+        flags & FLAG_PARTIAL, CODE_PARTIAL, 0
+    )
+    rows = rows.reshape(-1)
+    base = rows[::ROW_CHUNK]
+    offset = rows - np.repeat(base, ROW_CHUNK)
+    assert offset.min() >= 0 and offset.max() < ROW_CHUNK, "a row without visits"
+    tables = VisitTables(
+        length=padded, row_base=smallest_int(base), row_offset=offset.astype(np.int8),
+        codes=smallest_int(codes.reshape(-1)),
+    )
+    for array in tables.arrays:
+        array.setflags(write=False)
+    return tables
 
 
 def _flatten(layout: BlockLayout, transposed: bool):

@@ -141,7 +141,9 @@ def sliding_window_attention(
         platform needs.
       block_sizes: impl='pallas' only: `kernels_pallas.block_sparse_flash.GpuBlockSizes`
         (Triton lowering) or `TpuBlockSizes` (Mosaic lowering); the type
-        selects the lowering. None: the default backend's defaults (GPU's on CPU).
+        selects the lowering. None: each platform's defaults, chosen when
+        lowering (so `jax.export` from a CPU host works for 'cuda' and 'tpu');
+        interpreted, the TPU kernels on a TPU host and the GPU kernels elsewhere.
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
 
     Returns:

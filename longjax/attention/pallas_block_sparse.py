@@ -17,6 +17,11 @@ kernels:
   result through its log-sum-exp (and written over at global queries).
 * Padded queries come out as zeros.
 
+With `block_sizes=None` on a CPU host, compiled (an export), everything that
+depends on the block sizes (the kernels, BigBird's slots) is traced for both
+lowerings and the lowered platform keeps its own
+(`block_sparse_flash.per_lowering`); the global passes are shared.
+
 Layout: `[batch, seq, heads, head_dim]`, as the public ops.
 """
 
@@ -119,11 +124,14 @@ def sliding_window_pallas(
         raise NotImplementedError(
             "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
         )
-    block_sizes = block_sparse_kernels.default_block_sizes(block_sizes)
+    block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
-    out, lse = _band_heads(q, k, v, key_valid, spec, scale, block_sizes, interpret)
+    out, lse = block_sparse_kernels.per_lowering(
+        lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
+        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+    )
     return _complete(
         out, lse, q, k, v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
         max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
@@ -139,9 +147,23 @@ def block_sparse_pallas(
 
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
-    block_sizes = block_sparse_kernels.default_block_sizes(block_sizes)
+    block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
+    # The slots, so the kernel's inputs, depend on the lowering: all of it runs per lowering.
+    out, lse = block_sparse_kernels.per_lowering(
+        lambda blocks, *xs: _bigbird_kernel(*xs, spec=spec, scale=scale, block_sizes=blocks, interpret=interpret),
+        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+    )
+    return _complete(
+        out, lse, q, k, v, global_mask=global_mask, global_qkv=None,
+        padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
+    )
+
+
+def _bigbird_kernel(q, k, v, key_valid, *, spec: BlockSparseSpec, scale, block_sizes, interpret):
+    """(out `[b, n, h, d]`, lse `[b, h, n]`) of the BigBird blocks, through slots the lowering allows."""
     b, n = q.shape[:2]
     size, blocks = spec.block_size, spec.num_blocks
     # Each BigBird block sits in a slot of the next length the backend's blocks allow.
@@ -157,12 +179,8 @@ def block_sparse_pallas(
         return x.reshape(x.shape[:axis] + (blocks * size,) + x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, n),)]
 
     pattern = BigBirdPattern(spec, seq_len=n, slot=slot)
-    key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
     out, lse = block_sparse_kernels.block_sparse_flash(
         to_slots(q), to_slots(k), to_slots(v), to_slots(key_valid), pattern=pattern, scale=scale,
         block_sizes=block_sizes, interpret=interpret,
     )
-    return _complete(
-        from_slots(out, 1), from_slots(lse, 2), q, k, v, global_mask=global_mask, global_qkv=None,
-        padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
-    )
+    return from_slots(out, 1), from_slots(lse, 2)

@@ -22,6 +22,27 @@ TOLERANCES = {
     jnp.dtype(jnp.bfloat16): dict(atol=2e-2, rtol=2e-2),
 }
 
+# Float32 inputs through matmuls with bfloat16 operands and float32 accumulation (the
+# Triton block-sparse kernels' float32 mode, as FlashAttention's). bfloat16 rounds to
+# nearest with 8 significant bits: a relative error u <= 2^-8 per operand, so <= 2u per
+# product, with sums, statistics and outputs exact to float32. The longest chain, a
+# gradient (scores q.k -> p; dp = do.v -> ds; ds.k or ds.q), passes three such dots, each
+# adding up to 2u of the O(1) magnitudes involved: 6u. Measured on the kernel tests: up to
+# 3.4u. Deliberately not the bfloat16-input tolerance: outputs here are not rounded to bf16.
+BF16_DOTS_TOLERANCE = dict(atol=6 * 2**-8, rtol=6 * 2**-8)
+
+
+def tolerance(dtype, dot_dtype=None):
+    """The fixed tolerance for results computed from `dtype` inputs whose matmul operands are `dot_dtype`.
+
+    `dot_dtype` None: the inputs' dtype. Float32 inputs with bfloat16 operands get
+    `BF16_DOTS_TOLERANCE`; every other case the per-dtype `TOLERANCES`.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32 and dot_dtype is not None and jnp.dtype(dot_dtype) == jnp.bfloat16:
+        return BF16_DOTS_TOLERANCE
+    return TOLERANCES[dtype]
+
 
 def random_inputs(seed: int, shape, dtype, count: int):
     keys = jax.random.split(jax.random.key(seed), count)
@@ -41,10 +62,16 @@ def value_and_grads(fn, arrays, cotangent):
     return out, grads
 
 
-def assert_matches_reference(fn, reference_fn, arrays, *, seed: int = 0, check_grads: bool = True):
-    """Asserts fn and reference_fn agree in value (and gradients) at `arrays`."""
+def assert_matches_reference(
+    fn, reference_fn, arrays, *, seed: int = 0, check_grads: bool = True, dot_dtype=None
+):
+    """Asserts fn and reference_fn agree in value (and gradients) at `arrays`.
+
+    `dot_dtype`: the dtype fn's matmuls cast their operands to (None: the inputs'), which
+    selects the tolerance (`tolerance`).
+    """
     dtype = jnp.dtype(arrays[0].dtype)
-    tol = TOLERANCES[dtype]
+    tol = tolerance(dtype, dot_dtype)
     if not check_grads:
         out, ref = jax.jit(fn)(*arrays), jax.jit(reference_fn)(*arrays)
         chex.assert_equal_shape([out, ref])
@@ -95,13 +122,14 @@ def padding_mask(batch: int, seq: int, lengths):
     return jnp.asarray(np.arange(seq)[None, :] < np.asarray(lengths)[:, None])
 
 
-def assert_jit_vmap_matches_reference(single, reference_single, arrays, masks):
+def assert_jit_vmap_matches_reference(single, reference_single, arrays, masks, *, dot_dtype=None):
     """`jit(vmap(single))` against `vmap(reference_single)`, values and gradients.
 
     Both take one example, `(q, k, v, *masks) -> out` without the batch axis,
-    which vmap adds back. Gradients are wrt the float arrays; float32 tolerances.
+    which vmap adds back. Gradients are wrt the float arrays (float32); the
+    tolerance is float32's, or `BF16_DOTS_TOLERANCE` when `dot_dtype` is bfloat16.
     """
-    tol = TOLERANCES[jnp.dtype(jnp.float32)]
+    tol = tolerance(jnp.float32, dot_dtype)
     fast, ref = jax.jit(jax.vmap(single)), jax.vmap(reference_single)
     np.testing.assert_allclose(fast(*arrays, *masks), ref(*arrays, *masks), **tol)
     grad = lambda f: jax.grad(lambda *xs: jnp.sum(f(*xs, *masks) ** 2), tuple(range(len(arrays))))

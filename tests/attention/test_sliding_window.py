@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
+from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes, dot_operand_dtype
 from longjax.attention import sliding_window_attention
 from tests.attention import battery
 
@@ -25,6 +25,11 @@ IMPLEMENTATIONS = [
     pytest.param(("pallas", {"interpret": True, "block_sizes": TpuBlockSizes(8, 16, 16, 8)}), id="pallas-tpu"),
 ]
 DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.bfloat16, id="bf16")]
+
+
+def _dot_dtype(impl, extra, dtype):
+    """The matmul operand dtype of an implementation (the Triton kernels take float32 as bfloat16)."""
+    return dot_operand_dtype(extra["block_sizes"], dtype) if impl == "pallas" else None
 
 
 # (shape [batch, seq, heads, head_dim], options). Globals and padding are built per case.
@@ -101,7 +106,9 @@ SUBSETS = {
 def test_matches_reference(implementation, case, dtype):
     impl, extra = implementation
     arrays, make = _build(case, dtype)
-    battery.assert_matches_reference(make(impl, extra), make("reference", {}), arrays)
+    battery.assert_matches_reference(
+        make(impl, extra), make("reference", {}), arrays, dot_dtype=_dot_dtype(impl, extra, dtype)
+    )
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -123,7 +130,8 @@ def test_under_jit_and_vmap(implementation):
         return out[0]
 
     battery.assert_jit_vmap_matches_reference(
-        functools.partial(single, impl, extra), functools.partial(single, "reference", {}), arrays, masks
+        functools.partial(single, impl, extra), functools.partial(single, "reference", {}), arrays, masks,
+        dot_dtype=_dot_dtype(impl, extra, jnp.float32),
     )
 
 

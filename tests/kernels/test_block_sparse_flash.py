@@ -18,7 +18,7 @@ import pytest
 
 from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
-from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
+from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes, dot_operand_dtype
 from longjax.attention import bigbird_random_layout, masks, partial_softmax, sliding_window_attention, specs
 from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
 from tests.attention import battery
@@ -86,7 +86,8 @@ def test_out_lse_and_gradients_match_dense(formulation, problem, dtype):
     )
     ref = functools.partial(_dense, allowed=allowed, scale=scale)
     (out, lse), (ref_out, ref_lse) = jax.jit(fast)(q, k, v), ref(q, k, v)
-    tol = battery.TOLERANCES[jnp.dtype(dtype)]
+    # Float32 through the Triton kernels: bfloat16 matmul operands, BF16_DOTS_TOLERANCE.
+    tol = battery.tolerance(dtype, dot_operand_dtype(FORMULATIONS[formulation], dtype))
     assert out.dtype == dtype and lse.dtype == jnp.float32
     chex.assert_trees_all_close(out.astype(jnp.float32), ref_out.astype(jnp.float32), **tol)
     chex.assert_trees_all_close(lse, ref_lse, **tol)
@@ -118,7 +119,38 @@ def test_lse_cotangent_alone_reaches_the_inputs():
     grads = jax.jit(jax.grad(_loss(fast, zero, lse_ct), (0, 1, 2)))(q, k, v)
     ref_grads = jax.grad(_loss(functools.partial(_dense, allowed=allowed, scale=0.5), zero, lse_ct), (0, 1, 2))(q, k, v)
     assert np.abs(np.asarray(grads[0])).max() > 0.1 and np.all(np.asarray(grads[2]) == 0)
-    chex.assert_trees_all_close(grads, ref_grads, **battery.TOLERANCES[jnp.dtype(jnp.float32)])
+    chex.assert_trees_all_close(grads, ref_grads, **battery.tolerance(jnp.float32, jnp.bfloat16))
+
+
+def test_matmul_modes_per_lowering():
+    assert dot_operand_dtype(GpuBlockSizes(), jnp.float32) == jnp.bfloat16
+    assert dot_operand_dtype(TpuBlockSizes(), jnp.float32) == jnp.float32
+    for blocks in (GpuBlockSizes(), TpuBlockSizes()):
+        assert dot_operand_dtype(blocks, jnp.bfloat16) == jnp.bfloat16
+        assert dot_operand_dtype(blocks, jnp.float16) == jnp.float16
+
+
+@pytest.mark.parametrize("formulation", ["gpu", "tpu"])
+def test_float32_matmul_operands_are_what_the_lowering_says(formulation):
+    # The Triton kernels cast float32 operands to bfloat16 inside the kernel: inputs already
+    # rounded to bfloat16 give bit-identical outputs and gradients, so the interpreted run
+    # computes the GPU's mode, not float32 products. The Mosaic kernels keep float32 operands.
+    pattern, _ = _band_problem(1, 24, 1)
+    q, k, v = battery.random_inputs(6, (1, 24, 1, 8), jnp.float32, 3)
+    fast = functools.partial(
+        block_sparse_kernels.block_sparse_flash, key_valid=jnp.ones((1, 24), bool), pattern=pattern, scale=0.5,
+        block_sizes=FORMULATIONS[formulation], interpret=True,
+    )
+    loss = jax.jit(jax.value_and_grad(_loss(fast, battery.random_inputs(7, q.shape, jnp.float32, 1)[0],
+                                            jnp.ones((1, 1, 24), jnp.float32)), (0, 1, 2)))
+    rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (q, k, v)]
+    (value, grads), (value_r, grads_r) = loss(q, k, v), loss(*rounded)
+    results, results_r = [np.asarray(x) for x in (value, *grads)], [np.asarray(x) for x in (value_r, *grads_r)]
+    if formulation == "gpu":
+        for a, b in zip(results, results_r):
+            np.testing.assert_array_equal(a, b)
+    else:
+        assert all(np.abs(a - b).max() > 1e-4 for a, b in zip(results, results_r))
 
 
 BAD_BLOCK_SIZES = [
@@ -157,10 +189,34 @@ def test_kernel_checks_its_inputs():
         block_sparse_kernels.block_sparse_flash(q, q, q, jnp.ones((1, 16)), pattern=pattern, scale=1.0)
 
 
-def test_defaults_on_cpu_are_interpreted_gpu_kernels():
+def test_defaults_on_cpu_are_interpreted_gpu_kernels(monkeypatch):
     assert jax.default_backend() == "cpu"
-    assert block_sparse_kernels.default_block_sizes(None) == GpuBlockSizes()
     assert common.resolve_interpret(None) is True and common.resolve_interpret(False) is False
+    default = block_sparse_kernels.default_block_sizes
+    assert default(None, interpret=True) == GpuBlockSizes()
+    # Compiled from a CPU host (an export): the lowered platform chooses (`per_lowering`).
+    assert default(None, interpret=False) is None
+    assert default(TpuBlockSizes(block_q=64), interpret=False) == TpuBlockSizes(block_q=64)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert default(None, interpret=True) == TpuBlockSizes() and default(None, interpret=False) == TpuBlockSizes()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert default(None, interpret=True) == GpuBlockSizes() and default(None, interpret=False) == GpuBlockSizes()
+
+
+def test_each_lowering_checks_its_own_options_when_both_are_traced():
+    # A 576-wide head is beyond the Triton tiles: with block_sizes=None an export from a CPU
+    # host traces the Triton lowering too, which refuses, naming itself.
+    q = jax.ShapeDtypeStruct((1, 256, 1, 576), jnp.bfloat16)
+    fn = lambda q: sliding_window_attention(q, q, q, window=16, impl="pallas", interpret=False)
+    with pytest.raises(NotImplementedError, match=r"head_dim up to 256, got 576.*the GpuBlockSizes one"):
+        jax.eval_shape(fn, q)
+    # Naming the Mosaic lowering traces it alone.
+    jax.eval_shape(
+        lambda q: sliding_window_attention(
+            q, q, q, window=16, impl="pallas", interpret=False, block_sizes=TpuBlockSizes()
+        ),
+        q,
+    )
 
 
 def test_impl_none_falls_back_to_xla_where_pallas_cannot_serve(monkeypatch):

@@ -6,6 +6,10 @@ and Mosaic lowerings (block shapes, dtypes, every primitive the kernels use),
 which is what a CPU machine can prove without an accelerator. Only tracing and
 lowering run, so these are cheap.
 
+With no block sizes passed, both lowerings are traced and the exported
+platform keeps its own (`jax.lax.platform_dependent`): the same call exports
+for either platform.
+
 Triton custom calls carry no serialisation-compatibility guarantee, so the
 export check for that target is disabled. From JAX 0.11 the Triton lowering
 asks for the target GPU; an abstract mesh names one (an H100).
@@ -39,7 +43,10 @@ def _target_gpu():
 
 
 def _ops(block_sizes):
-    kernel = dict(impl="pallas", interpret=False, block_sizes=block_sizes)
+    # block_sizes None: not passed at all, as a user exporting with the defaults would.
+    kernel = dict(impl="pallas", interpret=False)
+    if block_sizes is not None:
+        kernel["block_sizes"] = block_sizes
     return {
         "sliding_window": lambda q, k, v, g, p: sliding_window_attention(
             q, k, v, window=256, global_mask=g, padding_mask=p, max_global_tokens=8, **kernel
@@ -82,3 +89,24 @@ def test_forward_and_gradient_lower(op, platform, head_dim):
         assert text.count(f"@{call}(") == kernels * (2 if dilated else 1)
         # No seq x seq array anywhere.
         assert f"{SEQ}x{SEQ}" not in text
+
+
+OTHER_CALL = {"cuda": "tpu_custom_call", "tpu": TRITON_CALL}
+
+
+@pytest.mark.parametrize("platform", list(TARGETS))
+@pytest.mark.parametrize("op", list(_ops(None)))
+def test_default_block_sizes_follow_the_exported_platform(op, platform):
+    # No block sizes: the lowered platform picks its lowering and defaults at lowering time.
+    _, call = TARGETS[platform]
+    fn = _ops(None)[op]
+    x = jax.ShapeDtypeStruct((1, SEQ, HEADS, 64), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((1, SEQ), jnp.bool_)
+
+    def grad(q, k, v, g, p):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, g, p).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+
+    dilated = op == "sliding_window_dilated_causal"
+    text = _export(grad, platform, (x, x, x, mask, mask))
+    assert text.count(f"@{call}(") == 3 * (2 if dilated else 1)
+    assert OTHER_CALL[platform] not in text

@@ -1,0 +1,141 @@
+"""The TPU kernels' scalar (SMEM) and vector (VMEM) memory at long sequences, computed from their layouts.
+
+Nothing runs: `block_sparse_flash.tpu_footprints` reads the layouts' compacted
+visit tables (scalar-prefetched whole into SMEM) and the kernels' block specs
+and scratch (VMEM), and `tpu_footprint.CHIPS` holds the budgets (sources in
+that module). A call over budget is refused before lowering, naming both.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import block_layout, tpu_footprint
+from kernels_pallas import block_sparse_flash as block_sparse_kernels
+from kernels_pallas.block_sparse_flash import TpuBlockSizes
+from longjax.attention import bigbird_random_layout, block_sparse_attention, sliding_window_attention, specs
+from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
+
+SEQ, HEADS, WINDOW, BIGBIRD_BLOCK = 131_072, 16, 256, 64
+
+
+@functools.lru_cache(maxsize=None)
+def _bigbird_pattern(seq, heads, causal):
+    blocks = seq // BIGBIRD_BLOCK
+    layout = bigbird_random_layout(blocks, heads, 3, global_blocks=(0, -1), causal=causal, seed=0)
+    spec = specs.BlockSparseSpec(
+        block_size=BIGBIRD_BLOCK, num_blocks=blocks, window_radius=1, global_blocks=(0, blocks - 1),
+        random_layout=layout, causal=causal,
+    )
+    # On TPU a 64-token block sits in a 64-position slot (a multiple of 8).
+    slot = block_sparse_kernels.allowed_block(BIGBIRD_BLOCK, TpuBlockSizes(), interpret=False)
+    return BigBirdPattern(spec, seq_len=seq, slot=slot)
+
+
+def _calls(pattern_name):
+    """(pattern, kernel batch) of each kernel call the op makes for one example of SEQ tokens and HEADS heads."""
+    if pattern_name == "band":
+        return [(BandPattern(seq_len=SEQ, left=WINDOW, right=WINDOW), 1)]
+    if pattern_name == "band_causal_dilated":
+        # dilation (1, 1, 2, 2): one call per dilation; dilation 2 folds two subsequences into the batch.
+        return [(BandPattern(seq_len=SEQ // d, left=WINDOW, right=0), d) for d in (1, 2)]
+    return [(_bigbird_pattern(SEQ, HEADS, pattern_name == "bigbird_causal"), 1)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("pattern_name", ["band", "band_causal_dilated", "bigbird", "bigbird_causal"])
+def test_kernels_fit_v5e_and_v5p_at_128k_tokens(pattern_name, head_dim):
+    report = []
+    for pattern, batch in _calls(pattern_name):
+        footprints = block_sparse_kernels.tpu_footprints(pattern, batch=batch, head_dim=head_dim, dtype=jnp.bfloat16)
+        assert set(footprints) == {"forward", "dq", "dkv"}
+        for kind, fp in footprints.items():
+            assert fp.smem_bytes > 0 and fp.vmem_bytes > 0
+            for chip in ("v5e", "v5p"):
+                report += [f"{kind}: {p}" for p in fp.problems(tpu_footprint.CHIPS[chip])]
+    assert not report, "\n".join(report)
+
+
+def test_bigbird_tables_are_a_quarter_of_int32_ones():
+    # int32 rows, cols and flags per visit would need ~3.9 MB at 16 heads: four times the SMEM.
+    pattern = _bigbird_pattern(SEQ, HEADS, False)
+    layout = pattern.layout(BIGBIRD_BLOCK, BIGBIRD_BLOCK, pattern.padded_len((BIGBIRD_BLOCK,) * 4))
+    rows, _, _ = layout.flattened()
+    assert 3 * rows.size * 4 > 3 * tpu_footprint.SMEM_BUDGET
+    tables = layout.visit_tables()
+    assert tables.row_offset.dtype == np.int8 and tables.codes.dtype == np.int16
+    assert tables.row_base.dtype == np.int16  # 2,048 query blocks
+    assert tables.nbytes < tpu_footprint.SMEM_BUDGET
+
+
+def test_smallest_int():
+    for top, dtype in ((0, np.int8), (127, np.int8), (128, np.int16), (32767, np.int16), (32768, np.int32)):
+        assert block_layout.smallest_int(np.array([0, top], np.int64)).dtype == dtype
+    with pytest.raises(ValueError, match="tables hold values in"):
+        block_layout.smallest_int(np.array([-1]))
+
+
+def _decode(tables: block_layout.VisitTables, head: int):
+    """(rows, cols, partial, compute, first, last) of one head, read as the kernels read the tables."""
+    i = head * tables.length + np.arange(tables.length)
+    rows = tables.row_base[i // block_layout.ROW_CHUNK].astype(np.int64) + tables.row_offset[i]
+    codes = tables.codes[i].astype(np.int64)
+    first = np.r_[True, rows[1:] != rows[:-1]]
+    last = np.r_[rows[1:] != rows[:-1], True]
+    partial = (codes & block_layout.CODE_PARTIAL) != 0
+    compute = (codes & block_layout.CODE_COMPUTE) != 0
+    return rows, codes >> block_layout.CODE_SHIFT, partial, compute, first, last
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_compact_tables_list_the_layouts_visits(transposed):
+    # Per-head layouts with empty rows (causal BigBird's first rows see few blocks) and uneven heads.
+    pattern = _bigbird_pattern(2048, 3, True)
+    layout = pattern.layout(32, 64, pattern.padded_len((32, 64)))
+    tables = layout.visit_tables(transposed)
+    assert tables.length % block_layout.ROW_CHUNK == 0
+    n_rows = layout.num_k_blocks if transposed else layout.num_q_blocks
+    for head in range(layout.layout_heads):
+        rows, cols, partial, compute, first, last = _decode(tables, head)
+        got = sorted(zip(rows[compute].tolist(), cols[compute].tolist(), partial[compute].tolist()))
+        r, c, p = layout.entries(head, transposed)
+        assert got == sorted(zip(r.tolist(), c.tolist(), (p != 0).tolist()))
+        # Every row starts once and ends once, in order: its accumulators are set up and written once.
+        np.testing.assert_array_equal(rows[first], np.arange(n_rows))
+        np.testing.assert_array_equal(rows[last], np.arange(n_rows))
+
+
+def test_vmem_tiles_pad_to_sublanes_and_lanes():
+    assert tpu_footprint.vmem_tile_bytes((128, 1), jnp.float32) == 128 * 128 * 4
+    assert tpu_footprint.vmem_tile_bytes((128, 64), jnp.bfloat16) == 128 * 128 * 2
+    assert tpu_footprint.vmem_tile_bytes((8, 128), jnp.bfloat16) == 16 * 128 * 2
+    assert tpu_footprint.vmem_tile_bytes((1, 128), jnp.int32) == 8 * 128 * 4
+
+
+def test_over_smem_budget_is_refused_before_lowering():
+    # BigBird with 64-token blocks at 128K tokens and 32 heads: ~2 MB of visit tables.
+    seq, heads = SEQ, 32
+    layout = bigbird_random_layout(seq // BIGBIRD_BLOCK, heads, 3, seed=0)
+    q = jax.ShapeDtypeStruct((1, seq, heads, 64), jnp.bfloat16)
+    fn = lambda q: block_sparse_attention(
+        q, q, q, block_size=BIGBIRD_BLOCK, random_layout=layout, impl="pallas", interpret=False,
+        block_sizes=TpuBlockSizes(),
+    )
+    with pytest.raises(ValueError, match=r"block_sparse_flash_fwd: .* needs [\d,]+ B of TPU scalar memory \(SMEM\).*"
+                                         r"over the 1,048,576 B budget"):
+        jax.eval_shape(fn, q)
+
+
+def test_over_vmem_budget_is_refused_before_lowering():
+    # 4096-long blocks: forward buffers and scratch of ~20 MB, over v5e's 16 MiB scoped limit.
+    q = jax.ShapeDtypeStruct((1, 8192, 1, 128), jnp.bfloat16)
+    fn = lambda q: sliding_window_attention(
+        q, q, q, window=256, impl="pallas", interpret=False, block_sizes=TpuBlockSizes(4096, 4096, 128, 128)
+    )
+    with pytest.raises(ValueError, match=r"needs [\d,]+ B of TPU vector memory \(VMEM\).*over the 16,777,216 B budget"):
+        jax.eval_shape(fn, q)
