@@ -21,21 +21,35 @@ DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 HEAD_DIMS = (64, 128)
 
 
-def _ops():
+def block_sparse_ops(block_sizes=None):
+    """The block-sparse public ops with `impl='pallas'`, as `(q, k, v, global_mask, padding_mask)`
+    functions; block_sizes None: not passed at all, as a user exporting with the defaults would."""
     kernel = dict(impl="pallas", interpret=False)
+    if block_sizes is not None:
+        kernel["block_sizes"] = block_sizes
     return {
-        "band": lambda q, k, v, m, w: sliding_window_attention(
-            q, k, v, window=256, global_mask=m, padding_mask=m, max_global_tokens=8, **kernel
+        "band": lambda q, k, v, g, p: sliding_window_attention(
+            q, k, v, window=256, global_mask=g, padding_mask=p, max_global_tokens=8, **kernel
         ),
-        "band_causal_dilated": lambda q, k, v, m, w: sliding_window_attention(
-            q, k, v, window=256, dilation=(1, 1, 2, 2), causal=True, padding_mask=m, **kernel
+        "band_causal_dilated": lambda q, k, v, g, p: sliding_window_attention(
+            q, k, v, window=256, dilation=(1, 1, 2, 2), causal=True, padding_mask=p, **kernel
         ),
-        "bigbird": lambda q, k, v, m, w: block_sparse_attention(
-            q, k, v, block_size=64, padding_mask=m, seed=0, **kernel
+        "bigbird": lambda q, k, v, g, p: block_sparse_attention(
+            q, k, v, block_size=64, padding_mask=p, seed=0, **kernel
         ),
-        "bigbird_causal_globals": lambda q, k, v, m, w: block_sparse_attention(
-            q, k, v, block_size=64, causal=True, global_mask=m, max_global_tokens=8, seed=0, **kernel
+        "bigbird_causal_globals": lambda q, k, v, g, p: block_sparse_attention(
+            q, k, v, block_size=64, causal=True, global_mask=g, max_global_tokens=8, seed=0, **kernel
         ),
+    }
+
+
+def _ops():
+    """Every op as `(q, k, v, mask, projection)`: the mask is the padding and the global tokens."""
+    kernel = dict(impl="pallas", interpret=False)
+    ops = {
+        name: (lambda fn: lambda q, k, v, m, w: fn(q, k, v, m, m))(fn) for name, fn in block_sparse_ops().items()
+    }
+    return ops | {
         "favor_causal": lambda q, k, v, m, w: favor_attention(
             q, k, v, projection=w, causal=True, padding_mask=m, **kernel
         ),
@@ -48,7 +62,8 @@ def _ops():
 OPS = tuple(_ops())
 
 
-def _hopper():
+def target_gpu():
+    """The abstract H100 a CUDA export names: from JAX 0.11 the Triton lowering asks for its target."""
     if not hasattr(jax.sharding, "AbstractDevice"):
         return contextlib.nullcontext()
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
@@ -66,7 +81,7 @@ def exported_gradient(op: str, dtype: str, head_dim: int) -> str:
         return jnp.sum(fn(q, k, v, m, w).astype(jnp.float32))
 
     program = jax.value_and_grad(loss, argnums=(0, 1, 2))
-    with _hopper():
+    with target_gpu():
         exported = export.export(
             jax.jit(program), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
         )(x, x, x, mask, projection)

@@ -25,47 +25,24 @@ import pytest
 from jax import export
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
-from longjax.attention import block_sparse_attention, sliding_window_attention
+from kernels_pallas.gpu_resources import TRITON_CALL
+from tests.kernels import gpu_cases
 
 SEQ, HEADS = 8192, 4
-TRITON_CALL = "__gpu$xla.gpu.triton"
 TARGETS = {
     "cuda": (GpuBlockSizes(), TRITON_CALL),
     "tpu": (TpuBlockSizes(), "tpu_custom_call"),
 }
 
 
-def _target_gpu():
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        return contextlib.nullcontext()
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
-
-
 def _ops(block_sizes):
     # block_sizes None: not passed at all, as a user exporting with the defaults would.
-    kernel = dict(impl="pallas", interpret=False)
-    if block_sizes is not None:
-        kernel["block_sizes"] = block_sizes
-    return {
-        "sliding_window": lambda q, k, v, g, p: sliding_window_attention(
-            q, k, v, window=256, global_mask=g, padding_mask=p, max_global_tokens=8, **kernel
-        ),
-        "sliding_window_dilated_causal": lambda q, k, v, g, p: sliding_window_attention(
-            q, k, v, window=256, dilation=(1, 1, 2, 2), causal=True, padding_mask=p, **kernel
-        ),
-        "block_sparse": lambda q, k, v, g, p: block_sparse_attention(
-            q, k, v, block_size=64, padding_mask=p, seed=0, **kernel
-        ),
-        "block_sparse_causal_globals": lambda q, k, v, g, p: block_sparse_attention(
-            q, k, v, block_size=64, causal=True, global_mask=g, max_global_tokens=8, seed=0, **kernel
-        ),
-    }
+    return gpu_cases.block_sparse_ops(block_sizes)
 
 
 def _export(fn, platform, args):
     checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if platform == "cuda" else []
-    with _target_gpu() if platform == "cuda" else contextlib.nullcontext():
+    with gpu_cases.target_gpu() if platform == "cuda" else contextlib.nullcontext():
         exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
     return exported.mlir_module()
 
@@ -82,7 +59,7 @@ def test_forward_and_gradient_lower(op, platform, head_dim):
     def grad(q, k, v, g, p):
         return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, g, p).astype(jnp.float32)), (0, 1, 2))(q, k, v)
 
-    dilated = op == "sliding_window_dilated_causal"
+    dilated = op == "band_causal_dilated"
     for program, kernels in ((fn, 1), (grad, 3)):
         text = _export(program, platform, (x, x, x, mask, mask))
         # One pallas_call per kernel (forward; forward, dq and dk/dv), per dilation group.
@@ -106,7 +83,7 @@ def test_default_block_sizes_follow_the_exported_platform(op, platform):
     def grad(q, k, v, g, p):
         return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, g, p).astype(jnp.float32)), (0, 1, 2))(q, k, v)
 
-    dilated = op == "sliding_window_dilated_causal"
+    dilated = op == "band_causal_dilated"
     text = _export(grad, platform, (x, x, x, mask, mask))
     assert text.count(f"@{call}(") == 3 * (2 if dilated else 1)
     assert OTHER_CALL[platform] not in text
