@@ -90,7 +90,7 @@ class GpuBlockSizes:
     """
 
     # Measured with experiments/kernel_resources.py (sm_90, 256 features): with
-    # 32 rows and 32-feature tiles every kernel needs at most 74 KB of shared
+    # 32 rows and 32-feature tiles every kernel needs at most 82 KB of shared
     # memory and the bidirectional ones no spills; 64-feature tiles or 16 warps
     # spill more, 16-row chunks double the per-chunk states for a little less.
     causal_chunk: int = 32
