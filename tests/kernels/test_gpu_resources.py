@@ -10,6 +10,7 @@ as a table.
 
 from __future__ import annotations
 
+import jax
 import pytest
 
 from kernels_pallas import gpu_resources
@@ -42,9 +43,10 @@ CASES = [
 def _kernels(op, dtype, head_dim):
     try:
         kernels = gpu_resources.triton_kernels(gpu_cases.exported_gradient(op, dtype, head_dim))
-    except ValueError as e:
-        # jaxlib >= 0.11 compiles Triton while lowering (a GPU is needed): no IR to check here.
-        pytest.skip(str(e))
+    except (ValueError, ImportError) as e:
+        # jaxlib >= 0.11 compiles Triton while lowering (a GPU is needed), and may not carry the
+        # private Triton dialect bindings this reads with: no IR to check here.
+        pytest.skip(f"no Triton IR in the CUDA export with jax {jax.__version__}: {e}")
     unique = {}
     for kernel in kernels:
         unique.setdefault(kernel.ir, kernel)
