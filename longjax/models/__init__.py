@@ -1,4 +1,4 @@
-"""Flax (linen) models of longjax: one attention layer for every pattern, blocks, CharLM, LongEncoder."""
+"""Flax (linen) models of longjax: one attention layer for every pattern, blocks, CharLM, LongEncoder and its heads."""
 
 from longjax.models.attention import (
     MultiHeadAttention,
@@ -18,12 +18,14 @@ from longjax.models.config import (
     transformer_config,
 )
 from longjax.models.encoder import LongEncoder
+from longjax.models.heads import EncoderWithHead
 from longjax.models.transformer import TransformerBlock, TransformerStack
 
 __all__ = [
     "ATTENTION_TYPES",
     "BlockSparseAttention",
     "CharLM",
+    "EncoderWithHead",
     "FullAttention",
     "LongEncoder",
     "MultiHeadAttention",

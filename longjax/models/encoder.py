@@ -24,7 +24,7 @@ class LongEncoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens, *, padding_mask=None, global_mask=None, token_type_ids=None,
+        self, tokens, *, padding_mask=None, global_mask=None, token_type_ids=None, position_ids=None,
         deterministic: bool = True, step=None,
     ):
         """Contextual token representations.
@@ -37,6 +37,10 @@ class LongEncoder(nn.Module):
           global_mask: optional bool `[batch, seq]`, True for tokens with
             global attention (e.g. the question tokens in QA, [CLS] in classification).
           token_type_ids: optional int `[batch, seq]` (needs type_vocab_size > 0).
+          position_ids: optional int `[batch, seq]` rows of the learned
+            position table (None: RoBERTa's, from padding_mask). Hugging Face
+            computes them from `input_ids != pad_token_id` even when the
+            attention mask says otherwise; its wrappers pass them here.
           deterministic: disables dropout; when False, apply needs a 'dropout' rng.
           step: training step, for Performer layers that redraw their projection.
 
@@ -48,14 +52,17 @@ class LongEncoder(nn.Module):
         embed = lambda n, name: nn.Embed(n, cfg.d_model, param_dtype=cfg.parameter_dtype, name=name)
         x = embed(cfg.vocab_size, "embed")(tokens).astype(jnp.float32)
         if cfg.position == "learned":
-            real = jnp.ones((batch, seq), bool) if padding_mask is None else padding_mask
-            position_ids = positions_lib.roberta_position_ids(real, cfg.position_offset)
+            if position_ids is None:
+                real = jnp.ones((batch, seq), bool) if padding_mask is None else padding_mask
+                position_ids = positions_lib.roberta_position_ids(real, cfg.position_offset)
             if seq + cfg.position_offset >= cfg.max_positions:
                 raise ValueError(
                     f"tokens has {seq} positions; model.max_positions ({cfg.max_positions}) must exceed "
                     f"seq + model.position_offset ({seq + cfg.position_offset})"
                 )
             x = x + embed(cfg.max_positions, "position_embed")(position_ids)
+        elif position_ids is not None:
+            raise ValueError(f"position_ids given but model.position is {cfg.position!r}, not 'learned'")
         if cfg.type_vocab_size:
             types = jnp.zeros((batch, seq), jnp.int32) if token_type_ids is None else token_type_ids
             x = x + embed(cfg.type_vocab_size, "token_type_embed")(types)

@@ -161,3 +161,20 @@ def test_per_layer_windows_and_dilation_reach_the_layers():
         num_layers=3, attention_per_layer=dict(window=[1, 2, 4], dilation=[1, 1, 1]),
     ))
     assert not np.allclose(jax.jit(undilated.apply)(params, tokens), logits, atol=1e-4)
+
+
+def test_encoder_position_ids_need_learned_positions():
+    """Explicit position_ids (Hugging Face's, from input_ids != pad) are rows of the learned table only."""
+    common = dict(vocab_size=16, num_layers=1, num_heads=2, d_model=8, d_ff=16, attention=(models.FullAttention(),))
+    learned = models.LongEncoder(models.TransformerConfig(**common, position="learned", max_positions=12, position_offset=1))
+    tokens = jnp.array([[3, 4, 5, 1]])
+    params = learned.init(jax.random.key(0), tokens)
+    padding = jnp.array([[True, True, True, False]])
+    explicit = learned.apply(params, tokens, padding_mask=padding, position_ids=jnp.array([[2, 3, 4, 1]]))
+    implied = learned.apply(params, tokens, padding_mask=padding)
+    assert jnp.array_equal(explicit, implied)
+    shifted = learned.apply(params, tokens, padding_mask=padding, position_ids=jnp.array([[3, 4, 5, 1]]))
+    assert not jnp.allclose(shifted, implied)
+    rope = models.LongEncoder(models.TransformerConfig(**common, position="rope"))
+    with pytest.raises(ValueError, match="position_ids given but model.position is 'rope'"):
+        rope.init(jax.random.key(0), tokens, position_ids=jnp.array([[2, 3, 4, 1]]))
