@@ -40,9 +40,21 @@ def tile_rows(table: np.ndarray, rows: int, *, keep: int = 0) -> np.ndarray:
     return np.concatenate([table[:keep], np.tile(source, (repeats, 1))[:rows]], axis=0)
 
 
-def _check_window(name: str, window: int) -> None:
-    if not isinstance(window, int) or window <= 0 or window % 2:
-        raise ValueError(f"{name} must be a positive even int (Hugging Face's full window, both sides), got {window!r}")
+def _read_source(src: pathlib.Path, model_type: str, attention_window, **positions) -> tuple[dict, str]:
+    """The source's config.json (and its path, for messages), after checking the conversion's arguments."""
+    hf_config = configs.read_config_json(src)
+    source = f"{src}/config.json"
+    if hf_config.get("model_type") != model_type:
+        raise ValueError(f"{source}: model_type is {hf_config.get('model_type')!r}, expected {model_type!r}")
+    if not isinstance(attention_window, int) or attention_window <= 0 or attention_window % 2:
+        raise ValueError(
+            f"attention_window must be a positive even int (Hugging Face's full window, both sides), "
+            f"got {attention_window!r}"
+        )
+    for name, value in positions.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return hf_config, source
 
 
 def _rename_architecture(hf_config: dict, source: str, old: str, new: str, heads: tuple[str, ...]) -> list[str]:
@@ -91,13 +103,7 @@ def roberta_to_longformer(
       The output directory.
     """
     src, out = pathlib.Path(src), pathlib.Path(out)
-    hf_config = configs.read_config_json(src)
-    source = f"{src}/config.json"
-    if hf_config.get("model_type") != "roberta":
-        raise ValueError(f"{source}: model_type is {hf_config.get('model_type')!r}, expected 'roberta'")
-    _check_window("attention_window", attention_window)
-    if not isinstance(max_positions, int) or max_positions <= 0:
-        raise ValueError(f"max_positions must be a positive int, got {max_positions!r}")
+    hf_config, source = _read_source(src, "roberta", attention_window, max_positions=max_positions)
     architectures = _rename_architecture(hf_config, source, "Roberta", "Longformer", _ROBERTA_HEADS)
     tensors, _ = checkpoint_files.read_checkpoint_tensors(src)
     offset = hf_config["pad_token_id"] + 1
@@ -146,13 +152,7 @@ def bart_to_led(
       The output directory.
     """
     src, out = pathlib.Path(src), pathlib.Path(out)
-    hf_config = configs.read_config_json(src)
-    source = f"{src}/config.json"
-    if hf_config.get("model_type") != "bart":
-        raise ValueError(f"{source}: model_type is {hf_config.get('model_type')!r}, expected 'bart'")
-    _check_window("attention_window", attention_window)
-    if not isinstance(max_encoder_positions, int) or max_encoder_positions <= 0:
-        raise ValueError(f"max_encoder_positions must be a positive int, got {max_encoder_positions!r}")
+    hf_config, source = _read_source(src, "bart", attention_window, max_encoder_positions=max_encoder_positions)
     for flag in ("scale_embedding", "normalize_before", "add_final_layer_norm"):
         if hf_config.get(flag):
             raise ValueError(f"{source}: {flag}=true has no LED counterpart (LED follows bart-base/large)")
