@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longjax.hf import checkpoint_files, configs, weights
+from longjax.models import positions as positions_lib
 from longjax.models.config import SlidingWindowAttention, TransformerConfig
 from longjax.models.heads import EncoderWithHead
 
@@ -123,7 +124,7 @@ class Pretrained:
             raise ValueError(f"input_ids must be an int array of rank {expect} for {self.architecture}, got "
                              f"{ids.dtype} {list(ids.shape)}")
         pad = self.hf_config["pad_token_id"]
-        positions = np.where(ids != pad, np.cumsum(ids != pad, axis=-1) + pad, pad).astype(np.int32)
+        positions = positions_lib.roberta_position_ids(jnp.asarray(ids != pad), pad)
         padding = None if attention_mask is None else _mask("attention_mask", attention_mask, ids.shape)
         if global_attention_mask is not None:
             if self.arch.family != "longformer":

@@ -84,11 +84,11 @@ def roberta_position_ids(padding_mask, offset: int):
     """RoBERTa's positions: real tokens count from `offset + 1`, padding sits at `offset`.
 
     Args:
-      padding_mask: bool `[batch, seq]`, True for real tokens.
+      padding_mask: bool `[batch, seq]` (or `[batch, choices, seq]`), True for real tokens.
       offset: the padding index of the position table (1 in RoBERTa).
 
     Returns:
-      int32 `[batch, seq]`.
+      int32, padding_mask's shape.
     """
     real = padding_mask.astype(jnp.int32)
-    return jnp.cumsum(real, axis=1) * real + offset
+    return jnp.cumsum(real, axis=-1) * real + offset
