@@ -47,8 +47,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     itemsize = storage.dtype.itemsize
     if not size:
         return np.array(storage[storage_offset])
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else storage_offset
-    if last >= storage.size and all(size):
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if all(size) and last >= storage.size:
         raise ValueError(f"tensor of size {tuple(size)} and stride {tuple(stride)} runs past its storage ({storage.size})")
     view = np.lib.stride_tricks.as_strided(
         storage[storage_offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride), writeable=False
