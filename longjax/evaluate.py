@@ -4,7 +4,9 @@ Rebuilds the task, its model and data from the config saved in the
 checkpoint (the newest unless `--step` is given), restores its parameters and
 runs the task's evaluator on the split (for `char_lm`: BPC with the
 Transformer-XL protocol, the windows of the phase the checkpoint was saved
-in). Writes `<workdir>/eval_<split>_<step>.json` and prints the result.
+in). Writes `<workdir>/eval_<split>_<step>.json` and prints the result; tasks
+that predict something (classification labels, QA answers) also write their
+predictions, `<workdir>/predictions_<split>_<step>.<ext>`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main(argv):
         out.write_text(json.dumps(result, indent=1))
     task = tasks.get(result["task"])
     print(f"step {result['step']} (phase {result['phase']}) | {task.summary(result['split'], result)}", flush=True)
+    if "predictions" in result:
+        print(f"predictions: {result['predictions']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jax
 import ml_collections
 
 from longjax import tasks
@@ -27,7 +29,10 @@ def evaluate_checkpoint(workdir, split: str | None = None, *, step: int | None =
         characters for `char_lm`); None: all of it.
 
     Returns:
-      `{'task', 'step', 'phase' (1-based), 'split', **the evaluator's metrics}`.
+      `{'task', 'step', 'phase' (1-based), 'split', **the evaluator's metrics}`,
+      plus 'predictions', the file the evaluator wrote its predictions to,
+      for evaluators that write them (`write_predictions(stem) -> path`, called
+      on process 0 after scoring: e.g. TriviaQA's official `{QuestionId: answer}` JSON).
 
     Raises:
       CheckpointError: no such checkpoint, or it does not restore;
@@ -47,4 +52,9 @@ def evaluate_checkpoint(workdir, split: str | None = None, *, step: int | None =
         phase = plan.phases[meta["phase"]]
         evaluator = run.task.evaluator(plan, run.data, phase, run.mesh)
         metrics = evaluator(run.state.params, split, trained_steps=run.step, limit=limit)
-    return {"task": plan.task, "step": run.step, "phase": phase.index + 1, "split": split, **metrics}
+        extra = {}
+        write_predictions = getattr(evaluator, "write_predictions", None)
+        if write_predictions is not None and jax.process_index() == 0:
+            path = write_predictions(Path(workdir) / f"predictions_{split}_{run.step}")
+            extra["predictions"] = str(path)
+    return {"task": plan.task, "step": run.step, "phase": phase.index + 1, "split": split, **metrics, **extra}

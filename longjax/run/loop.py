@@ -99,6 +99,8 @@ def run_phase(run: Run, phase: Phase, log: tracking.MetricsLog, hooks) -> hooks_
         steps.make_train_step(
             functools.partial(task.loss, model), run.tx, peak_learning_rate=phase.learning_rate,
             start_step=phase.start_step, warmup_steps=phase.warmup_steps, seed=plan.seed,
+            grad_accumulation=plan.optimizer.grad_accumulation, loss_weight=task.loss_weight,
+            end_step=phase.end_step, decay=plan.optimizer.decay, decay_power=plan.optimizer.decay_power,
         ),
         in_shardings=(run.replicated, run.batch_sharding),
         out_shardings=(run.replicated, run.replicated),

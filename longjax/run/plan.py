@@ -13,7 +13,8 @@ has these top-level fields; `parse(config)` turns it into an `ExperimentPlan`:
     phases               lists, one entry per phase: seq_len, batch_size, steps,
                          learning_rate, window_scale
     optimizer            AdamW: b1, b2, eps, weight_decay, grad_clip_norm,
-                         warmup_fraction, max_warmup_steps
+                         warmup_fraction, max_warmup_steps, decay, decay_power,
+                         grad_accumulation
     checkpoint           every_steps, keep, async_save
     mesh                 data (devices on the data axis, -1 = all), distributed
                          (call jax.distributed.initialize() first: multi-host)
@@ -44,7 +45,7 @@ TOP_LEVEL = (
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSection:
-    """AdamW after global-norm clipping; a linear warmup restarts at every phase.
+    """AdamW after global-norm clipping; a linear warmup restarts at every phase, then a constant or decaying rate.
 
     Attributes:
       b1, b2, eps: Adam's moment decays and epsilon.
@@ -52,6 +53,13 @@ class OptimizerSection:
       grad_clip_norm: global gradient-norm clip.
       warmup_fraction, max_warmup_steps: a phase warms up over
         min(warmup_fraction * its steps, max_warmup_steps) steps.
+      decay, decay_power: after the warmup the rate stays constant
+        ('constant'), or decays to 0 at the phase's end as
+        (steps left / decay steps) ** decay_power ('polynomial'; power 1 is linear).
+      grad_accumulation: micro-batches per optimizer step: each phase's
+        global batch is split into this many, their gradients accumulated
+        (weighted by the task's `loss_weight`) before one update, so a paper's
+        batch fits in memory. 1: the whole batch at once.
     """
 
     b1: float = 0.9
@@ -61,6 +69,9 @@ class OptimizerSection:
     grad_clip_norm: float = 1.0
     warmup_fraction: float = 0.0
     max_warmup_steps: int = 0
+    decay: str = "constant"
+    decay_power: float = 1.0
+    grad_accumulation: int = 1
 
     def __post_init__(self):
         for name in ("b1", "b2"):
@@ -73,6 +84,9 @@ class OptimizerSection:
             0 <= self.warmup_fraction <= 1, "optimizer.warmup_fraction", self.warmup_fraction, "in [0, 1]"
         )
         sections.non_negative_int("optimizer.max_warmup_steps", self.max_warmup_steps)
+        sections.one_of("optimizer.decay", self.decay, ("constant", "polynomial"))
+        sections.positive_number("optimizer.decay_power", self.decay_power)
+        sections.positive_int("optimizer.grad_accumulation", self.grad_accumulation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +126,7 @@ class Phase:
       index: 0-based phase number.
       start_step, end_step: global steps `[start_step, end_step)` of the phase.
       seq_len, batch_size, learning_rate: the phase's settings (batch is global).
-      warmup_steps: linear warmup at the phase start; the rate is then constant.
+      warmup_steps: linear warmup at the phase start; then `optimizer.decay` applies.
       window_scale: the phase's sliding windows are the base windows times this.
       model: the phase's model config (windows scaled and clipped).
     """
@@ -241,6 +255,11 @@ def _phases(section, optimizer: OptimizerSection, model, task) -> tuple[Phase, .
         for field in ("seq_len", "batch_size", "steps", "window_scale"):
             sections.positive_int(f"phases.{field}[{p}]", lists[field][p])
         sections.positive_number(f"phases.learning_rate[{p}]", lists["learning_rate"][p])
+        if lists["batch_size"][p] % optimizer.grad_accumulation:
+            raise ConfigError(
+                f"phases.batch_size[{p}] ({lists['batch_size'][p]}) must be a multiple of "
+                f"optimizer.grad_accumulation ({optimizer.grad_accumulation})"
+            )
         steps, seq_len, scale = lists["steps"][p], lists["seq_len"][p], lists["window_scale"][p]
         phases.append(
             Phase(

@@ -5,7 +5,9 @@ Initialisation order (the one place it is decided):
 1. resume: this workdir's own newest checkpoint that restores (evaluation: the
    checkpoint asked for, the newest by default);
 2. else `init_from`: parameters from another run's checkpoint (or a converted
-   one in the same layout), the optimizer fresh, step 0;
+   one in the same layout), or from a Hugging Face checkpoint directory
+   (config.json plus weights, read by the task's `params_from_pretrained`),
+   the optimizer fresh, step 0;
 3. else from scratch: parameters from `key(seed)`, step 0.
 
 Training reads everything it needs (devices, data, the workdir's checkpoints,
@@ -25,6 +27,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longjax import tasks
+from longjax.hf import checkpoint_files
 from longjax.run import checkpointing, steps
 from longjax.run.errors import ConfigChangedError, DeviceError, InitFromError
 from longjax.run.plan import ExperimentPlan
@@ -95,6 +98,13 @@ def make_mesh(plan: ExperimentPlan) -> Mesh:
                     f"phases.batch_size[{phase.index}] ({phase.batch_size}) must be a multiple of the "
                     f"{count} {what}"
                 )
+        accumulation = plan.optimizer.grad_accumulation
+        if accumulation > 1 and phase.batch_size % (devices.size * accumulation):
+            raise DeviceError(
+                f"phases.batch_size[{phase.index}] ({phase.batch_size}) must be a multiple of the {devices.size} "
+                f"devices times optimizer.grad_accumulation ({accumulation}), so that every micro-batch "
+                "splits evenly over the devices"
+            )
     return Mesh(devices, (DATA_AXIS,))
 
 
@@ -150,7 +160,7 @@ def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | 
             state = jax.jit(fresh_state, out_shardings=replicated)()
             start_step, origin = 0, "scratch"
             if plan.init_from:
-                params, note = _params_from(plan.init_from, state.params, replicated)
+                params, note = _params_from(plan, task, state.params, replicated)
                 state = state.replace(params=params)
                 origin = "init_from"
                 notes.append(note)
@@ -204,13 +214,38 @@ def _evaluation_run(parts: dict, abstract_state, step: int | None) -> Run:
                origin="resumed", notes=[])
 
 
-def _params_from(directory, fresh_params, sharding) -> tuple[Any, str]:
-    """`fresh_params` with every leaf that `directory`'s newest checkpoint holds taken from it, and a note."""
-    loaded, saved_paths, step, source = checkpointing.read_params(
-        directory, checkpointing.abstract(fresh_params, sharding), sharding
+def is_hf_checkpoint(directory) -> bool:
+    """Whether `directory` is a Hugging Face checkpoint (config.json beside weights), not a run's workdir."""
+    directory = Path(directory).expanduser()
+    return (directory / "config.json").is_file() and any(
+        (directory / name).is_file() for name in checkpoint_files.WEIGHT_FILES
     )
+
+
+def _params_from(plan: ExperimentPlan, task, fresh_params, sharding) -> tuple[Any, str]:
+    """`fresh_params` with every leaf that `plan.init_from` holds taken from it, and a note.
+
+    `init_from` is a run's workdir or checkpoint directory (its newest
+    checkpoint), or a Hugging Face checkpoint directory, which the task reads
+    into its own model's parameter layout (`Task.params_from_pretrained`).
+    """
+    directory = plan.init_from
+    if is_hf_checkpoint(directory):
+        tree, what = task.params_from_pretrained(plan, Path(directory).expanduser())
+        flat_tree = traverse_util.flatten_dict(tree)
+        saved_paths = set(flat_tree)
+        flat_fresh_keys = set(traverse_util.flatten_dict(fresh_params))
+        loaded = traverse_util.unflatten_dict({
+            path: jax.device_put(np.asarray(x), sharding) for path, x in flat_tree.items() if path in flat_fresh_keys
+        })
+        origin = what
+    else:
+        loaded, saved_paths, step, source = checkpointing.read_params(
+            directory, checkpointing.abstract(fresh_params, sharding), sharding
+        )
+        origin = f"checkpoint {step} in {source}"
     flat_fresh = traverse_util.flatten_dict(fresh_params)
-    flat_loaded = traverse_util.flatten_dict(loaded)
+    flat_loaded = traverse_util.flatten_dict(loaded) if loaded else {}
     mismatched = [
         f"{'/'.join(path)}: {tuple(flat_loaded[path].shape)} there, {tuple(x.shape)} here"
         for path, x in flat_fresh.items()
@@ -218,13 +253,13 @@ def _params_from(directory, fresh_params, sharding) -> tuple[Any, str]:
     ]
     if mismatched:
         raise InitFromError(
-            f"init_from: {len(mismatched)} parameter(s) of checkpoint {step} in {source} have other shapes than "
+            f"init_from: {len(mismatched)} parameter(s) of {origin} have other shapes than "
             f"this model's ({'; '.join(mismatched[:5])}{'; ...' if len(mismatched) > 5 else ''}): "
             "the model config differs from the one that checkpoint was trained with"
         )
     if not flat_loaded:
         raise InitFromError(
-            f"init_from: checkpoint {step} in {source} holds none of this model's {len(flat_fresh)} parameters "
+            f"init_from: {origin} holds none of this model's {len(flat_fresh)} parameters "
             "(another model family?)"
         )
     merged = {
@@ -232,7 +267,7 @@ def _params_from(directory, fresh_params, sharding) -> tuple[Any, str]:
     }
     fresh = sorted("/".join(p) for p in flat_fresh if p not in flat_loaded)
     unused = sorted("/".join(p) for p in saved_paths if p not in flat_fresh)
-    note = f"init_from: {len(flat_loaded)} of {len(flat_fresh)} parameter arrays from checkpoint {step} in {source}"
+    note = f"init_from: {len(flat_loaded)} of {len(flat_fresh)} parameter arrays from {origin}"
     if fresh:
         note += f"; initialised fresh: {_listing(fresh)}"
     if unused:

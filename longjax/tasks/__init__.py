@@ -16,7 +16,7 @@ from longjax.tasks.base import EvalSection, Evaluator, Task, TrainBatches
 
 def available() -> tuple[str, ...]:
     """The tasks in this package."""
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"))
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.endswith("base")))
 
 
 def get(name: str) -> Task:

@@ -66,7 +66,12 @@ class TrainBatches(Protocol):
 
 
 class Evaluator(Protocol):
-    """Scores a split with the model of one phase."""
+    """Scores a split with the model of one phase.
+
+    An evaluator may also have `write_predictions(stem: pathlib.Path) -> pathlib.Path`:
+    it writes the predictions of its last call to `stem` plus the extension
+    of the task's prediction format and returns the file (`longjax.evaluate` calls it).
+    """
 
     def __call__(self, params, split: str, *, trained_steps: int, limit: int | None = None) -> dict[str, float]:
         """Metrics of `split` (its first `limit` units when given) under `params` after `trained_steps` steps."""
@@ -133,6 +138,22 @@ class Task(abc.ABC):
     def init_params(self, model, key: jax.Array):
         """Initial parameters (the variables dict) of `model` from `key`."""
 
+    def params_from_pretrained(self, plan, directory):
+        """`init_from` a Hugging Face checkpoint directory: (variables dict in this model's layout, what it was).
+
+        The run merges the result into its fresh parameters by path, as for a
+        run's checkpoint (shapes must agree; paths it lacks stay fresh).
+
+        Raises:
+          InitFromError: this task cannot start from such a checkpoint, or it does not fit the model.
+        """
+        from longjax.run.errors import InitFromError
+
+        raise InitFromError(
+            f"init_from: {directory} is a Hugging Face checkpoint, which the {type(self).__name__} task does not "
+            "read; give a longjax run's workdir or checkpoint directory"
+        )
+
     # --- data -----------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -153,10 +174,20 @@ class Task(abc.ABC):
     def loss(self, model, params, batch: Mapping[str, jax.Array], *, step, dropout_key) -> tuple[jax.Array, dict]:
         """(mean loss, metrics) of one batch; dropout is on when `dropout_key` is not None. Pure."""
 
+    def loss_weight(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
+        """What `loss` averages over in `batch` (e.g. its masked tokens), for gradient accumulation.
+
+        With `optimizer.grad_accumulation` > 1 the micro-batches' losses and
+        gradients are combined as means weighted by this. None (the default):
+        the loss is a mean over rows, and equal micro-batches weigh the same.
+        """
+        return None
+
     @abc.abstractmethod
     def evaluator(self, plan, data, phase, mesh) -> Evaluator:
         """The evaluator of `phase`'s model, built once per phase."""
 
     def summary(self, split: str, metrics: Mapping[str, float]) -> str:
         """The last line of a run or an evaluation."""
-        return f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items())
