@@ -1,4 +1,4 @@
-"""Task heads on a LongEncoder: RoBERTa/Longformer's pooler, masked-LM, classification, QA and multiple choice.
+"""Task heads on a LongEncoder: RoBERTa/Longformer's pooler, masked-LM, classification, QA, multiple choice, token scores.
 
 `EncoderWithHead` holds the encoder under 'encoder', the optional pooler
 under 'pooler' and the head under 'head', so a pretrained encoder moves between
@@ -17,7 +17,7 @@ from longjax.models.config import TransformerConfig
 from longjax.models.encoder import LongEncoder
 from longjax.models.transformer import layer_norm
 
-HEADS = (None, "masked_lm", "classification", "question_answering", "multiple_choice")
+HEADS = (None, "masked_lm", "classification", "question_answering", "multiple_choice", "token_scoring")
 
 
 def _dense(cfg: TransformerConfig, features: int, name: str) -> nn.Dense:
@@ -70,8 +70,9 @@ class EncoderWithHead(nn.Module):
     Attributes:
       config: the encoder's config.
       head: None (hidden states only), 'masked_lm', 'classification',
-        'question_answering' (start/end logits) or 'multiple_choice' (tokens
-        `[batch, choices, seq]`, one score per choice from the pooler).
+        'question_answering' (start/end logits), 'multiple_choice' (tokens
+        `[batch, choices, seq]`, one score per choice from the pooler) or
+        'token_scoring' (one score per token, e.g. per WikiHop candidate marker).
       num_labels: classes of the classification head.
       pooler: whether the model has the pooler (multiple choice needs it).
     """
@@ -98,8 +99,8 @@ class EncoderWithHead(nn.Module):
           A dict with 'last_hidden_state' (`[..., seq, d_model]`, shaped like
           tokens plus d_model), 'pooler_output' when the model has a pooler, and
           the head's output: 'logits' (`[batch, seq, vocab]`, `[batch,
-          num_labels]` or `[batch, choices]`) or 'start_logits'/'end_logits'
-          (`[batch, seq]`).
+          num_labels]` or `[batch, choices]`), 'start_logits'/'end_logits'
+          (`[batch, seq]`) or 'token_scores' (`[batch, seq]`).
         """
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
@@ -128,6 +129,8 @@ class EncoderWithHead(nn.Module):
         elif self.head == "multiple_choice":
             pooled = nn.Dropout(rate=self.config.dropout)(pooled, deterministic=deterministic)
             out["logits"] = MultipleChoiceHead(self.config, name="head")(pooled).reshape(lead)
+        elif self.head == "token_scoring":
+            out["token_scores"] = TokenScoringHead(self.config, name="head")(hidden).reshape(*lead, -1)
         return out
 
 
@@ -149,3 +152,13 @@ class MultipleChoiceHead(nn.Module):
     @nn.compact
     def __call__(self, pooled):
         return _dense(self.config, 1, "classifier")(pooled).astype(jnp.float32)
+
+
+class TokenScoringHead(nn.Module):
+    """Dense(1) on every token: `[batch, seq]` scores (Longformer's WikiHop candidate scorer)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        return _dense(self.config, 1, "scorer")(hidden)[..., 0].astype(jnp.float32)
