@@ -1,0 +1,238 @@
+"""The long-encoder tasks end to end from the tiny Longformer fixture checkpoint: train, resume bitwise, evaluate.
+
+Each task reads a few examples written here in its dataset's real on-disk
+layout, starts from `tests/fixtures/hf/longformer_mlm` (a Hugging Face
+directory) through `init_from`, trains a few steps, and `evaluate` writes its
+metrics and predictions.
+"""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from longjax import run, tracking
+from longjax.run import steps
+from longjax.run.errors import InitFromError
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "longformer_mlm"
+SEQ_LEN = 64  # the fixture has 66 position rows (64 tokens after RoBERTa's offset)
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega river stone cloud lamp").split()
+
+
+def _text(rng, words):
+    return " ".join(rng.choice(WORDS, size=words))
+
+
+def _config(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _tiny(config, data_dir, *, vocab_size=320, max_global_tokens=16):
+    """The config shrunk to the fixture checkpoint's shape and a few seconds of training."""
+    config.init_from = str(CHECKPOINT)
+    config.data.dir = str(data_dir)
+    model = config.model
+    model.update(dict(vocab_size=vocab_size, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_positions=66))
+    # The fixture's attention_window [4, 6]: 2 and 3 keys each side.
+    model.attention_per_layer = dict(window=(2, 3))
+    del model.attention["window"]
+    if model.attention.max_global_tokens is not None or max_global_tokens:
+        model.attention.max_global_tokens = max_global_tokens
+    config.phases.update(dict(seq_len=(SEQ_LEN,), batch_size=(4,), steps=(4,), learning_rate=(1e-3,)))
+    config.optimizer.update(dict(max_warmup_steps=1, grad_accumulation=2))
+    config.checkpoint.update(dict(every_steps=2, async_save=False))
+    config.eval.update(dict(batch_size=4, every_steps=None, max_examples=None))
+    config.log_every_steps = 1
+    return config
+
+
+# --- the datasets, in their real layouts ------------------------------------------------------------
+
+
+def _mlm_data(root):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("validation", 3)):
+        (root / split).mkdir(parents=True)
+        for i in range(count):
+            (root / split / f"doc{i}.txt").write_text(_text(rng, 60))
+        with (root / split / "more.jsonl").open("w") as f:
+            f.write(json.dumps({"text": _text(rng, 50)}) + "\n")
+    return root
+
+
+def _imdb_data(root):
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for label, word in (("pos", "river"), ("neg", "stone")):
+            (root / split / label).mkdir(parents=True)
+            for i in range(12):
+                text = f"{word} {_text(rng, 20)} {word} {word}<br /><br />{_text(rng, 10)}"
+                (root / split / label / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(text)
+    return root
+
+
+def _triviaqa_data(root):
+    rng = np.random.default_rng(2)
+    (root / "qa").mkdir(parents=True)
+    (root / "evidence" / "wikipedia").mkdir(parents=True)
+    for split, count in (("train", 8), ("dev", 4)):
+        data = []
+        for i in range(count):
+            answer = str(rng.choice(["c++", "Lamp (film)", "river stone"]))
+            pages = []
+            for j in range(2):
+                filename = f"{split}_{i}_{j}.txt"
+                text = f"{_text(rng, 2)} {answer} {_text(rng, 8)}." if j == 0 else f"{_text(rng, 20)}."
+                (root / "evidence" / "wikipedia" / filename).write_text(text)
+                pages.append({"DocSource": "TagMe", "Filename": filename, "Title": f"Page {i} {j}"})
+            data.append({
+                "Answer": {"Aliases": [answer, answer.upper()], "MatchedWikiEntityName": answer,
+                           "NormalizedAliases": [answer.lower()], "NormalizedMatchedWikiEntityName": answer.lower(),
+                           "NormalizedValue": answer.lower(), "Type": "WikipediaEntity", "Value": answer},
+                "EntityPages": pages, "Question": f"which {_text(rng, 3)}?", "QuestionId": f"tq_{split}_{i}",
+                "QuestionSource": "http://www.example.org/", "SearchResults": [],
+            })
+        (root / "qa" / f"wikipedia-{split}.json").write_text(json.dumps(
+            {"Data": data, "Domain": "Wikipedia", "VerifiedEval": False, "Version": 1.0}
+        ))
+    return root
+
+
+def _wikihop_data(root):
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    for name, count in (("train.json", 8), ("dev.json", 4)):
+        records = []
+        for i in range(count):
+            candidates = [str(c) for c in rng.choice(WORDS, size=3, replace=False)]
+            answer = candidates[int(rng.integers(3))]
+            supports = [f"{_text(rng, 2)} {answer} {_text(rng, 3)}.", f"{_text(rng, 5)}."]
+            records.append({"id": f"WH_{name[:-5]}_{i}", "query": f"located_in {_text(rng, 1)}",
+                            "answer": answer, "candidates": candidates, "supports": supports})
+        (root / name).write_text(json.dumps(records))
+    return root
+
+
+TASKS = {
+    # config file, data writer, overrides
+    "mlm": ("mlm_longformer_base", _mlm_data, {}),
+    "classification": ("imdb", _imdb_data, {}),
+    "triviaqa": ("triviaqa", _triviaqa_data, {}),
+    "wikihop": ("wikihop", _wikihop_data, {"vocab_size": 324, "max_global_tokens": 48}),
+}
+
+
+def _task_config(task, tmp_path_factory):
+    name, write, overrides = TASKS[task]
+    data_dir = write(tmp_path_factory.mktemp(f"{task}_data") / "data")
+    config = _tiny(_config(name), data_dir, **overrides)
+    if task == "wikihop":
+        config.data.update(dict(max_chunks=4, max_candidates=4))
+    if task == "classification":
+        config.data.validation_fraction = 0.25
+    return config
+
+
+@pytest.fixture(scope="module", params=sorted(TASKS))
+def trained(request, tmp_path_factory):
+    """(task, config, workdir, result) of one uninterrupted run of each task."""
+    task = request.param
+    config = _task_config(task, tmp_path_factory)
+    workdir = tmp_path_factory.mktemp(f"{task}_run")
+    result = run.train(run.parse(config), workdir)
+    return task, config, workdir, result
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"]) for r in tracking.read_metrics(workdir) if r["kind"] == "train"]
+
+
+def test_each_task_trains_from_the_hugging_face_checkpoint(trained):
+    task, _, workdir, result = trained
+    assert result.status == "finished" and result.step == 4
+    losses = _losses(workdir)
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    assert all(np.isfinite(loss) and loss > 0 for _, loss in losses)
+
+
+def test_resume_is_bitwise(trained, tmp_path):
+    task, config, workdir, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    result = run.train(run.parse(config), resumed)
+    assert result.step == 4
+    assert _losses(resumed) == _losses(workdir)  # floats compared exactly
+
+
+def test_loss_falls_on_a_repeated_batch(trained, tmp_path):
+    task, config, _, _ = trained
+    config = config.copy_and_resolve_references()
+    config.model.update(dict(dropout=0.0, attention_dropout=0.0))  # the same function at every step
+    plan = run.parse(config)
+    with run.setup(plan, tmp_path / "fresh") as prepared:
+        assert prepared.origin == "init_from"
+        (note,) = prepared.notes
+        assert f"the Hugging Face checkpoint {CHECKPOINT}" in note
+        # The masked LM keeps the checkpoint's head; the others start theirs fresh.
+        assert ("initialised fresh: params/head" in note) == (task != "mlm"), note
+        phase = plan.phases[0]
+        model = prepared.task.build_model(phase.model)
+        train_step = jax.jit(steps.make_train_step(
+            lambda p, b, **kw: prepared.task.loss(model, p, b, **kw), prepared.tx, peak_learning_rate=1e-3,
+            start_step=0, warmup_steps=0, seed=0, grad_accumulation=2, loss_weight=prepared.task.loss_weight,
+        ))
+        batches = prepared.task.train_batches(plan, prepared.data, phase, seed=0)
+        batch = next(batches)
+        weight = prepared.task.loss_weight(batch)
+        while weight is not None and weight < 2:  # a batch with something to learn (TriviaQA: answered pairs)
+            batch = next(batches)
+            weight = prepared.task.loss_weight(batch)
+        batches.close()
+        state, losses = prepared.state, []
+        for _ in range(10):
+            state, metrics = train_step(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_evaluate_writes_metrics_and_predictions(trained):
+    task, _, workdir, _ = trained
+    result = run.evaluate_checkpoint(workdir)
+    assert result["step"] == 4
+    expected = {"mlm": "bpc", "classification": "accuracy", "triviaqa": "f1", "wikihop": "accuracy"}[task]
+    assert np.isfinite(result[expected])
+    if task == "mlm":
+        assert "predictions" not in result
+        return
+    path = pathlib.Path(result["predictions"])
+    assert path.parent == workdir and path.exists()
+    if task == "triviaqa":
+        predictions = json.loads(path.read_text())
+        assert sorted(predictions) == [f"tq_dev_{i}" for i in range(4)]  # official format: {QuestionId: answer}
+        assert all(isinstance(answer, str) for answer in predictions.values())
+    elif task == "wikihop":
+        predictions = json.loads(path.read_text())
+        assert sorted(predictions) == [f"WH_dev_{i}" for i in range(4)]
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == result["documents"]
+        assert {"id", "label", "prediction", "probabilities"} <= set(rows[0])
+
+
+def test_a_raw_roberta_checkpoint_is_refused_with_the_conversion_hint(tmp_path):
+    config = _tiny(_config("imdb"), _imdb_data(tmp_path / "imdb"))
+    config.init_from = str(REPO / "tests" / "fixtures" / "hf" / "roberta_mlm")
+    with pytest.raises(InitFromError, match=r"model.max_positions: 40 there, 66 here.*roberta-to-longformer"):
+        run.train(run.parse(config), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
