@@ -19,16 +19,12 @@ index), which keeps resumption exact.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 
-import grain
 import numpy as np
 
 from longjax.data import pipeline
 
-STATE_VERSION = 1
-_MAX_STEPS = 1 << 62
 
 Transform = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
 
@@ -85,7 +81,7 @@ class _LocalBatch:
         return batch if self._transform is None else self._transform(batch, indices)
 
 
-class ExampleIterator(Iterator[dict]):
+class ExampleIterator(pipeline.StepIterator):
     """This process's rows of every global batch of a feature table, forever (epoch after epoch), resumable.
 
     `get_state()` is a small JSON dict, the same on every process;
@@ -93,6 +89,8 @@ class ExampleIterator(Iterator[dict]):
     iterator would have produced. A state saved with another seed, batch
     size or table is refused.
     """
+
+    _mismatch = "another table or settings"
 
     def __init__(self, features: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,
                  process_index: int, process_count: int, transform: Transform | None = None,
@@ -117,50 +115,7 @@ class ExampleIterator(Iterator[dict]):
             "seed": int(seed), "global_batch_size": int(global_batch_size), "num_examples": num,
             "features": fingerprint(features),
         }
-        self._step = 0
-        self._inner = None
-
-    @property
-    def step(self) -> int:
-        """Number of batches produced so far."""
-        return self._step
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._inner is None:
-            dataset = grain.MapDataset.range(self._step, _MAX_STEPS).map(self._batch)
-            self._inner = iter(dataset.to_iter_dataset(self._read_options))
-        batch = next(self._inner)
-        self._step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        """`{'version', 'step', 'seed', 'global_batch_size', 'num_examples', 'features'}`."""
-        return {"version": STATE_VERSION, "step": self._step, **self._identity}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continues from a state returned by `get_state` of an iterator over the same table and settings."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "step" not in state:
-            raise ValueError(f"state must come from ExampleIterator.get_state (version {STATE_VERSION}), got {state!r}")
-        differing = [
-            f"{key}: saved {state.get(key)!r}, here {value!r}"
-            for key, value in self._identity.items() if state.get(key) != value
-        ]
-        if differing:
-            raise ValueError("iterator state was saved for another table or settings: " + "; ".join(differing))
-        step = state["step"]
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
-        self.close()
-        self._step = step
-
-    def close(self) -> None:
-        """Stops the prefetch threads; the iterator restarts them if advanced again."""
-        if self._inner is not None and hasattr(self._inner, "close"):
-            self._inner.close()
-        self._inner = None
+        super().__init__()
 
 
 def make_example_iterator(features: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,

@@ -109,7 +109,68 @@ class _LocalBatch:
         return {"tokens": self._windows[starts].astype(np.int32)}
 
 
-class TrainIterator(Iterator[dict]):
+class StepIterator(Iterator[dict]):
+    """Batches that are a pure function of their step, prefetched by grain; checkpointable by step.
+
+    A subclass sets, in its `__init__`, `_batch` (step -> batch), `_read_options`
+    and `_identity` (what a saved state must match: seed, sizes, data
+    fingerprint), then calls `StepIterator.__init__`. Its state is the step and
+    that identity, so a restored iterator continues with the next batch, and a
+    state saved for other data or settings is refused naming the fields.
+    """
+
+    _mismatch = "another pipeline (a new phase needs a new iterator and its own state)"
+
+    def __init__(self):
+        self._step = 0
+        self._inner = None
+
+    @property
+    def step(self) -> int:
+        """Number of batches produced so far (the index of the next batch)."""
+        return self._step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._inner is None:
+            steps = grain.MapDataset.range(self._step, _MAX_STEPS).map(self._batch)
+            self._inner = iter(steps.to_iter_dataset(self._read_options))
+        batch = next(self._inner)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """`{'version', 'step'}` and the iterator's identity fields."""
+        return {"version": STATE_VERSION, "step": self._step, **self._identity}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues from a state returned by `get_state` of an iterator over the same data and settings."""
+        name = type(self).__name__
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "step" not in state:
+            raise ValueError(f"state must come from {name}.get_state (version {STATE_VERSION}), got {state!r}")
+        differing = [
+            f"{key}: saved {state.get(key)!r}, here {value!r}"
+            for key, value in self._identity.items()
+            if state.get(key) != value
+        ]
+        if differing:
+            raise ValueError(f"iterator state was saved for {self._mismatch}: " + "; ".join(differing))
+        step = state["step"]
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
+        self.close()
+        self._step = step
+
+    def close(self) -> None:
+        """Stops the prefetch threads; the iterator restarts them if advanced again."""
+        if self._inner is not None and hasattr(self._inner, "close"):
+            self._inner.close()
+        self._inner = None
+
+
+class TrainIterator(StepIterator):
     """Batches `{'tokens': int32 [local_batch, seq_len + 1]}`, forever, resumable.
 
     `get_state()` is a small JSON-serialisable dict, identical on every process;
@@ -162,56 +223,7 @@ class TrainIterator(Iterator[dict]):
             "data_length": len(data),
             "data_crc32": zlib.crc32(data),
         }
-        self._step = 0
-        self._inner = None
-
-    @property
-    def step(self) -> int:
-        """Number of batches produced so far (the index of the next batch)."""
-        return self._step
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._inner is None:
-            pipeline = grain.MapDataset.range(self._step, _MAX_STEPS).map(self._batch)
-            self._inner = iter(pipeline.to_iter_dataset(self._read_options))
-        batch = next(self._inner)
-        self._step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        """`{'version', 'step', 'seed', 'seq_len', 'global_batch_size', 'data_length', 'data_crc32'}`."""
-        return {"version": STATE_VERSION, "step": self._step, **self._identity}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continues from a state returned by `get_state` of an iterator over the same data and settings."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "step" not in state:
-            raise ValueError(
-                f"state must come from TrainIterator.get_state (version {STATE_VERSION}), got {state!r}"
-            )
-        differing = [
-            f"{key}: saved {state.get(key)!r}, here {value!r}"
-            for key, value in self._identity.items()
-            if state.get(key) != value
-        ]
-        if differing:
-            raise ValueError(
-                "iterator state was saved for another pipeline (a new phase needs a new iterator and "
-                "its own state): " + "; ".join(differing)
-            )
-        step = state["step"]
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
-        self.close()
-        self._step = step
-
-    def close(self) -> None:
-        """Stops the prefetch threads; the iterator restarts them if advanced again."""
-        if self._inner is not None and hasattr(self._inner, "close"):
-            self._inner.close()
-        self._inner = None
+        super().__init__()
 
 
 def make_train_iterator(

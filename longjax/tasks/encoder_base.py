@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -266,6 +267,15 @@ class BatchedOutputs:
 def limited(features: Mapping[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
     """The first `limit` rows of a feature table (all when None)."""
     return {k: np.asarray(v)[:limit] for k, v in features.items()}
+
+
+def write_json_predictions(stem: Path, predictions: Mapping[str, str] | None) -> Path:
+    """Writes `<stem>.json`, `{id: prediction}` (sorted, UTF-8 kept); `predictions` None: nothing scored yet, an error."""
+    if predictions is None:
+        raise RuntimeError("write_predictions: the evaluator has not scored a split yet")
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps(dict(predictions), indent=1, ensure_ascii=False, sort_keys=True))
+    return path
 
 
 def summary_line(split: str, metrics: Mapping[str, Any], names: tuple[str, ...]) -> str:

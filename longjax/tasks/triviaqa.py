@@ -34,7 +34,6 @@ Config sections:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -167,11 +166,7 @@ class TriviaQAEvaluator:
 
     def write_predictions(self, stem: Path) -> Path:
         """`<stem>.json`: the official TriviaQA prediction file of the last call, `{QuestionId: answer}`."""
-        if self._last is None:
-            raise RuntimeError("write_predictions: the evaluator has not scored a split yet")
-        path = stem.with_suffix(".json")
-        path.write_text(json.dumps(self._last, indent=1, ensure_ascii=False, sort_keys=True))
-        return path
+        return encoder_base.write_json_predictions(stem, self._last)
 
 
 class TriviaQATask(encoder_base.EncoderTask):

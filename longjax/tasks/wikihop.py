@@ -28,7 +28,6 @@ Config sections:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -131,11 +130,7 @@ class WikiHopEvaluator:
 
     def write_predictions(self, stem: Path) -> Path:
         """`<stem>.json`: `{id: predicted candidate}` of the last call."""
-        if self._last is None:
-            raise RuntimeError("write_predictions: the evaluator has not scored a split yet")
-        path = stem.with_suffix(".json")
-        path.write_text(json.dumps(self._last, indent=1, ensure_ascii=False, sort_keys=True))
-        return path
+        return encoder_base.write_json_predictions(stem, self._last)
 
 
 class WikiHopTask(encoder_base.EncoderTask):
