@@ -60,6 +60,10 @@ class OptimizerSection:
         global batch is split into this many, their gradients accumulated
         (weighted by the task's `loss_weight`) before one update, so a paper's
         batch fits in memory. 1: the whole batch at once.
+      head_learning_rate_scale: the learning rate of the parameters under
+        'head' (a task head) is the phase's times this, so a fresh head can
+        learn faster than a pretrained encoder (Joshi et al.'s coreference:
+        2e-4 for the head, 1e-5 for BERT, a scale of 20). 1: one rate for all.
     """
 
     b1: float = 0.9
@@ -72,6 +76,7 @@ class OptimizerSection:
     decay: str = "constant"
     decay_power: float = 1.0
     grad_accumulation: int = 1
+    head_learning_rate_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("b1", "b2"):
@@ -87,6 +92,7 @@ class OptimizerSection:
         sections.one_of("optimizer.decay", self.decay, ("constant", "polynomial"))
         sections.positive_number("optimizer.decay_power", self.decay_power)
         sections.positive_int("optimizer.grad_accumulation", self.grad_accumulation)
+        sections.positive_number("optimizer.head_learning_rate_scale", self.head_learning_rate_scale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,13 +39,30 @@ def optimizer(section: OptimizerSection) -> optax.GradientTransformation:
     The learning rate is applied by the step (`learning_rate`) so the
     optimizer state carries over from phase to phase while the schedule restarts.
     Weight decay (decoupled, scaled by the learning rate as in AdamW) applies to
-    weight matrices and embeddings only (`decay_mask`).
+    weight matrices and embeddings only (`decay_mask`). The updates of a task
+    head are scaled by `head_learning_rate_scale` (`head_mask`).
     """
-    return optax.chain(
+    transforms = [
         optax.clip_by_global_norm(section.grad_clip_norm),
         optax.scale_by_adam(b1=section.b1, b2=section.b2, eps=section.eps),
         optax.add_decayed_weights(section.weight_decay, mask=decay_mask),
-    )
+    ]
+    if section.head_learning_rate_scale != 1.0:
+        # Only then: the optimizer state of every other run keeps its structure (and its checkpoints).
+        transforms.append(optax.masked(optax.scale(section.head_learning_rate_scale), head_mask))
+    return optax.chain(*transforms)
+
+
+def head_mask(params):
+    """True for the parameters under a top-level 'head' (of the variables' 'params' or of the bare tree)."""
+
+    def in_head(path, _):
+        keys = [getattr(entry, "key", None) for entry in path]
+        if keys and keys[0] == "params":
+            keys = keys[1:]
+        return bool(keys) and keys[0] == "head"
+
+    return jax.tree_util.tree_map_with_path(in_head, params)
 
 
 def decay_mask(params):

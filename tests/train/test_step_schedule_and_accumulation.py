@@ -89,3 +89,25 @@ def test_polynomial_decay_warms_up_then_falls_to_zero_at_the_phase_end():
     np.testing.assert_allclose([lr(s, 1.0) for s in (14, 22, 29, 30)], [1.0, 0.5, 1 / 16, 0.0], rtol=1e-6)
     np.testing.assert_allclose(lr(22, 3.0), 0.125, rtol=1e-6)
     assert float(steps.learning_rate(25, peak=2.0, start_step=10, warmup_steps=4)) == 2.0
+
+
+def test_head_learning_rate_scale_scales_only_the_head_updates():
+    def loss(params, batch, *, step, dropout_key):
+        p = params["params"]
+        prediction = batch["x"] @ p["encoder"]["w"] + batch["x"] @ p["head"]["w"]
+        return ((prediction - batch["y"]) ** 2).mean(), {}
+
+    def update(scale):
+        tx = steps.optimizer(plan_lib.OptimizerSection(head_learning_rate_scale=scale))
+        params = {"params": {"encoder": {"w": jnp.asarray([0.5, -0.2, 0.1])}, "head": {"w": jnp.asarray([0.3, 0.0, -0.4])}}}
+        state = steps.init_state(params, tx)
+        step = steps.make_train_step(loss, tx, peak_learning_rate=0.01, start_step=0, warmup_steps=0, seed=0)
+        new, _ = jax.jit(step)(state, _batch())
+        return jax.tree.map(lambda a, b: a - b, new.params, params)["params"]
+
+    plain, scaled = update(1.0), update(20.0)
+    np.testing.assert_allclose(scaled["encoder"]["w"], plain["encoder"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(scaled["head"]["w"], 20.0 * plain["head"]["w"], rtol=1e-5)
+    assert np.all(np.abs(plain["head"]["w"]) > 0)
+    with pytest.raises(ConfigError, match="optimizer.head_learning_rate_scale"):
+        plan_lib.OptimizerSection(head_learning_rate_scale=0.0)
