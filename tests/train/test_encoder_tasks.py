@@ -123,12 +123,45 @@ def _wikihop_data(root):
     return root
 
 
+def _coref_data(root):
+    """minimize.py JSON lines: subtokens of the checkpoint's tokenizer, clusters of the repeated nouns."""
+    from longjax.hf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(CHECKPOINT)
+    rng = np.random.default_rng(4)
+    root.mkdir(parents=True)
+    for name, count in (("train.english.4096.jsonlines", 6), ("dev.english.4096.jsonlines", 3)):
+        with (root / name).open("w") as f:
+            for d in range(count):
+                sentences, clusters, position = [], {"river": [], "stone": []}, 1
+                while position < 44:
+                    sentence = []
+                    for word in rng.choice(["the", "river", "stone", "ran", "by", "cold"], size=4):
+                        pieces = tokenizer.encode(" " + str(word), add_special_tokens=False).tokens
+                        if word in clusters:
+                            clusters[word].append([position, position + len(pieces) - 1])
+                        sentence += pieces
+                        position += len(pieces)
+                    sentences.append(sentence)
+                sentences[0].insert(0, "<s>")
+                sentences[-1].append("</s>")
+                f.write(json.dumps({
+                    "doc_key": f"{'nw' if d % 2 else 'bc'}/doc_{name[:3]}_{d}_0", "sentences": sentences,
+                    "speakers": [["spk%d" % (k % 2)] * len(s) for k, s in enumerate(sentences)],
+                    "clusters": [c for c in clusters.values() if len(c) > 1],
+                    "sentence_map": [k for k, s in enumerate(sentences) for _ in s],
+                    "subtoken_map": list(range(sum(len(s) for s in sentences))),
+                }) + "\n")
+    return root
+
+
 TASKS = {
     # config file, data writer, overrides
     "mlm": ("mlm_longformer_base", _mlm_data, {}),
     "classification": ("imdb", _imdb_data, {}),
     "triviaqa": ("triviaqa", _triviaqa_data, {}),
     "wikihop": ("wikihop", _wikihop_data, {"vocab_size": 324, "max_global_tokens": 48}),
+    "coref": ("coref", _coref_data, {}),
 }
 
 
@@ -140,6 +173,10 @@ def _task_config(task, tmp_path_factory):
         config.data.update(dict(max_chunks=4, max_candidates=4))
     if task == "classification":
         config.data.validation_fraction = 0.25
+    if task == "coref":
+        config.model.coref.update(dict(max_span_width=8, max_top_antecedents=8, ffnn_size=16, feature_size=4))
+        # The tests' learning rate (1e-3) is 100x the paper's: the config's 20x head rate would saturate the head.
+        config.optimizer.head_learning_rate_scale = 1.0
     return config
 
 
@@ -179,6 +216,8 @@ def test_loss_falls_on_a_repeated_batch(trained, tmp_path):
     task, config, _, _ = trained
     config = config.copy_and_resolve_references()
     config.model.update(dict(dropout=0.0, attention_dropout=0.0))  # the same function at every step
+    if task == "coref":
+        config.model.coref.dropout = 0.0
     plan = run.parse(config)
     with run.setup(plan, tmp_path / "fresh") as prepared:
         assert prepared.origin == "init_from"
@@ -210,7 +249,8 @@ def test_evaluate_writes_metrics_and_predictions(trained):
     task, _, workdir, _ = trained
     result = run.evaluate_checkpoint(workdir)
     assert result["step"] == 4
-    expected = {"mlm": "bpc", "classification": "accuracy", "triviaqa": "f1", "wikihop": "accuracy"}[task]
+    expected = {"mlm": "bpc", "classification": "accuracy", "triviaqa": "f1", "wikihop": "accuracy",
+                "coref": "conll_f1"}[task]
     assert np.isfinite(result[expected])
     if task == "mlm":
         assert "predictions" not in result
@@ -224,6 +264,12 @@ def test_evaluate_writes_metrics_and_predictions(trained):
     elif task == "wikihop":
         predictions = json.loads(path.read_text())
         assert sorted(predictions) == [f"WH_dev_{i}" for i in range(4)]
+    elif task == "coref":
+        predictions = json.loads(path.read_text())  # {doc_key: clusters of [start, end] spans}
+        assert sorted(predictions) == sorted(f"{'nw' if d % 2 else 'bc'}/doc_dev_{d}_0" for d in range(3))
+        assert all(len(span) == 2 and span[0] <= span[1] for clusters in predictions.values()
+                   for cluster in clusters for span in cluster)
+        assert 0 <= result["conll_f1"] <= 100 and result["documents"] == 3
     else:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(rows) == result["documents"]
