@@ -17,7 +17,8 @@ from longjax.models.config import TransformerConfig
 from longjax.models.encoder import LongEncoder
 from longjax.models.transformer import layer_norm
 
-HEADS = (None, "masked_lm", "classification", "question_answering", "multiple_choice", "token_scoring")
+HEADS = (None, "masked_lm", "classification", "question_answering", "multiple_choice", "token_scoring",
+         "span_type_and_tokens")
 
 
 def _dense(cfg: TransformerConfig, features: int, name: str) -> nn.Dense:
@@ -72,7 +73,9 @@ class EncoderWithHead(nn.Module):
       head: None (hidden states only), 'masked_lm', 'classification',
         'question_answering' (start/end logits), 'multiple_choice' (tokens
         `[batch, choices, seq]`, one score per choice from the pooler) or
-        'token_scoring' (one score per token, e.g. per WikiHop candidate marker).
+        'token_scoring' (one score per token, e.g. per WikiHop candidate marker)
+        or 'span_type_and_tokens' (HotpotQA: start/end logits, `num_labels`
+        answer-type logits from the first token, and one score per token).
       num_labels: classes of the classification head.
       pooler: whether the model has the pooler (multiple choice needs it).
     """
@@ -100,7 +103,9 @@ class EncoderWithHead(nn.Module):
           tokens plus d_model), 'pooler_output' when the model has a pooler, and
           the head's output: 'logits' (`[batch, seq, vocab]`, `[batch,
           num_labels]` or `[batch, choices]`), 'start_logits'/'end_logits'
-          (`[batch, seq]`) or 'token_scores' (`[batch, seq]`).
+          (`[batch, seq]`), 'token_scores' (`[batch, seq]`), or for
+          'span_type_and_tokens' all of 'start_logits', 'end_logits',
+          'type_logits' (`[batch, num_labels]`) and 'token_scores'.
         """
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
@@ -131,6 +136,8 @@ class EncoderWithHead(nn.Module):
             out["logits"] = MultipleChoiceHead(self.config, name="head")(pooled).reshape(lead)
         elif self.head == "token_scoring":
             out["token_scores"] = TokenScoringHead(self.config, name="head")(hidden).reshape(*lead, -1)
+        elif self.head == "span_type_and_tokens":
+            out.update(SpanTypeAndTokensHead(self.config, self.num_labels, deterministic, name="head")(hidden))
         return out
 
 
@@ -162,3 +169,24 @@ class TokenScoringHead(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         return _dense(self.config, 1, "scorer")(hidden)[..., 0].astype(jnp.float32)
+
+
+class SpanTypeAndTokensHead(nn.Module):
+    """HotpotQA's heads on one encoder: span start/end, answer type on the first token, a score per token.
+
+    Returns a dict: 'start_logits', 'end_logits', 'token_scores' `[batch, seq]`
+    and 'type_logits' `[batch, num_labels]` (RoBERTa's classifier on `<s>`).
+    """
+
+    config: TransformerConfig
+    num_labels: int
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, hidden):
+        span = QuestionAnsweringHead(self.config, name="span")(hidden)
+        return {
+            "start_logits": span[..., 0], "end_logits": span[..., 1],
+            "type_logits": ClassificationHead(self.config, self.num_labels, self.deterministic, name="type")(hidden),
+            "token_scores": TokenScoringHead(self.config, name="tokens")(hidden),
+        }

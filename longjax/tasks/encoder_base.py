@@ -45,7 +45,7 @@ _COMPARED_FIELDS = (
 # The Hugging Face class read for each head (family prefix added): it maps the head's weights one to one.
 _HF_CLASS = {
     None: "Model", "masked_lm": "ForMaskedLM", "classification": "ForSequenceClassification",
-    "question_answering": "ForQuestionAnswering", "token_scoring": "Model",
+    "question_answering": "ForQuestionAnswering", "token_scoring": "Model", "span_type_and_tokens": "Model",
 }
 
 

@@ -109,7 +109,12 @@ class TriviaQAData:
 
 
 def occurrence_loss(logits, positions, valid):
-    """`logsumexp(all logits) - logsumexp(logits at positions)` per row, float32 `[batch]`.
+    """`logsumexp(all logits) - logsumexp(logits at the distinct positions)` per row, float32 `[batch]`.
+
+    Minus the log of the probability that the start (or end) is one of the
+    answer's tokens. Distinct answers may share a start or an end token (the
+    pairs are kept aligned); each token counts once, so a shared one is not
+    weighed twice (allenai blanks such duplicates in its data instead).
 
     Args:
       logits: float32 `[batch, seq]`.
@@ -118,7 +123,10 @@ def occurrence_loss(logits, positions, valid):
     """
     masked = jnp.where(valid, logits, -1e30)
     gold = jnp.take_along_axis(masked, jnp.maximum(positions, 0), axis=1)
-    gold = jnp.where(positions >= 0, gold, -1e30)
+    k = positions.shape[1]
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [k, j]: j < k
+    repeated = ((positions[:, :, None] == positions[:, None, :]) & earlier[None]).any(-1)
+    gold = jnp.where((positions >= 0) & ~repeated, gold, -1e30)
     return jax.nn.logsumexp(masked, axis=-1) - jax.nn.logsumexp(gold, axis=-1)
 
 

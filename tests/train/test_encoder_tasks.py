@@ -155,6 +155,36 @@ def _coref_data(root):
     return root
 
 
+def _hotpotqa_records(rng, split, count):
+    """Distractor-setting records: three one-sentence paragraphs, two of them gold; span and yes/no answers."""
+    records = []
+    for i in range(count):
+        titles = [str(t).title() for t in rng.choice(WORDS, size=3, replace=False)]
+        answer = ["river", "yes", "stone"][i % 3]
+        sentences = [[f"{_text(rng, 1)} {answer if answer != 'yes' else 'lamp'} {_text(rng, 1)}."],
+                     [f"{_text(rng, 2)}."], [f"{_text(rng, 2)}."]]
+        records.append({
+            "_id": f"hp_{split}_{i}", "question": f"which {_text(rng, 1)}?", "answer": answer,
+            "type": "comparison" if answer == "yes" else "bridge", "level": "easy",
+            "supporting_facts": [[titles[0], 0], [titles[1], 0]],
+            "context": [[title, paragraph] for title, paragraph in zip(titles, sentences)],
+        })
+    return records
+
+
+def _hotpotqa_data(root):
+    rng = np.random.default_rng(5)
+    root.mkdir(parents=True)
+    for name, split, count in (("hotpot_train_v1.1.json", "train", 8), ("hotpot_dev_distractor_v1.json", "dev", 4)):
+        records = _hotpotqa_records(rng, split, count)
+        (root / name).write_text(json.dumps(records))
+        # A stage-1 ranking in its file format, for stage 2 (the last gold paragraph ranked third).
+        (root / f"selection_{split}.json").write_text(json.dumps(
+            {r["_id"]: [[r["context"][k][0], float(3 - rank)] for rank, k in enumerate((0, 2, 1))] for r in records}
+        ))
+    return root
+
+
 TASKS = {
     # config file, data writer, overrides
     "mlm": ("mlm_longformer_base", _mlm_data, {}),
@@ -162,6 +192,8 @@ TASKS = {
     "triviaqa": ("triviaqa", _triviaqa_data, {}),
     "wikihop": ("wikihop", _wikihop_data, {"vocab_size": 324, "max_global_tokens": 48}),
     "coref": ("coref", _coref_data, {}),
+    "hotpotqa_select": ("hotpotqa_select", _hotpotqa_data, {"vocab_size": 325, "max_global_tokens": 32}),
+    "hotpotqa_answer": ("hotpotqa_answer", _hotpotqa_data, {"vocab_size": 325, "max_global_tokens": 32}),
 }
 
 
@@ -173,6 +205,12 @@ def _task_config(task, tmp_path_factory):
         config.data.update(dict(max_chunks=4, max_candidates=4))
     if task == "classification":
         config.data.validation_fraction = 0.25
+    if task.startswith("hotpotqa"):
+        config.data.update(dict(max_paragraphs=3, max_sentences=4, max_question_tokens=8))
+    if task == "hotpotqa_answer":
+        # keep 1 ranked paragraph: training adds the missed gold ones, validation sees the first only.
+        config.data.update(dict(keep_paragraphs=1, train_selection=str(data_dir / "selection_train.json"),
+                                validation_selection=str(data_dir / "selection_dev.json")))
     if task == "coref":
         config.model.coref.update(dict(max_span_width=8, max_top_antecedents=8, ffnn_size=16, feature_size=4))
         # The tests' learning rate (1e-3) is 100x the paper's: the config's 20x head rate would saturate the head.
@@ -250,7 +288,7 @@ def test_evaluate_writes_metrics_and_predictions(trained):
     result = run.evaluate_checkpoint(workdir)
     assert result["step"] == 4
     expected = {"mlm": "bpc", "classification": "accuracy", "triviaqa": "f1", "wikihop": "accuracy",
-                "coref": "conll_f1"}[task]
+                "coref": "conll_f1", "hotpotqa_select": "paragraph_recall", "hotpotqa_answer": "joint_f1"}[task]
     assert np.isfinite(result[expected])
     if task == "mlm":
         assert "predictions" not in result
@@ -264,6 +302,14 @@ def test_evaluate_writes_metrics_and_predictions(trained):
     elif task == "wikihop":
         predictions = json.loads(path.read_text())
         assert sorted(predictions) == [f"WH_dev_{i}" for i in range(4)]
+    elif task == "hotpotqa_select":
+        ranking = json.loads(path.read_text())  # the stage-2 selection file: {_id: [[title, score], ...]}
+        assert sorted(ranking) == [f"hp_dev_{i}" for i in range(4)] and all(len(r) == 3 for r in ranking.values())
+    elif task == "hotpotqa_answer":
+        submission = json.loads(path.read_text())  # the official format
+        assert set(submission) == {"answer", "sp"}
+        assert sorted(submission["answer"]) == sorted(submission["sp"]) == [f"hp_dev_{i}" for i in range(4)]
+        assert all(isinstance(a, str) for a in submission["answer"].values())
     elif task == "coref":
         predictions = json.loads(path.read_text())  # {doc_key: clusters of [start, end] spans}
         assert sorted(predictions) == sorted(f"{'nw' if d % 2 else 'bc'}/doc_dev_{d}_0" for d in range(3))
@@ -274,6 +320,31 @@ def test_evaluate_writes_metrics_and_predictions(trained):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(rows) == result["documents"]
         assert {"id", "label", "prediction", "probabilities"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("trained", ["hotpotqa_select"], indirect=True)
+def test_hotpotqa_stage_2_reads_the_ranking_stage_1_wrote(trained, tmp_path):
+    _, config, workdir, _ = trained
+    written = {}
+    for split in ("train", "validation"):
+        written[split] = run.evaluate_checkpoint(workdir, split)["predictions"]
+    stage2 = _config("hotpotqa_answer")
+    stage2 = _tiny(stage2, pathlib.Path(config.data.dir), vocab_size=325, max_global_tokens=32)
+    stage2.data.update(dict(max_paragraphs=3, max_sentences=4, max_question_tokens=8, keep_paragraphs=2,
+                            train_selection=written["train"], validation_selection=written["validation"]))
+    stage2.init_from = str(workdir)  # the same model: stage 2 may start from stage 1 ...
+    stage2.data.tokenizer = str(CHECKPOINT)  # ... whose workdir holds no tokenizer files
+    stage2.phases.steps = (2,)
+    result = run.train(run.parse(stage2), tmp_path / "stage2")
+    assert result.status == "finished"
+    ranking = json.loads(pathlib.Path(written["validation"]).read_text())
+    plan = run.parse(stage2)
+    with run.setup(plan, tmp_path / "stage2_again") as prepared:
+        built = prepared.data.built["validation"]
+        for i, example_id in enumerate(built.ids):
+            # Validation sees exactly stage 1's two best paragraphs, in context order.
+            titles = [prepared.data.examples["validation"][i].context[p][0] for p in built.paragraphs[i]]
+            assert set(titles) == {title for title, _ in ranking[example_id][:2]}
 
 
 def test_a_raw_roberta_checkpoint_is_refused_with_the_conversion_hint(tmp_path):
