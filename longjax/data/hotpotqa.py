@@ -77,7 +77,6 @@ metric, but cannot be labelled, and the count is logged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -87,6 +86,7 @@ from typing import NamedTuple
 import numpy as np
 import tokenizers
 
+from longjax.data import json_files
 from longjax.data.triviaqa import find_occurrences
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,7 @@ def read_hotpotqa(path: str | os.PathLike) -> list[HotpotExample]:
       repeated `_id`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a HotpotQA distractor JSON file)")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    records = json_files.read_json(path, "a HotpotQA distractor JSON file")
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     examples, seen, repeats, unlabelled = [], set(), 0, 0

@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from longjax.data import json_files
 from longjax.data import hotpotqa as hotpot
 
 
@@ -43,12 +44,7 @@ def read_selection(path: str | os.PathLike) -> dict[str, list[str]]:
       in non-increasing score order.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a stage-1 selection, written by write_selection)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = json_files.read_json(path, "a stage-1 selection, written by write_selection")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object {{_id: [[title, score], ...]}}, got {type(data).__name__}")
     return {example_id: [title for title, _ in _ranked(pairs, f"{path}: id {example_id!r}", ranked=True)]

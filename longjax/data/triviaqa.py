@@ -27,7 +27,6 @@ Where this module differs from allenai's script, on purpose:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -36,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from longjax.data import json_files
 from longjax.data.triviaqa_eval import normalize_answer, official_ground_truths
 
 
@@ -60,16 +60,6 @@ class QAExample:
 
 
 # ---------------------------------------------------------------- readers
-
-
-def _load_json(path: pathlib.Path) -> object:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def _str_field(record: Mapping, key: str, where: str) -> str:
@@ -103,7 +93,7 @@ def read_raw(qa_file: str | os.PathLike, evidence_dir: str | os.PathLike) -> lis
       or a QuestionId repeats.
     """
     qa_file, evidence_dir = pathlib.Path(qa_file), pathlib.Path(evidence_dir)
-    data = _load_json(qa_file)
+    data = json_files.read_json(qa_file)
     if not isinstance(data, dict) or not isinstance(data.get("Data"), list):
         raise ValueError(f"{qa_file}: expected a JSON object with a 'Data' list (raw TriviaQA)")
     if data.get("Domain") != "Wikipedia":
@@ -172,7 +162,7 @@ def read_squad_style(path: str | os.PathLike) -> list[QAExample]:
       of a "qid" that disagrees with the id, or of a repeated id.
     """
     path = pathlib.Path(path)
-    data = _load_json(path)
+    data = json_files.read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise ValueError(f"{path}: expected a JSON object with a 'data' list (SQuAD style)")
     examples, seen = [], set()

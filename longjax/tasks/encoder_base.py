@@ -101,14 +101,30 @@ def special_id(tokenizer, token: str) -> int:
     return index
 
 
+def check_global_tokens(plan, global_mask: np.ndarray, split: str, what: str) -> None:
+    """ConfigError when a row of `global_mask` `[n, ..., seq]` has more global tokens than the model's bound."""
+    bounds = [a.max_global_tokens for a in plan.model.attention
+              if isinstance(a, models.SlidingWindowAttention) and a.max_global_tokens is not None]
+    most = int(np.asarray(global_mask).sum(-1).max())
+    if bounds and most > min(bounds):
+        raise sections.ConfigError(
+            f"model.attention.max_global_tokens ({min(bounds)}) is below the {most} global tokens ({what}) of a "
+            f"{split} example: raise it"
+        )
+
+
 class EncoderTask(base.Task):
     """Base of the long-encoder tasks; see the module docstring.
 
-    Subclasses set `head` (an `EncoderWithHead` head) and `uses_global_attention`.
+    Subclasses set `head` (an `EncoderWithHead` head), `uses_global_attention`,
+    and `task_tokens`: special tokens the task adds to the tokenizer and, each
+    as the mean of the embedding rows of its former spelling, to a pretrained
+    checkpoint (`model.vocab_size` must count them).
     """
 
     head: str | None = None
     uses_global_attention: bool = True
+    task_tokens: tuple[str, ...] = ()
     eval_section = EvalSection
     curve_metric = "loss"
 
@@ -162,8 +178,27 @@ class EncoderTask(base.Task):
         return model.init(key, tokens, global_mask=glob)
 
     def adapt_pretrained(self, plan, pretrained):
-        """The checkpoint made to fit the task before it is compared and merged (WikiHop adds task tokens)."""
-        return pretrained
+        """The checkpoint made to fit the task before it is compared and merged: with the task tokens' rows."""
+        if not self.task_tokens:
+            return pretrained
+        _, pieces = self.task_tokenizer(plan)
+        return pretrained.with_new_tokens(pieces)
+
+    def task_tokenizer(self, plan):
+        """The run's tokenizer with `task_tokens` added, and the pieces each was spelled with before."""
+        tokenizer = load_tokenizer(plan)
+        pieces = hf_tokenizer.add_task_tokens(tokenizer, self.task_tokens) if self.task_tokens else {}
+        return tokenizer, pieces
+
+    def checked_tokenizer(self, plan):
+        """`task_tokenizer`'s tokenizer; ConfigError unless `model.vocab_size` is its vocabulary."""
+        tokenizer, _ = self.task_tokenizer(plan)
+        if self.task_tokens and tokenizer.get_vocab_size() != plan.model.vocab_size:
+            raise sections.ConfigError(
+                f"model.vocab_size ({plan.model.vocab_size}) must be the tokenizer's vocabulary with the "
+                f"{len(self.task_tokens)} task tokens added ({tokenizer.get_vocab_size()})"
+            )
+        return tokenizer
 
     def params_from_pretrained(self, plan, directory):
         from longjax.run.errors import InitFromError

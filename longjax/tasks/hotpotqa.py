@@ -66,7 +66,6 @@ from longjax.data import examples
 from longjax.data import hotpotqa as hotpot
 from longjax.data import hotpotqa_eval
 from longjax.data import hotpotqa_selection as selection
-from longjax.hf import tokenizer as hf_tokenizer
 from longjax.tasks import encoder_base, triviaqa
 
 log = logging.getLogger(__name__)
@@ -135,13 +134,6 @@ class HotpotData:
         if split not in self.built:
             raise FileNotFoundError(f"HotpotQA: no {split!r} split was given (data.{split}_file)")
         return self.built[split].arrays()
-
-
-def task_tokenizer(plan):
-    """The run's tokenizer with the five task tokens added, and the pieces each was spelled with before."""
-    tokenizer = encoder_base.load_tokenizer(plan)
-    pieces = hf_tokenizer.add_task_tokens(tokenizer, hotpot.TASK_TOKENS)
-    return tokenizer, pieces
 
 
 def _binary_cross_entropy(logits, labels):
@@ -286,6 +278,7 @@ class HotpotQATask(encoder_base.EncoderTask):
     """HotpotQA, either stage; see the module docstring."""
 
     head = "span_type_and_tokens"
+    task_tokens = hotpot.TASK_TOKENS
     data_section = DataSection
     eval_section = EvalSection
     splits = SPLITS
@@ -294,17 +287,8 @@ class HotpotQATask(encoder_base.EncoderTask):
     def num_labels(self, model_config) -> int:
         return len(hotpot.ANSWER_TYPES)
 
-    def adapt_pretrained(self, plan, pretrained):
-        _, pieces = task_tokenizer(plan)
-        return pretrained.with_new_tokens(pieces)
-
     def load_data(self, plan) -> HotpotData:
-        tokenizer, _ = task_tokenizer(plan)
-        if tokenizer.get_vocab_size() != plan.model.vocab_size:
-            raise sections.ConfigError(
-                f"model.vocab_size ({plan.model.vocab_size}) must be the tokenizer's vocabulary with the "
-                f"{len(hotpot.TASK_TOKENS)} task tokens added ({tokenizer.get_vocab_size()})"
-            )
+        tokenizer = self.checked_tokenizer(plan)
         section, seq_len = plan.data, plan.phases[0].seq_len
         root = encoder_base.data_directory(section.dir, "hotpotqa")
         loaded, built = {}, {}
@@ -325,14 +309,7 @@ class HotpotQATask(encoder_base.EncoderTask):
                     max_question_tokens=section.max_question_tokens, max_sentences=section.max_sentences,
                     max_answer_spans=section.max_answer_spans,
                 )
-            table = built[split].arrays()
-            bound = triviaqa.max_question_tokens(plan.model)
-            most = int(table["global_mask"].sum(-1).max())
-            if bound is not None and most > bound + 1:
-                raise sections.ConfigError(
-                    f"model.attention.max_global_tokens ({bound + 1}) is below the {most} global tokens (question "
-                    f"and markers) of a {split} example: raise it"
-                )
+            encoder_base.check_global_tokens(plan, built[split].arrays()["global_mask"], split, "question and markers")
             log.info("HotpotQA %s (stage %s): %d examples, %d truncated", split, section.stage, len(loaded[split]),
                      built[split].truncated)
         for split in ("train", "validation"):
@@ -386,7 +363,7 @@ class HotpotQATask(encoder_base.EncoderTask):
         model = self.build_model(phase.model)
         if plan.data.stage == "select":
             return SelectorEvaluator(self, model, plan, data, mesh)
-        tokenizer, _ = task_tokenizer(plan)
+        tokenizer, _ = self.task_tokenizer(plan)
         return AnswerEvaluator(self, model, plan, data, tokenizer, mesh)
 
     def summary(self, split: str, metrics) -> str:

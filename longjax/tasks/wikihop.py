@@ -38,8 +38,7 @@ import optax
 from longjax import sections
 from longjax.data import examples
 from longjax.data import wikihop as hop
-from longjax.hf import tokenizer as hf_tokenizer
-from longjax.tasks import encoder_base, triviaqa
+from longjax.tasks import encoder_base
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +77,6 @@ class WikiHopData:
         if split not in self.tables:
             raise FileNotFoundError(f"WikiHop: no {split!r} split was given (data.{split}_file)")
         return self.tables[split]
-
-
-def task_tokenizer(plan):
-    """The run's tokenizer with the four task tokens added, and the pieces each was spelled with before."""
-    tokenizer = encoder_base.load_tokenizer(plan)
-    pieces = hf_tokenizer.add_task_tokens(tokenizer, hop.TASK_TOKENS)
-    return tokenizer, pieces
 
 
 def candidate_scores(task, model, params, batch, *, dropout_key):
@@ -137,21 +129,13 @@ class WikiHopTask(encoder_base.EncoderTask):
     """WikiHop; see the module docstring."""
 
     head = "token_scoring"
+    task_tokens = hop.TASK_TOKENS
     data_section = DataSection
     splits = SPLITS
     curve_metric = "accuracy"
 
-    def adapt_pretrained(self, plan, pretrained):
-        _, pieces = task_tokenizer(plan)
-        return pretrained.with_new_tokens(pieces)
-
     def load_data(self, plan) -> WikiHopData:
-        tokenizer, _ = task_tokenizer(plan)
-        if tokenizer.get_vocab_size() != plan.model.vocab_size:
-            raise sections.ConfigError(
-                f"model.vocab_size ({plan.model.vocab_size}) must be the tokenizer's vocabulary with the "
-                f"{len(hop.TASK_TOKENS)} task tokens added ({tokenizer.get_vocab_size()})"
-            )
+        tokenizer = self.checked_tokenizer(plan)
         root = encoder_base.data_directory(plan.data.dir, "qangaroo_v1.1/wikihop")
         loaded, tables = {}, {}
         for split in SPLITS:
@@ -164,13 +148,7 @@ class WikiHopTask(encoder_base.EncoderTask):
                 max_candidates=plan.data.max_candidates, truncate=plan.data.truncate,
             )
             tables[split] = built.arrays()
-            bound = triviaqa.max_question_tokens(plan.model)
-            most = int(tables[split]["global_mask"].sum(-1).max())
-            if bound is not None and most > bound + 1:
-                raise sections.ConfigError(
-                    f"model.attention.max_global_tokens ({bound + 1}) is below the {most} global tokens (question "
-                    f"and candidates) of a {split} example: raise it"
-                )
+            encoder_base.check_global_tokens(plan, tables[split]["global_mask"], split, "question and candidates")
             log.info("WikiHop %s: %d examples", split, len(loaded[split]))
         for split in ("train", "validation"):
             if split not in loaded:
