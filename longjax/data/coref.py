@@ -11,10 +11,16 @@ A document is one encoder input, not 512-token segments: its subtokens are
 looked up in the tokenizer's vocabulary as they are (so preprocess with the
 encoder's own tokenizer, RoBERTa's BPE for Longformer, and with a segment
 length of at least the document, so the preprocessing adds `<s>`/`</s>` once),
-padded to `seq_len`. A document longer than `seq_len` is an error unless
+padded to `seq_len`. Joshi et al.'s stock `minimize.py` writes BERT word
+pieces with `[CLS]`/`[SEP]`: run it with the RoBERTa tokenizer instead (its
+`tokenizer` swapped for RoBERTa's, the segment markers `<s>`/`</s>`), as
+Longformer's coreference experiments did; a subtoken the vocabulary lacks is
+an error naming it. A document longer than `seq_len` is an error unless
 `truncate`: then its first `seq_len` subtokens are kept and the gold mentions
-past them dropped (both counted and logged). Spans are scored in subtoken
-indices, as Joshi et al.'s evaluator scores them.
+past them dropped, with a cluster the cut leaves with a single mention (all
+counted and logged). A mention in two clusters, or a decreasing
+`sentence_map`, is an error. Spans are scored in subtoken indices, as Joshi
+et al.'s evaluator scores them.
 """
 
 from __future__ import annotations
@@ -77,7 +83,9 @@ def _document(record, where: str) -> CorefDocument:
         maps[key] = tuple(value)
     if len(speakers) != n:
         raise ValueError(f"{where}: 'speakers' holds {len(speakers)} entries for {n} subtokens")
-    clusters = []
+    if any(b < a for a, b in zip(maps["sentence_map"], maps["sentence_map"][1:])):
+        raise ValueError(f"{where}: 'sentence_map' must not decrease (a sentence's subtokens are contiguous)")
+    clusters, cluster_of = [], {}
     raw_clusters = record.get("clusters")
     if not isinstance(raw_clusters, list):
         raise ValueError(f"{where}: 'clusters' must be a list of clusters, got {type(raw_clusters).__name__}")
@@ -88,7 +96,12 @@ def _document(record, where: str) -> CorefDocument:
                     and 0 <= mention[0] <= mention[1] < n):
                 raise ValueError(f"{where}: clusters[{c}] holds {mention!r}; expected [start, end] with "
                                  f"0 <= start <= end < {n}")
-            spans.append((mention[0], mention[1]))
+            span = (mention[0], mention[1])
+            if span in cluster_of:
+                raise ValueError(f"{where}: mention {list(span)} is in clusters {cluster_of[span]} and {c}; "
+                                 "a mention belongs to one cluster")
+            cluster_of[span] = c
+            spans.append(span)
         if not spans:
             raise ValueError(f"{where}: clusters[{c}] is empty")
         clusters.append(tuple(spans))
@@ -202,9 +215,12 @@ def build_features(documents: Sequence[CorefDocument], tokenizer, *, seq_len: in
         clusters = []
         for cluster in doc.clusters:
             spans = [span for span in cluster if span[1] < length]
-            dropped += len(cluster) - len(spans)
-            if spans:
-                clusters.append(spans)
+            # A cluster the cut leaves with one mention goes too: it would be a singleton, which
+            # OntoNotes' gold never holds and the metrics would then count.
+            kept = spans if len(spans) > 1 or len(spans) == len(cluster) else []
+            dropped += len(cluster) - len(kept)
+            if kept:
+                clusters.append(kept)
         mentions = [(span, c + 1) for c, spans in enumerate(clusters) for span in spans]
         if len(mentions) > max_mentions:
             raise ValueError(f"document {doc.doc_key!r} has {len(mentions)} gold mentions; raise data.max_mentions "
@@ -214,8 +230,8 @@ def build_features(documents: Sequence[CorefDocument], tokenizer, *, seq_len: in
             gold_starts[i, m], gold_ends[i, m], gold_clusters[i, m] = start, end, cluster_id
         kept_clusters.append(clusters)
     if truncated:
-        log.warning("coref: %d of %d documents cut to seq_len=%d subtokens, %d gold mentions past the cut dropped",
-                    truncated, n, seq_len, dropped)
+        log.warning("coref: %d of %d documents cut to seq_len=%d subtokens; %d gold mentions dropped (past the cut, "
+                    "or left alone in their cluster by it)", truncated, n, seq_len, dropped)
     if too_wide:
         log.warning("coref: %d gold mentions are wider than model.coref.max_span_width=%d and cannot be predicted",
                     too_wide, max_span_width)

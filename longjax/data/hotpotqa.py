@@ -256,7 +256,8 @@ def _layout(example: HotpotExample, paragraphs: Sequence[int], vocab: _Vocab, te
         if specials & set(encoding.ids):
             raise ValueError(f"{where}: {piece!r} encodes to a marker or special token")
     encodings = iter(encodings)
-    question = next(encodings).ids[:max_question_tokens]
+    question_ids = next(encodings).ids
+    question = question_ids[:max_question_tokens]
     ids = [vocab.bos, vocab.q, *question, vocab.q_end]
     out = _Input(ids, list(range(len(ids))), {}, [], False)
     limit = seq_len - 1  # the final </s> always fits
@@ -287,6 +288,8 @@ def _layout(example: HotpotExample, paragraphs: Sequence[int], vocab: _Vocab, te
             out.sentences.append(_Sentence(p, k, first, len(ids) - 1, offsets))
             out.global_positions.append(len(ids) - 1)
     ids.append(vocab.eos)
+    # A cut question counts too, but only now: during the layout `truncated` means "the paragraphs were cut".
+    out.truncated = out.truncated or len(question) < len(question_ids)
     return out
 
 

@@ -8,7 +8,7 @@ loads into it unchanged) over the whole document, and `CorefHead` (under
    end a real token in the start's sentence (`sentence_map`).
 2. Span embedding g = [h_start, h_end, attention-weighted sum of h over the
    span (one learned logit per token), width embedding]. Its mention score
-   s_m = FFNN(g). For the scores of every candidate the FFNN's first layer is
+   s_m = FFNN(g) + a learned prior of its width (Joshi et al.'s `use_prior`). For the scores of every candidate the FFNN's first layer is
    applied to the four parts separately (it is linear in the concatenation),
    and the attention sum is accumulated width by width with a running
    log-sum-exp, so no `[candidates, 3 * d_model]` table is built.
@@ -17,16 +17,21 @@ loads into it unchanged) over the whole document, and `CorefHead` (under
    tokens)`, as Joshi et al. do; kept spans sorted by (start, end). Lee et
    al.'s suppression of crossing spans is not applied (it is a sequential
    greedy pass; none of the metrics needs it).
-4. Coarse antecedent scores s_m(i) + s_m(j) + g_i W_c g_j for every earlier
-   kept span j; the `max_top_antecedents` best per span are kept.
+4. Coarse antecedent scores s_m(i) + s_m(j) + g_i W_c g_j + a learned prior of
+   the bucketed distance i - j, for every earlier kept span j; the
+   `max_top_antecedents` best per span are kept.
 5. Fine scores: FFNN([g_i, g_j, g_i * g_j, phi(i, j)]), phi the embeddings of
    same speaker, genre and the bucketed distance i - j (in kept-span ranks);
    the antecedent score is coarse + fine, against a dummy antecedent scored 0.
 6. Loss (`marginal_log_likelihood`): minus the log of the summed probability of
    the span's gold antecedents (the dummy when it has none), summed over kept spans.
 
-Higher-order refinement (Lee et al.'s `coref_depth` > 1) is not implemented: the
-span embeddings are used as the encoder gives them.
+Where this differs from Joshi et al.'s code: higher-order refinement
+(`coref_depth` > 1) is not implemented, the span embeddings are used as the
+encoder gives them; dropout applies to the encoder's states and to g (theirs
+to the states and the span parts); the run's AdamW weight decay reaches the
+head too (their task parameters use plain Adam): set `optimizer.weight_decay`
+to 0 to match that.
 """
 
 from __future__ import annotations
@@ -95,8 +100,9 @@ class CorefModelConfig(TransformerConfig):
 
 def distance_bucket(distance):
     """Lee et al.'s bucket of a non-negative int distance: itself up to 4, then log2 bins, 9 from 64 on."""
-    distance = jnp.maximum(distance, 0)
-    log_bucket = jnp.floor(jnp.log2(jnp.maximum(distance, 1).astype(jnp.float32))).astype(jnp.int32) + 3
+    distance = jnp.maximum(jnp.asarray(distance, jnp.int32), 0)
+    # floor(log2(d)) in integers (31 - leading zeros), exact on every backend, unlike a float log2.
+    log_bucket = 31 - jax.lax.clz(jnp.maximum(distance, 1)) + 3
     return jnp.clip(jnp.where(distance <= 4, distance, log_bucket), 0, NUM_DISTANCE_BUCKETS - 1)
 
 
@@ -202,6 +208,14 @@ class CorefHead(nn.Module):
         end_part = mention_scorer.project(hidden, d)
         head_part = mention_scorer.project(hidden, 2 * d)
         width_part = mention_scorer.project(width_embed(jnp.arange(width)), 3 * d)  # [W, F]
+        # Joshi et al.'s priors: a learned score of each span width, added to the mention scores, and of each
+        # antecedent distance bucket, added to the coarse scores; each from its own embedding.
+        width_prior = scorer(cfg.feature_size, "width_prior")(
+            embed(cfg.max_span_width, "width_prior_embedding")(jnp.arange(width)), deterministic=deterministic)
+        distance_table = nn.Dropout(cfg.dropout)(embed(NUM_DISTANCE_BUCKETS, "distance_prior_embedding")(
+            jnp.arange(NUM_DISTANCE_BUCKETS)), deterministic=deterministic)
+        distance_prior = nn.Dense(1, dtype=dtype, param_dtype=param_dtype, kernel_init=_INIT,
+                                  name="distance_prior")(distance_table)[..., 0].astype(jnp.float32)
 
         positions = jnp.arange(length)
         valid_token = padding_mask & (sentence_map >= 0)
@@ -223,7 +237,7 @@ class CorefHead(nn.Module):
             running_max = new_max
             projected = (start_part + end_part[:, end_c] + running_head / jnp.maximum(running_sum, 1e-30)[..., None]
                          + width_part[w])
-            score = mention_scorer.score(projected, deterministic=deterministic)
+            score = mention_scorer.score(projected, deterministic=deterministic) + width_prior[w]
             ok = (inside[None] & valid_token & valid_token[:, end_c]
                   & (sentence_map == sentence_map[:, end_c]))
             scores.append(jnp.where(ok, score, -jnp.inf))
@@ -260,6 +274,7 @@ class CorefHead(nn.Module):
         rank = jnp.arange(k_spans)
         earlier = (rank[None, :, None] > rank[None, None, :]) & span_mask[:, :, None] & span_mask[:, None, :]
         coarse = coarse + mention[:, :, None] + mention[:, None, :]
+        coarse = coarse + distance_prior[distance_bucket(rank[:, None] - rank[None, :])][None]
         coarse = jnp.where(earlier, coarse, -jnp.inf)
         coarse_top, antecedents = jax.lax.top_k(coarse, c)  # [b, K, C]
         antecedent_mask = jnp.isfinite(coarse_top)

@@ -27,6 +27,10 @@ of the input layout, in `longjax.data.hotpotqa`) are this library's.
   (log-sum-exp over every occurrence of the answer, as for TriviaQA; only for
   span answers found in the kept text), the answer-type cross-entropy, and
   the supporting-fact binary cross-entropy on each `[s]` (mean over sentences).
+  With `optimizer.grad_accumulation` the micro-batches weigh equally: the
+  three losses are means over different counts (answered spans, typed
+  questions, sentences), which no one weight per micro-batch can make equal
+  to the whole batch's mean, so the step is the mean of the micro-batches'.
   Evaluation: the answer is "yes" or "no" when the type head says so, else the
   best span of at most `eval.max_answer_len` tokens inside one paragraph among
   the `eval.n_best` best starts and ends; supporting facts are the sentences of
@@ -199,8 +203,10 @@ class SelectorEvaluator:
         labelled = (labels >= 0).any(-1)
         if labelled.any():
             exact, recall = [], []
+            split_examples = self._data.examples[split]
             for i in np.flatnonzero(labelled):
-                gold = {built.titles[i][p] for p in np.flatnonzero(labels[i] == 1)}
+                # The example's gold paragraphs, also those cut from the input (ranked nowhere, so missed).
+                gold = hotpot.gold_titles(split_examples[i])
                 ranked = [title for title, _ in rankings[built.ids[i]]]
                 exact.append(set(ranked[:2]) == gold)
                 recall.append(len(gold & set(ranked[: self._keep])) / max(len(gold), 1))
@@ -336,7 +342,8 @@ class HotpotQATask(encoder_base.EncoderTask):
             )
         ranking = selection.read_selection(Path(file).expanduser()) if file else None
         if ranking is None:
-            log.info("HotpotQA train: no data.train_selection, training on the gold paragraphs alone")
+            log.warning("HotpotQA train: no data.train_selection, so stage 2 trains on the gold paragraphs alone, "
+                        "without the distractors stage 1 lets through at evaluation")
         return selection.selections_for(split_examples, ranking, keep=section.keep_paragraphs, add_gold=training,
                                      source=f"data.{split}_selection ({file})")
 

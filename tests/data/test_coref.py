@@ -61,6 +61,8 @@ def test_reader_flattens_sentences_and_speakers(tokenizer, tmp_path):
     (lambda r: r.update(clusters=[[]]), r"clusters\[0\] is empty"),
     (lambda r: r.update(speakers=[["a"]]), "'speakers' holds 1 entries"),
     (lambda r: r.pop("doc_key"), "'doc_key' must be"),
+    (lambda r: r.update(clusters=[r["clusters"][0], [r["clusters"][0][0]]]), r"is in clusters 0 and 1"),
+    (lambda r: r.update(sentence_map=r["sentence_map"][::-1]), "'sentence_map' must not decrease"),
 ])
 def test_reader_names_the_malformed_field(tokenizer, tmp_path, change, message):
     record = _record(tokenizer)
@@ -106,9 +108,11 @@ def test_unknown_subtokens_and_long_documents(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="more than seq_len=.*data.truncate"):
         coref.build_features([doc], tokenizer, seq_len=cut, max_mentions=5, max_span_width=30)
     features = coref.build_features([doc], tokenizer, seq_len=cut, max_mentions=5, max_span_width=30, truncate=True)
-    assert features.truncated == 1 and features.dropped_mentions == 1
-    # The river cluster keeps one mention; the stone cluster is whole.
-    assert features.clusters[0] == [[doc.clusters[0][0]], list(doc.clusters[1])]
+    # The cut takes the second "the river"; the first, left alone, goes too (no singleton made by the cut).
+    # The stone cluster, a singleton in the file itself, is kept whole.
+    assert features.truncated == 1 and features.dropped_mentions == 2
+    assert features.clusters[0] == [list(doc.clusters[1])]
+    assert features.gold_clusters[0].tolist().count(1) == 1 and (features.gold_clusters[0] == 2).sum() == 0
     widths = [e - s + 1 for cluster in doc.clusters for s, e in cluster]
     narrow = coref.build_features([doc], tokenizer, seq_len=48, max_mentions=5, max_span_width=min(widths))
     assert narrow.too_wide_mentions == sum(w > min(widths) for w in widths) > 0
@@ -127,3 +131,25 @@ def test_predicted_clusters_follow_the_best_antecedents():
     ])
     assert coref.predicted_clusters(starts, ends, mask, antecedents, scores) == [[(2, 2), (4, 4), (6, 7)]]
     assert coref.predicted_clusters(starts, ends, mask, antecedents, np.zeros_like(scores)) == []
+
+
+def test_gold_links_decode_to_the_gold_clusters_and_score_100():
+    from longjax.data import coref_eval
+
+    gold = [[(0, 1), (5, 6), (9, 9)], [(2, 2), (7, 8)]]
+    spans = sorted(m for cluster in gold for m in cluster) + [(3, 4)]  # plus a kept span that is no mention
+    starts, ends = np.array([s for s, _ in spans]), np.array([e for _, e in spans])
+    cluster_of = {m: c for c, cluster in enumerate(gold) for m in cluster}
+    k = len(spans)
+    antecedents = np.tile(np.arange(k), (k, 1))  # every span may point at any kept span
+    scores = np.full((k, k + 1), -np.inf)
+    scores[:, 0] = 0.0
+    for i, span in enumerate(spans):
+        earlier = [j for j in range(i) if span in cluster_of and cluster_of.get(spans[j]) == cluster_of[span]]
+        if earlier:
+            scores[i, earlier[-1] + 1] = 5.0  # the nearest earlier mention of its cluster
+    clusters = coref.predicted_clusters(starts, ends, np.ones(k, bool), antecedents, scores)
+    assert sorted(map(sorted, clusters)) == sorted(map(sorted, gold))
+    scorer = coref_eval.CorefScorer()
+    scorer.update(gold, clusters)
+    assert scorer.result()["conll_f1"] == 100.0

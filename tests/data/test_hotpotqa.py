@@ -180,6 +180,14 @@ def test_paragraph_labels_from_supporting_facts(tok):
         hq.build_selector_features([dev], bare, seq_len=400)
 
 
+def test_a_cut_question_counts_as_truncated_and_keeps_the_paragraphs(tok):
+    whole = hq.build_selector_features([_example()], tok, seq_len=400)
+    cut = hq.build_selector_features([_example()], tok, seq_len=400, max_question_tokens=2)
+    assert whole.truncated == 0 and cut.truncated == 1
+    question = int(whole.padding_mask[0].sum()) - int(cut.padding_mask[0].sum())
+    assert question > 0 and np.all(cut.paragraph_positions[0, :3] == whole.paragraph_positions[0, :3] - question)
+
+
 def test_truncation_keeps_a_prefix_of_whole_sentences(tok, caplog):
     example = _example()
     full, firsts = _expected_layout(tok, example.question, _CONTEXT)
