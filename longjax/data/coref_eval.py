@@ -1,9 +1,12 @@
 """Coreference metrics: MUC, B-cubed, CEAF-phi4 and the CoNLL F1 (their mean).
 
-No maintained scorer is on PyPI (the reference implementation is the Perl
-`reference-coreference-scorers`, and the Python ports are unpackaged
-repositories), so the three metrics are implemented here from their papers
-and checked against the papers' worked examples (tests/data/test_coref_eval.py):
+The reference implementation is the Perl `reference-coreference-scorers`;
+the one Python package of these metrics, scorch (LoicGrobol/scorch), last
+released 0.2.0 in 2020, is unmaintained (its CEAF raises on Python 3.11 where
+precision or recall is 0) and returns one clustering's (R, P, F) without the
+counts a corpus average needs. So the three metrics are implemented here from
+their papers, checked against the papers' worked examples and against scorch
+on random corpora (tests/data/test_coref_eval.py):
 
 * MUC (Vilain et al. 1995): recall = sum over key clusters K of
   (|K| - |p(K)|) / sum (|K| - 1), where p(K) partitions K by the response

@@ -1,5 +1,8 @@
 """MUC, B-cubed and CEAF-phi4 against examples worked by hand from the metrics' papers."""
 
+import statistics
+
+import numpy as np
 import pytest
 
 from longjax.data import coref_eval as ce
@@ -101,3 +104,43 @@ def test_bad_input_is_named():
         ce.b_cubed([[1]], [[]])
     with pytest.raises(ValueError, match="no document"):
         ce.CorefScorer().result()
+
+
+def _random_clustering(rng, document):
+    n = int(rng.integers(0, 12))
+    mentions = rng.choice(30, size=n, replace=False)
+    labels = rng.integers(0, n // 2 + 1, size=n)
+    return [[(document, int(m)) for m in mentions[labels == label]] for label in np.unique(labels)]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # scorch's harmonic mean of zeros
+def test_agrees_with_scorch_on_random_corpora():
+    """Against scorch (LoicGrobol/scorch, an independent implementation of the CoNLL-2012 formulas).
+
+    scorch scores one clustering at a time; a corpus is scored as the union of
+    its documents' clusterings (mentions qualified by document), which is
+    what micro-averaging the counts means for all three metrics. Its CEAF
+    raises where precision or recall is 0 (statistics.harmonic_mean on Python
+    3.11); those corpora are compared on MUC and B-cubed only.
+    """
+    from scorch import scores
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for _ in range(200):
+        documents = [(_random_clustering(rng, d), _random_clustering(rng, d)) for d in range(int(rng.integers(1, 4)))]
+        scorer = ce.CorefScorer()
+        for key, response in documents:
+            scorer.update(key, response)
+        key = [set(c) for k, _ in documents for c in k]
+        response = [set(c) for _, r in documents for c in r]
+        for name, metric in (("muc", scores.muc), ("b_cubed", scores.b_cubed), ("ceaf_phi4", scores.ceaf_e)):
+            try:
+                recall, precision, f1 = metric(key, response)
+            except statistics.StatisticsError:
+                assert name == "ceaf_phi4" and 0.0 in (scorer.counts[name].precision, scorer.counts[name].recall)
+                continue
+            counts = scorer.counts[name]
+            assert (counts.recall, counts.precision, counts.f1) == pytest.approx((recall, precision, f1), abs=1e-12)
+            compared += 1
+    assert compared > 500
