@@ -112,17 +112,13 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalSection(encoder_base.EvalSection):
-    """`config.eval` of HotpotQA: the encoder tasks' fields, the span search and the supporting-fact threshold."""
+class EvalSection(triviaqa.EvalSection):
+    """`config.eval` of HotpotQA: TriviaQA's span search (n_best, max_answer_len) and the supporting-fact threshold."""
 
-    n_best: int = 20
-    max_answer_len: int = 30
     sp_threshold: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
-        sections.positive_int("eval.n_best", self.n_best)
-        sections.positive_int("eval.max_answer_len", self.max_answer_len)
         sections.require(0 < self.sp_threshold < 1, "eval.sp_threshold", self.sp_threshold, "in (0, 1)")
 
 
