@@ -46,7 +46,7 @@ def _architectures() -> dict[str, Architecture]:
 
 
 ARCHITECTURES: Mapping[str, Architecture] = _architectures()
-# Encoder-decoders: their weights convert (bart-to-led) but loading them needs longjax's encoder-decoder model.
+# Encoder-decoders: loaded as LongEncoderDecoder models (see encoder_decoder_pretrained.py).
 ENCODER_DECODERS = (
     "BartModel", "BartForConditionalGeneration", "LEDModel", "LEDForConditionalGeneration",
 )
@@ -73,10 +73,8 @@ def architecture_of(hf_config: Mapping[str, Any], source: str, override: str | N
             )
         name = names[0]
     if name in ENCODER_DECODERS:
-        raise NotImplementedError(
-            f"{source}: {name} is an encoder-decoder; longjax loads it once its encoder-decoder (LED) model "
-            "exists. Its weights already convert: python -m longjax.convert bart-to-led"
-        )
+        raise ValueError(f"{source}: {name} is an encoder-decoder; load it with from_pretrained, which returns an "
+                         "EncoderDecoderPretrained")
     if name not in ARCHITECTURES:
         raise ValueError(f"{source}: architecture {name!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[name]

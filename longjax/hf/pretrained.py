@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.hf import checkpoint_files, configs, weights
+from longjax.hf import checkpoint_files, configs, encoder_decoder_pretrained, weights
 from longjax.models import positions as positions_lib
 from longjax.models.config import SlidingWindowAttention, TransformerConfig
 from longjax.models.heads import EncoderWithHead
@@ -236,7 +236,11 @@ def from_pretrained(
     path: str | os.PathLike, *, architecture: str | None = None, dtype: str = "float32",
     param_dtype: str = "float32", attention_impl: str | None = None, seed: int = 0,
 ) -> Pretrained:
-    """Loads a Hugging Face RoBERTa or Longformer checkpoint directory.
+    """Loads a Hugging Face RoBERTa, Longformer, BART or LED checkpoint directory.
+
+    BART and LED (`BartModel`, `BartForConditionalGeneration`, `LEDModel`,
+    `LEDForConditionalGeneration`) load as an `EncoderDecoderPretrained`
+    around a `LongEncoderDecoder`, with `generate`; the others as a `Pretrained`.
 
     Args:
       path: a directory with config.json and model.safetensors, sharded
@@ -257,12 +261,15 @@ def from_pretrained(
       A `Pretrained`.
 
     Raises:
-      NotImplementedError for BART/LED (encoder-decoders); ValueError for an
-      unknown architecture, a missing encoder weight, or a weight whose shape
+      ValueError for an unknown architecture, a missing encoder weight, or a weight whose shape
       does not match config.json, naming the file and the weight.
     """
     directory = _resolve(path)
     hf_config = configs.read_config_json(directory)
+    name = architecture or (hf_config.get("architectures") or [None])[0]
+    if name in configs.ENCODER_DECODERS:
+        return encoder_decoder_pretrained.load_encoder_decoder(
+            directory, hf_config, name, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
     arch = configs.architecture_of(hf_config, f"{directory}/config.json", architecture)
     config = configs.transformer_config_from_hf(
         hf_config, arch, f"{directory}/config.json", dtype=dtype, param_dtype=param_dtype,
@@ -312,6 +319,10 @@ def save_pretrained(
       The directory.
     """
     out = pathlib.Path(out_dir)
+    if isinstance(pretrained, encoder_decoder_pretrained.EncoderDecoderPretrained):
+        return encoder_decoder_pretrained.save_encoder_decoder(
+            pretrained, out, dtype=dtype, max_shard_bytes=max_shard_bytes, copy_tokenizer=copy_tokenizer,
+            tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     params = jax.tree_util.tree_map(np.asarray, pretrained.params)
     if dtype is not None:

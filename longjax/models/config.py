@@ -130,6 +130,7 @@ class TransformerConfig:
       activation: MLP nonlinearity.
       dropout: residual, embedding and MLP dropout rate.
       attention_dropout: dropout on the attention output, before its projection.
+      activation_dropout: dropout after the MLP's activation (None: `dropout`).
       dtype: computation dtype; param_dtype: parameter dtype.
       remat: rematerialise each block in the backward pass.
       seed: seeds the BigBird layouts and Performer projections (not the parameters).
@@ -150,6 +151,7 @@ class TransformerConfig:
     activation: str = "gelu"
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    activation_dropout: float | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -167,8 +169,10 @@ class TransformerConfig:
         sections.one_of("model.activation", self.activation, ACTIVATIONS)
         sections.one_of("model.dtype", self.dtype, DTYPES)
         sections.one_of("model.param_dtype", self.param_dtype, DTYPES)
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
             rate = getattr(self, name)
+            if rate is None and name == "activation_dropout":
+                continue
             if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
                 raise ValueError(f"model.{name} must be a number in [0, 1), got {rate!r}")
         if self.position == "learned":

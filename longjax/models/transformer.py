@@ -29,17 +29,24 @@ def layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: Dense(d_ff), activation, dropout, Dense(d_model)."""
+    """Position-wise feed-forward: Dense(d_ff), activation, dropout, Dense(d_model).
+
+    The dropout after the activation is `config.activation_dropout` (BART's
+    name; None means `config.dropout`).
+    """
 
     config: TransformerConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic: bool | None = None):
+        """x: `[..., d_model]`; `deterministic` overrides the attribute (for modules built in `setup`)."""
         cfg = self.config
+        deterministic = self.deterministic if deterministic is None else deterministic
         dense = functools.partial(nn.Dense, dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype)
         h = _ACTIVATIONS[cfg.activation](dense(cfg.d_ff, name="wi")(x))
-        h = nn.Dropout(rate=cfg.dropout)(h, deterministic=self.deterministic)
+        rate = cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout
+        h = nn.Dropout(rate=rate)(h, deterministic=deterministic)
         return dense(cfg.d_model, name="wo")(h)
 
 

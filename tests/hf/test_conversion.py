@@ -126,8 +126,20 @@ def test_bart_to_led_matches_transformers_led_layout(tmp_path):
                 "d_model", "encoder_layers", "decoder_layers", "activation_function", "pad_token_id"):
         assert config[key] == led_config[key], key
     assert config["attention_window"] == [6, 6] and "max_position_embeddings" not in config
-    with pytest.raises(NotImplementedError, match="LEDModel is an encoder-decoder"):
-        hf.from_pretrained(out)
+    assert type(hf.from_pretrained(out)).__name__ == "EncoderDecoderPretrained"
+
+
+def test_bart_to_led_computes_what_bart_computes(tmp_path):
+    """With windows wider than the input, longjax's LED from the converted directory gives BART's outputs."""
+    out = conversion.bart_to_led(HF / "bart", tmp_path / "led", max_encoder_positions=64, attention_window=64)
+    want = recorded("bart")
+    led = hf.from_pretrained(out)
+    got = led.outputs(want["input_ids"], want["attention_mask"], np.zeros_like(want["input_ids"]),
+                      want["decoder_input_ids"])
+    real = want["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got["encoder_last_hidden_state"][real], want["encoder_last_hidden_state"][real],
+                               rtol=0, atol=ATOL)
+    np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"], rtol=0, atol=ATOL)
 
 
 def test_conversion_errors(tmp_path, capsys):
