@@ -69,6 +69,18 @@ def read_checkpoint_tensors(directory: str | os.PathLike) -> tuple[dict[str, np.
     raise FileNotFoundError(f"{directory}: no weights file; expected one of {list(WEIGHT_FILES)}")
 
 
+def replace_checkpoint_tensors(
+    directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, max_shard_bytes: int | None = None
+) -> list[pathlib.Path]:
+    """`write_checkpoint_tensors` after removing any weight files (and stale shards) already in `directory`."""
+    directory = pathlib.Path(directory)
+    for name in WEIGHT_FILES:
+        (directory / name).unlink(missing_ok=True)
+    for stale in directory.glob("model-*-of-*.safetensors"):
+        stale.unlink()
+    return write_checkpoint_tensors(directory, tensors, max_shard_bytes=max_shard_bytes)
+
+
 def write_checkpoint_tensors(
     directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, max_shard_bytes: int | None = None
 ) -> list[pathlib.Path]:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longjax.hf import checkpoint_files
+from longjax.hf.pretrained import _global_bucket, _mask
 from longjax.hf import encoder_decoder_weights as ed_weights
 from longjax.models.config import SlidingWindowAttention
 from longjax.models.decoding import GenerationSettings
@@ -40,10 +41,6 @@ def generation_settings_from_hf(hf_config: Mapping[str, Any], generation_config:
     if values.get("forced_eos_token_id") is not None and isinstance(values["forced_eos_token_id"], list):
         (values["forced_eos_token_id"],) = values["forced_eos_token_id"]
     return GenerationSettings(**values)
-
-
-def _global_bucket(count: int) -> int:
-    return 1 << max(count - 1, 0).bit_length()
 
 
 @dataclasses.dataclass
@@ -180,15 +177,6 @@ class EncoderDecoderPretrained:
         return sequences, np.asarray(out.scores).reshape(-1)
 
 
-def _mask(name: str, value, shape) -> np.ndarray:
-    array = np.asarray(value)
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name} must have input_ids' shape {list(shape)}, got {list(array.shape)}")
-    if not np.all((array == 0) | (array == 1)):
-        raise ValueError(f"{name} must hold only 0 and 1")
-    return array.astype(bool)
-
-
 def load_encoder_decoder(directory: pathlib.Path, hf_config: dict, architecture: str, *, dtype: str = "float32",
                          param_dtype: str = "float32", attention_impl: str | None = None) -> EncoderDecoderPretrained:
     """Loads a BART or LED checkpoint directory (called by `longjax.hf.from_pretrained`)."""
@@ -224,11 +212,7 @@ def save_encoder_decoder(pretrained: EncoderDecoderPretrained, out: pathlib.Path
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
     with_head = pretrained.architecture.endswith("ForConditionalGeneration")
     tensors = ed_weights.params_to_hf(params, pretrained.config, pretrained.family, with_head=with_head)
-    for name in checkpoint_files.WEIGHT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for stale in out.glob("model-*-of-*.safetensors"):
-        stale.unlink()
-    checkpoint_files.write_checkpoint_tensors(out, tensors, max_shard_bytes=max_shard_bytes)
+    checkpoint_files.replace_checkpoint_tensors(out, tensors, max_shard_bytes=max_shard_bytes)
     stored = str(next(iter(tensors.values())).dtype)
     hf_config = dict(pretrained.hf_config, architectures=[pretrained.architecture],
                      vocab_size=pretrained.config.encoder.vocab_size, dtype=stored)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from longjax.hf.weights import _to_hf, _to_longjax
+from longjax.hf.weights import _get, _set, _to_hf, _to_longjax
 from longjax.models.config import FullAttention, SlidingWindowAttention, TransformerConfig
 from longjax.models.encoder_decoder import EncoderDecoderConfig
 
@@ -138,18 +138,6 @@ def _weights(config: EncoderDecoderConfig, family: str) -> list[_Weight]:
 
 def _suffixes(kind: str) -> tuple[str, ...]:
     return ("weight",) if kind == "embed" else ("weight", "bias")
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def params_from_hf(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longjax.hf import checkpoint_files, configs, encoder_decoder_pretrained, weights
+from longjax.hf import checkpoint_files, configs, weights
 from longjax.models import positions as positions_lib
 from longjax.models.config import SlidingWindowAttention, TransformerConfig
 from longjax.models.heads import EncoderWithHead
@@ -268,6 +268,8 @@ def from_pretrained(
     hf_config = configs.read_config_json(directory)
     name = architecture or (hf_config.get("architectures") or [None])[0]
     if name in configs.ENCODER_DECODERS:
+        from longjax.hf import encoder_decoder_pretrained  # it builds on this module's helpers
+
         return encoder_decoder_pretrained.load_encoder_decoder(
             directory, hf_config, name, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
     arch = configs.architecture_of(hf_config, f"{directory}/config.json", architecture)
@@ -319,7 +321,11 @@ def save_pretrained(
       The directory.
     """
     out = pathlib.Path(out_dir)
-    if isinstance(pretrained, encoder_decoder_pretrained.EncoderDecoderPretrained):
+    if not isinstance(pretrained, Pretrained):
+        from longjax.hf import encoder_decoder_pretrained  # it builds on this module's helpers
+
+        if not isinstance(pretrained, encoder_decoder_pretrained.EncoderDecoderPretrained):
+            raise TypeError(f"pretrained must be a Pretrained or EncoderDecoderPretrained, got {type(pretrained).__name__}")
         return encoder_decoder_pretrained.save_encoder_decoder(
             pretrained, out, dtype=dtype, max_shard_bytes=max_shard_bytes, copy_tokenizer=copy_tokenizer,
             tokenizer=tokenizer)
@@ -328,11 +334,7 @@ def save_pretrained(
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
     tensors = weights.params_to_hf(params, pretrained.config, pretrained.arch)
-    for name in checkpoint_files.WEIGHT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for stale in out.glob("model-*-of-*.safetensors"):
-        stale.unlink()
-    checkpoint_files.write_checkpoint_tensors(out, tensors, max_shard_bytes=max_shard_bytes)
+    checkpoint_files.replace_checkpoint_tensors(out, tensors, max_shard_bytes=max_shard_bytes)
     stored = str(next(iter(tensors.values())).dtype)
     hf_config = dict(
         pretrained.hf_config, architectures=[pretrained.architecture], vocab_size=pretrained.config.vocab_size,

@@ -17,7 +17,10 @@ from longjax.models.config import (
     attention_config,
     transformer_config,
 )
+from longjax.models.decoding import GenerationSettings
 from longjax.models.encoder import LongEncoder
+from longjax.models.encoder_decoder import EncoderDecoderConfig, LongEncoderDecoder
+from longjax.models.generation import generate
 from longjax.models.heads import EncoderWithHead
 from longjax.models.transformer import TransformerBlock, TransformerStack
 
@@ -25,9 +28,12 @@ __all__ = [
     "ATTENTION_TYPES",
     "BlockSparseAttention",
     "CharLM",
+    "EncoderDecoderConfig",
     "EncoderWithHead",
     "FullAttention",
+    "GenerationSettings",
     "LongEncoder",
+    "LongEncoderDecoder",
     "MultiHeadAttention",
     "PerformerAttention",
     "SlidingWindowAttention",
@@ -36,6 +42,7 @@ __all__ = [
     "TransformerStack",
     "attention_config",
     "copy_local_to_global",
+    "generate",
     "layer_seed",
     "performer_projection",
     "transformer_config",
