@@ -15,7 +15,7 @@ from longjax.sections import ConfigError
 
 
 def evaluate_checkpoint(workdir, split: str | None = None, *, step: int | None = None,
-                        limit: int | None = None) -> dict:
+                        limit: int | None = None, overrides: dict[str, dict] | None = None) -> dict:
     """Scores `split` with checkpoint `step` (the newest when None) of the run in `workdir`.
 
     The model, data and evaluator are rebuilt from the config saved in the
@@ -27,6 +27,9 @@ def evaluate_checkpoint(workdir, split: str | None = None, *, step: int | None =
       step: the checkpoint; None: the newest.
       limit: score only the first `limit` units of the split (the task's unit:
         characters for `char_lm`); None: all of it.
+      overrides: `{section: {field: value}}` replacing fields of the saved
+        config before it is parsed (e.g. summarization's `decode` settings);
+        they are checked as the config's own fields are.
 
     Returns:
       `{'task', 'step', 'phase' (1-based), 'split', **the evaluator's metrics}`,
@@ -43,7 +46,13 @@ def evaluate_checkpoint(workdir, split: str | None = None, *, step: int | None =
         meta = checkpointer.meta(checkpointer.resolve_step(step))
     finally:
         checkpointer.close()
-    plan = plan_lib.parse(ml_collections.ConfigDict(json.loads(meta["config"])))
+    saved = json.loads(meta["config"])
+    for section, fields in (overrides or {}).items():
+        saved.setdefault(section, {})
+        if not isinstance(saved[section], dict):
+            raise ConfigError(f"overrides: {section} is not a section of the saved config")
+        saved[section].update(fields)
+    plan = plan_lib.parse(ml_collections.ConfigDict(saved))
     task = tasks.get(plan.task)
     split = task.validation_split if split is None else split
     if split not in task.splits:

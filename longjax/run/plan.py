@@ -20,6 +20,8 @@ has these top-level fields; `parse(config)` turns it into an `ExperimentPlan`:
                          (call jax.distributed.initialize() first: multi-host)
     log_every_steps      console / TensorBoard / JSONL interval
     allow_config_change  resume even if the saved config differs
+    (the task's own)     sections a task declares in `Task.extra_sections`
+                         (summarization's `decode`), in `plan.extra`
 
 Parsing touches nothing: no file, device or JAX backend. Every error is a
 `ConfigError` naming the field, the value and what is allowed. Each phase
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from longjax import sections, tasks
@@ -173,6 +176,7 @@ class ExperimentPlan:
     log_every_steps: int
     allow_config_change: bool
     config_json: str
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the task's own sections (Task.extra_sections)
 
     @property
     def total_steps(self) -> int:
@@ -192,13 +196,16 @@ def parse(config) -> ExperimentPlan:
     fields = sections.plain(config)
     if not isinstance(fields, dict):
         raise ConfigError(f"an experiment config must be a ConfigDict or dict, got {type(config).__name__}")
-    unknown = sorted(set(fields) - set(TOP_LEVEL))
+    if "task" not in fields:
+        raise ConfigError("missing top-level field(s) ['task']")
+    task = tasks.get(fields["task"])
+    extra_names = tuple(task.extra_sections)
+    unknown = sorted(set(fields) - set(TOP_LEVEL) - set(extra_names))
     if unknown:
-        raise ConfigError(f"unknown top-level field(s) {unknown}; the fields are {sorted(TOP_LEVEL)}")
+        raise ConfigError(f"unknown top-level field(s) {unknown}; the fields are {sorted(TOP_LEVEL + extra_names)}")
     missing = sorted(set(TOP_LEVEL) - set(fields))
     if missing:
         raise ConfigError(f"missing top-level field(s) {missing}")
-    task = tasks.get(fields["task"])
     sections.non_negative_int("seed", fields["seed"])
     init_from = fields["init_from"]
     sections.require(init_from is None or (isinstance(init_from, str) and init_from), "init_from", init_from,
@@ -227,9 +234,17 @@ def parse(config) -> ExperimentPlan:
         log_every_steps=fields["log_every_steps"],
         allow_config_change=fields["allow_config_change"],
         config_json=config_json(config),
+        extra={name: _extra_section(cls, fields.get(name, {}), name) for name, cls in task.extra_sections.items()},
     )
     task.check(plan)
     return plan
+
+
+def _extra_section(cls: type, value, name: str):
+    try:
+        return sections.parse_section(cls, value, name)
+    except ValueError as e:
+        raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
 
 
 def config_json(config) -> str:

@@ -83,6 +83,7 @@ class Task(abc.ABC):
 
     Class attributes:
       data_section, eval_section: frozen dataclasses of `config.data` and `config.eval`.
+      extra_sections: further top-level sections the task reads (e.g. summarization's `decode`).
       splits: the data's split names, for `longjax.evaluate --split`.
       validation_split: the split evaluated during training.
       curve_metric: the metric `curves.png` draws.
@@ -90,6 +91,9 @@ class Task(abc.ABC):
 
     data_section: type
     eval_section: type = EvalSection
+    # Top-level config sections of the task's own, name -> frozen dataclass (parsed into `plan.extra`;
+    # optional in a config: an absent one takes its defaults).
+    extra_sections: Mapping[str, type] = {}
     splits: tuple[str, ...] = ("train", "validation", "test")
     validation_split: str = "validation"
     curve_metric: str = "loss"

@@ -11,13 +11,12 @@ import json
 import pathlib
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
 from longjax import run, tracking
-from longjax.run import steps
 from longjax.run.errors import InitFromError
+from tests.train.repeated_batch import losses_on_a_repeated_batch
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHECKPOINT = REPO / "tests" / "fixtures" / "hf" / "longformer_mlm"
@@ -263,23 +262,7 @@ def test_loss_falls_on_a_repeated_batch(trained, tmp_path):
         assert f"the Hugging Face checkpoint {CHECKPOINT}" in note
         # The masked LM keeps the checkpoint's head; the others start theirs fresh.
         assert ("initialised fresh: params/head" in note) == (task != "mlm"), note
-        phase = plan.phases[0]
-        model = prepared.task.build_model(phase.model)
-        train_step = jax.jit(steps.make_train_step(
-            lambda p, b, **kw: prepared.task.loss(model, p, b, **kw), prepared.tx, peak_learning_rate=1e-3,
-            start_step=0, warmup_steps=0, seed=0, grad_accumulation=2, loss_weight=prepared.task.loss_weight,
-        ))
-        batches = prepared.task.train_batches(plan, prepared.data, phase, seed=0)
-        batch = next(batches)
-        weight = prepared.task.loss_weight(batch)
-        while weight is not None and weight < 2:  # a batch with something to learn (TriviaQA: answered pairs)
-            batch = next(batches)
-            weight = prepared.task.loss_weight(batch)
-        batches.close()
-        state, losses = prepared.state, []
-        for _ in range(10):
-            state, metrics = train_step(state, batch)
-            losses.append(float(metrics["loss"]))
+        losses = losses_on_a_repeated_batch(prepared, plan)
     assert losses[-1] < 0.85 * losses[0], losses
 
 
