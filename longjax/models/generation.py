@@ -53,6 +53,10 @@ def generate(
     Returns:
       `Generated` with `[batch, num_return_sequences, ...]` arrays.
     """
+    positions = model.config.decoder.max_positions
+    if settings.max_length > positions:
+        raise ValueError(f"decode.max_length ({settings.max_length}) must be <= the decoder's {positions} positions "
+                         "(model.decoder.max_positions)")
     model = model.clone(decode=False)
     variables = {"params": params}
     encoded = model.apply(variables, tokens, padding_mask=padding_mask, global_mask=global_mask,

@@ -101,7 +101,7 @@ class SummarizationData:
 def _part_config(shared: dict, part: dict | None, name: str, attention) -> models.TransformerConfig:
     if not isinstance(part, dict):
         raise sections.ConfigError(f"model.{name} must be a section with {list(_PART_FIELDS)}, got {part!r}")
-    fields = dict(shared, position="learned", layer_norm="post", **part)
+    fields = {**shared, "position": "learned", "layer_norm": "post", **part}
     if attention is not None:
         fields["attention"] = attention
     try:
@@ -185,6 +185,7 @@ class SummarizationEvaluator:
         papers = self._data.papers[split][:n]
         scores = rouge.rouge([rouge.split_sentences(t) for t in texts], [p.abstract for p in papers])
         self._last = texts
+        # summary_tokens: generated tokens per summary, its </s> included.
         return {**scores, "loss": float(losses["nll"].sum() / max(int(losses["tokens"].sum()), 1)),
                 "summary_tokens": float(np.mean(generated["lengths"] - 1)), "documents": int(n)}
 
@@ -239,7 +240,8 @@ class SummarizationTask(base.Task):
                 raise sections.ConfigError(f"{name} ({length}) must be <= model.decoder.max_positions "
                                            f"({model.decoder.max_positions})")
         for layer, attention in enumerate(model.encoder.attention):
-            if isinstance(attention, models.SlidingWindowAttention) and attention.max_global_tokens is None:
+            bounded = (models.SlidingWindowAttention, models.BlockSparseAttention)
+            if isinstance(attention, bounded) and attention.max_global_tokens is None:
                 raise sections.ConfigError(
                     f"model.encoder.attention.max_global_tokens (layer {layer}) must be set (>= 1): the first token "
                     "has global attention")
@@ -290,6 +292,13 @@ class SummarizationTask(base.Task):
 
     def load_data(self, plan) -> SummarizationData:
         tokenizer = encoder_base.load_tokenizer(plan)
+        # The features shift targets right after </s> and pad with <pad>: decoding must use the same ids.
+        decode = plan.extra["decode"]
+        for field, token in (("decoder_start_token_id", "</s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>")):
+            expected = encoder_base.special_id(tokenizer, token)
+            if getattr(decode, field) != expected:
+                raise sections.ConfigError(
+                    f"decode.{field} ({getattr(decode, field)}) must be the tokenizer's {token} id ({expected})")
         papers = read_papers(plan.data)
         tables = {}
         for split in SPLITS:

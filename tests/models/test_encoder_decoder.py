@@ -167,3 +167,37 @@ def test_config_errors_name_the_field():
         EncoderDecoderConfig(config.encoder, dataclasses.replace(config.decoder, attention=config.encoder.attention))
     with pytest.raises(ValueError, match="decode.max_length must be an int >= 2"):
         GenerationSettings(max_length=1)
+    model, params = init(config)
+    tokens, padding, glob = source()
+    with pytest.raises(ValueError, match=r"decode.max_length \(33\) must be <= the decoder's 32 positions"):
+        generate(model, params, tokens, padding_mask=padding, global_mask=glob, settings=GenerationSettings(max_length=33))
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    """`remat` (the config's default at 16K tokens) recomputes the same dropout masks and activations.
+
+    Recomputed activations may round differently in float32 (XLA fuses them anew): the bound is
+    1e-5 relative to the largest gradient entry (some leaves, like key biases under softmax, are zero
+    up to rounding); a different dropout mask would differ by ~1e-1.
+    """
+    config = tiny()
+    model, params = init(config)
+    remat = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, remat=True, dropout=0.1),
+                                decoder=dataclasses.replace(config.decoder, remat=True, dropout=0.1))
+    plain = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, dropout=0.1),
+                                decoder=dataclasses.replace(config.decoder, dropout=0.1))
+    tokens, padding, glob = source()
+    target = jnp.asarray(np.random.default_rng(2).integers(3, 40, size=(2, 6)), jnp.int32)
+
+    def loss(cfg):
+        def f(p):
+            logits = LongEncoderDecoder(cfg).apply({"params": p}, tokens, target, padding_mask=padding,
+                                                   global_mask=glob, deterministic=False,
+                                                   rngs={"dropout": jax.random.key(7)})
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (a, grads_a), (b, grads_b) = loss(remat), loss(plain)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads_b))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * scale), grads_a, grads_b)

@@ -132,3 +132,32 @@ def test_evaluation_uses_the_windows_each_phase_trained_with():
         assert windows == [a.window for a in phase.model.attention]
         # Clipped to the training length, not widened to the 32,256-character evaluation windows.
         assert max(windows) == phase.seq_len < plan.eval.seq_len
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.model.encoder.update(dict(num_heads=3)),
+     r"model.d_model \(1024\) must be divisible by model.encoder.num_heads \(3\)"),
+    (lambda c: c.model.decoder.update(dict(d_ff=0)), r"model.decoder.d_ff must be a positive int"),
+    (lambda c: c.model.update(dict(label_smoothing=1.5)), r"model.label_smoothing must be a number in \[0, 1\)"),
+    (lambda c: c.data.update(dict(max_target_tokens=2048)),
+     r"data.max_target_tokens \(2048\) must be <= model.decoder.max_positions \(1024\)"),
+    (lambda c: c.decode.update(dict(num_beams=0)), r"decode.num_beams must be an int >= 1"),
+    (lambda c: c.decode.update(dict(early_stopping=False, max_length=2048)),
+     r"decode.max_length \(2048\) must be <= model.decoder.max_positions"),
+    (lambda c: c.model.encoder.attention.update(dict(max_global_tokens=None)),
+     r"model.encoder.attention.max_global_tokens \(layer 0\) must be set"),
+])
+def test_bad_summarization_configs_are_rejected_naming_the_field(mutate, message):
+    config = _load(CONFIG_DIR / "arxiv_led.py")
+    mutate(config)
+    with pytest.raises(run.ConfigError, match=message):
+        run.parse(config)
+
+
+def test_a_summarization_config_may_leave_decode_out():
+    config = _load(CONFIG_DIR / "arxiv_led.py")
+    del config["decode"]
+    assert run.parse(config).extra["decode"].num_beams == 1  # GenerationSettings' defaults
+    config.decoding = {}
+    with pytest.raises(run.ConfigError, match=r"unknown top-level field\(s\) \['decoding'\]"):
+        run.parse(config)

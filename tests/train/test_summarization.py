@@ -12,6 +12,7 @@ import pytest
 
 from longjax import run, tracking
 from longjax.run.errors import InitFromError
+from longjax.sections import ConfigError
 from tests.train.repeated_batch import losses_on_a_repeated_batch
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -126,6 +127,14 @@ def test_summarize_command_takes_decoding_flags(trained):
     bad = subprocess.run([sys.executable, "-m", "longjax.summarize", f"--workdir={workdir}",
                           "--config.decode.num_beams=0"], capture_output=True, text=True, cwd=REPO, check=False)
     assert bad.returncode == 1 and "decode.num_beams must be an int >= 1" in bad.stdout + bad.stderr
+
+
+def test_decoding_ids_must_be_the_tokenizers(tmp_path):
+    config = tiny_config(write_release(tmp_path / "arxiv-dataset"))
+    config.decode.decoder_start_token_id = 0
+    with pytest.raises(ConfigError, match=r"decode.decoder_start_token_id \(0\) must be the tokenizer's </s> id \(2\)"):
+        with run.setup(run.parse(config), tmp_path / "run"):
+            pass
 
 
 def test_a_bart_checkpoint_is_refused_with_the_conversion_hint(tmp_path):
