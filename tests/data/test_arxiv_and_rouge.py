@@ -45,3 +45,8 @@ def test_split_sentences():
     assert rouge.split_sentences(" We show x. It works!  Does it? yes") == ["We show x.", "It works!", "Does it?", "yes"]
     with pytest.raises(ValueError, match="must align"):
         rouge.rouge([["a"]], [])
+
+
+def test_an_unprepared_tfds_directory_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds build scientific_papers/arxiv"):
+        arxiv.read_arxiv_tfds(tmp_path)
