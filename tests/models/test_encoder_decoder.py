@@ -53,20 +53,25 @@ def test_cached_decoding_equals_full_sequence_logits():
     model, params = init(config)
     tokens, padding, glob = source()
     target = jnp.asarray(np.random.default_rng(1).integers(3, 40, size=(2, 9)), jnp.int32)
-    full = model.apply({"params": params}, tokens, target, padding_mask=padding, global_mask=glob)
     v = {"params": params}
-    encoded = model.apply(v, tokens, padding_mask=padding, global_mask=glob, method=LongEncoderDecoder.encode)
-    cross = model.apply(v, encoded, method=LongEncoderDecoder.cross_key_values)
+    full = jax.jit(lambda: model.apply(v, tokens, target, padding_mask=padding, global_mask=glob))()
+    cross = jax.jit(lambda: model.apply(v, model.apply(
+        v, tokens, padding_mask=padding, global_mask=glob, method=LongEncoderDecoder.encode),
+        method=LongEncoderDecoder.cross_key_values))()
     cache = init_cache(model, params, cross, 2, 12, padding)
     decoder = model.clone(decode=True)
+
+    @jax.jit
+    def step(cache, tokens):
+        hidden, updated = decoder.apply({"params": params, "cache": cache}, tokens, cross, source_mask=padding,
+                                        method=LongEncoderDecoder.decoder_hidden, mutable=["cache"])
+        return updated["cache"], model.apply(v, hidden, method=LongEncoderDecoder.logits)
+
     stepped = []
     # Steps of one, then a block of three: the cache takes any number of new tokens per call.
     for start, stop in ((0, 1), (1, 2), (2, 5), (5, 6), (6, 7), (7, 8), (8, 9)):
-        hidden, updated = decoder.apply({"params": params, "cache": cache}, target[:, start:stop], cross,
-                                        source_mask=padding, method=LongEncoderDecoder.decoder_hidden,
-                                        mutable=["cache"])
-        cache = updated["cache"]
-        stepped.append(model.apply(v, hidden, method=LongEncoderDecoder.logits))
+        cache, logits = step(cache, target[:, start:stop])
+        stepped.append(logits)
     np.testing.assert_allclose(jnp.concatenate(stepped, axis=1), full, rtol=0, atol=2e-5)
 
 
