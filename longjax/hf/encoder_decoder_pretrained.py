@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from longjax.hf import checkpoint_files
-from longjax.hf.pretrained import _global_bucket, _mask
+from longjax.hf.pretrained import _mask, bounded_global_mask, with_max_global_tokens
 from longjax.hf import encoder_decoder_weights as ed_weights
-from longjax.models.config import SlidingWindowAttention
 from longjax.models.decoding import GenerationSettings
 from longjax.models.encoder_decoder import EncoderDecoderConfig, LongEncoderDecoder
 from longjax.models.generation import generate_jit
@@ -75,12 +74,7 @@ class EncoderDecoderPretrained:
     def module(self, max_global_tokens: int | None = None) -> LongEncoderDecoder:
         """The Flax module; the encoder's sliding-window layers bound to `max_global_tokens` per row."""
         cfg = self.config
-        if max_global_tokens is not None:
-            encoder = dataclasses.replace(cfg.encoder, attention=tuple(
-                dataclasses.replace(a, max_global_tokens=max_global_tokens)
-                if isinstance(a, SlidingWindowAttention) else a for a in cfg.encoder.attention))
-            cfg = dataclasses.replace(cfg, encoder=encoder)
-        return LongEncoderDecoder(cfg)
+        return LongEncoderDecoder(dataclasses.replace(cfg, encoder=with_max_global_tokens(cfg.encoder, max_global_tokens)))
 
     def _masks(self, ids, attention_mask, global_attention_mask):
         padding = None if attention_mask is None else _mask("attention_mask", attention_mask, ids.shape)
@@ -93,12 +87,7 @@ class EncoderDecoderPretrained:
             glob[:, 0] = True  # LED's setting: global attention on the first <s>
         else:
             glob = _mask("global_attention_mask", global_attention_mask, ids.shape)
-        if padding is not None:
-            glob = glob & padding
-        count = int(glob.sum(-1).max(initial=0))
-        if count == 0:
-            return padding, None, None
-        return padding, glob, min(_global_bucket(count), ids.shape[-1])
+        return (padding, *bounded_global_mask(glob, padding, ids.shape[-1]))
 
     def _ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)

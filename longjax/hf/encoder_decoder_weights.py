@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from longjax.hf.weights import _get, _set, _to_hf, _to_longjax
+from longjax.hf.configs import _ACTIVATIONS, _require
+from longjax.hf.weights import _get, _set, _suffixes, _to_hf, _to_longjax
 from longjax.models.config import FullAttention, SlidingWindowAttention, TransformerConfig
 from longjax.models.encoder_decoder import EncoderDecoderConfig
 
@@ -26,15 +27,8 @@ ARCHITECTURES = {
 }
 _PREFIX = {"bart": "model.", "led": "led."}
 _BART_OFFSET = 2  # BartLearnedPositionalEmbedding's fixed offset
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 # Copies that a checkpoint may hold of the shared embedding, and position buffers.
 _TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
-
-
-def _require(hf_config: Mapping[str, Any], key: str, source: str):
-    if key not in hf_config:
-        raise ValueError(f"{source}: config.json lacks {key!r}")
-    return hf_config[key]
 
 
 def encoder_decoder_config_from_hf(
@@ -134,10 +128,6 @@ def _weights(config: EncoderDecoderConfig, family: str) -> list[_Weight]:
             out += [_Weight(f"{hf}.{hf_attn}_layer_norm", path + (f"{attn}_norm",), "layer_norm", dec)]
         out += mlp(hf, path, dec)
     return out
-
-
-def _suffixes(kind: str) -> tuple[str, ...]:
-    return ("weight",) if kind == "embed" else ("weight", "bias")
 
 
 def params_from_hf(

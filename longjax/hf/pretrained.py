@@ -26,6 +26,32 @@ def _global_bucket(count: int) -> int:
     return 1 << max(count - 1, 0).bit_length()
 
 
+def bounded_global_mask(glob: np.ndarray | None, padding: np.ndarray | None, seq: int) -> tuple[np.ndarray | None, int | None]:
+    """(the global mask without marks on padding, None when no token is global; its static per-row bound).
+
+    The bound is the next power of two of the most global tokens in a row,
+    capped at `seq`, so that few shapes compile.
+    """
+    if glob is None:
+        return None, None
+    if padding is not None:
+        glob = glob & padding
+    count = int(glob.reshape(-1, seq).sum(-1).max(initial=0))
+    if count == 0:
+        return None, None
+    return glob, min(_global_bucket(count), seq)
+
+
+def with_max_global_tokens(config: TransformerConfig, bound: int | None) -> TransformerConfig:
+    """`config` with every sliding-window layer bound to `bound` global tokens per row (unchanged for None)."""
+    if bound is None:
+        return config
+    return dataclasses.replace(config, attention=tuple(
+        dataclasses.replace(a, max_global_tokens=bound) if isinstance(a, SlidingWindowAttention) else a
+        for a in config.attention
+    ))
+
+
 @dataclasses.dataclass
 class Pretrained:
     """A loaded checkpoint: the longjax config and parameters, and Hugging Face's calling convention.
@@ -61,12 +87,7 @@ class Pretrained:
 
     def module(self, max_global_tokens: int | None = None) -> EncoderWithHead:
         """The Flax module; Longformer layers bound to `max_global_tokens` global tokens per row."""
-        cfg = self.config
-        if max_global_tokens is not None:
-            cfg = dataclasses.replace(cfg, attention=tuple(
-                dataclasses.replace(a, max_global_tokens=max_global_tokens)
-                if isinstance(a, SlidingWindowAttention) else a for a in cfg.attention
-            ))
+        cfg = with_max_global_tokens(self.config, max_global_tokens)
         return EncoderWithHead(cfg, head=self.arch.head, num_labels=self.num_labels, pooler=self.arch.pooler)
 
     def default_global_attention_mask(self, input_ids) -> np.ndarray | None:
@@ -132,15 +153,7 @@ class Pretrained:
             glob = _mask("global_attention_mask", global_attention_mask, ids.shape)
         else:
             glob = self.default_global_attention_mask(ids)
-        bound = None
-        if glob is not None:
-            if padding is not None:
-                glob = glob & padding
-            count = int(glob.reshape(-1, ids.shape[-1]).sum(-1).max(initial=0))
-            if count == 0:
-                glob = None
-            else:
-                bound = min(_global_bucket(count), ids.shape[-1])
+        glob, bound = bounded_global_mask(glob, padding, ids.shape[-1])
         types = None if token_type_ids is None else np.asarray(token_type_ids, np.int32)
         fn = self._compiled.get(bound)
         if fn is None:
