@@ -102,3 +102,13 @@ def test_errors_name_the_field(tmp_path, models):
     (edited / "config.json").write_text(json.dumps(dict(config, normalize_before=True)))
     with pytest.raises(ValueError, match="normalize_before=true is not supported"):
         hf.from_pretrained(edited)
+
+
+def test_decoder_inputs_default_to_the_shifted_input_ids(models):
+    model, want = models["bart_generation"], recorded("bart_generation")
+    labels = np.array([[0, 7, 9, 2, -100, -100]])
+    np.testing.assert_array_equal(model.shift_tokens_right(labels), [[2, 0, 7, 9, 2, 1]])  # start </s>, -100 -> <pad>
+    ids = want["input_ids"]
+    default = model.outputs(ids, want["attention_mask"])
+    explicit = model.outputs(ids, want["attention_mask"], decoder_input_ids=model.shift_tokens_right(ids))
+    np.testing.assert_array_equal(default["logits"], explicit["logits"])
