@@ -1,0 +1,317 @@
+"""The Mosaic (TPU) lowering of the block-sparse flash kernels: forward, dq and dk/dv.
+
+The grid walks a flattened list of visits per head `(batch, head, visit)`,
+with the list scalar-prefetched into SMEM (compacted to the smallest ints,
+`block_layout.VisitTables`, and checked against the chips' budgets before
+lowering, `tpu_footprint`) and used by the BlockSpec index maps, so only
+visited blocks are DMA'd; accumulators live in VMEM scratch across the visits
+of a row. Blocks are multiples of 8 (sublanes), best multiples of 128.
+Float32 inputs keep float32 matmuls (`Precision.HIGHEST`).
+
+`forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
+the call's kernel length and the call's static configuration
+(`block_sparse_flash._Config`); `footprints` gives each kernel's SMEM and VMEM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas import block_layout, tpu_footprint
+from kernels_pallas import block_sparse_visit as visit
+from kernels_pallas.common import MASK_VALUE
+
+
+def _params():
+    # Batch and heads split across cores; the visit axis carries the accumulators.
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Walk:
+    """How a TPU kernel reads its visit list (`block_layout.VisitTables`, scalar-prefetched into SMEM).
+
+    The tables are (row_base, row_offset, codes), then the per-(batch, key
+    block) validity flags: the four scalar-prefetch refs of every TPU kernel.
+    """
+
+    length: int  # visits per head: the grid's last axis
+    per_head: bool  # one visit list per head (else one shared by all heads)
+    total: int  # visits in the tables
+
+    @classmethod
+    def of(cls, tables: block_layout.VisitTables) -> _Walk:
+        total = tables.codes.shape[0]
+        return cls(length=tables.length, per_head=total > tables.length, total=total)
+
+    def index(self, hi, e):
+        return (hi * self.length if self.per_head else 0) + e
+
+    def row(self, base_ref, offset_ref, i):
+        chunk = lax.shift_right_logical(i, _ROW_CHUNK_BITS)
+        return base_ref[chunk].astype(jnp.int32) + offset_ref[i].astype(jnp.int32)
+
+    def col(self, codes_ref, i):
+        return lax.shift_right_logical(codes_ref[i].astype(jnp.int32), block_layout.CODE_SHIFT)
+
+    def maps(self, rows_are_q: bool):
+        """Index maps of the q-side blocks, the k-side blocks and the key-validity row."""
+
+        def q_block(bi, hi, e, base, offset, codes, kflags):
+            i = self.index(hi, e)
+            return bi, hi, (self.row(base, offset, i) if rows_are_q else self.col(codes, i)), 0
+
+        def k_block(bi, hi, e, base, offset, codes, kflags):
+            i = self.index(hi, e)
+            return bi, hi, (self.col(codes, i) if rows_are_q else self.row(base, offset, i)), 0
+
+        def valid_block(bi, hi, e, base, offset, codes, kflags):
+            return (bi,) + k_block(bi, hi, e, base, offset, codes, kflags)[2:3] + (0, 0)
+
+        return q_block, k_block, valid_block
+
+    def position(self, base_ref, offset_ref, codes_ref):
+        """(row, col, code, first, last) of the current grid step's visit.
+
+        A visit is its row's first when the previous visit of its head has
+        another row, its last when the next one has (the tables keep no flags).
+        """
+        e = pl.program_id(2)
+        i = self.index(pl.program_id(1), e)
+        row = self.row(base_ref, offset_ref, i)
+        prev = self.row(base_ref, offset_ref, jnp.maximum(i - 1, 0))
+        nxt = self.row(base_ref, offset_ref, jnp.minimum(i + 1, self.total - 1))
+        first = jnp.logical_or(e == 0, prev != row)
+        last = jnp.logical_or(e == self.length - 1, nxt != row)
+        code = codes_ref[i].astype(jnp.int32)
+        return row, lax.shift_right_logical(code, block_layout.CODE_SHIFT), code, first, last
+
+
+_ROW_CHUNK_BITS = block_layout.ROW_CHUNK.bit_length() - 1
+assert 1 << _ROW_CHUNK_BITS == block_layout.ROW_CHUNK
+
+
+def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_k: int):
+    """(walk, the four scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block)."""
+    tables = layout.visit_tables(transposed)
+    # 0/1 per (batch, key block): int8 in SMEM.
+    kflags = visit.key_block_flags(valid, block_k).astype(jnp.int8).reshape(-1)
+    return _Walk.of(tables), (*(jnp.asarray(a) for a in tables.arrays), kflags)
+
+
+def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footprint.Footprint]:
+    """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables)."""
+    out = {}
+    dtype = jnp.dtype(dtype)
+    f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
+    for kind, layout, transposed in (("forward", config.forward_layout, False),
+                                     ("dq", config.backward_layout, False), ("dkv", config.backward_layout, True)):
+        bq, bk, d = layout.block_q, layout.block_k, head_dim
+        smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks,), jnp.int8))
+        q_blk, k_blk, valid_blk, col = ((bq, d), dtype), ((bk, d), dtype), ((1, bk), i32), ((bq, 1), f32)
+        if kind == "forward":
+            ins, outs, scratch = [q_blk, k_blk, k_blk, valid_blk], [q_blk, col], [((bq, 1), f32)] * 2 + [((bq, d), f32)]
+        elif kind == "dq":
+            ins, outs, scratch = [q_blk, k_blk, k_blk, valid_blk, q_blk, col, col], [q_blk], [((bq, d), f32)]
+        else:
+            ins, outs, scratch = [q_blk, k_blk, k_blk, valid_blk, q_blk, col, col], [k_blk, k_blk], [((bk, d), f32)] * 2
+        out[kind] = tpu_footprint.footprint(
+            f"block_sparse_flash_{'fwd' if kind == 'forward' else kind}",
+            smem_arrays=smem, inputs=ins, outputs=outs, scratch=scratch,
+        )
+    return out
+
+
+def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype) -> None:
+    # Before lowering: an SMEM overflow would otherwise surface only on the chip, VMEM as a compile error.
+    fp = footprints(config, batch, head_dim, dtype)[kind]
+    layout = config.forward_layout if kind == "forward" else config.backward_layout
+    tpu_footprint.check(
+        fp, f"a call with {layout.num_q_blocks} query blocks of {layout.block_q}, {layout.layout_heads} layout "
+        f"head(s) and {layout.total_entries():,} visits, batch {batch}, head_dim {head_dim},",
+    )
+
+
+def forward(q, k, v, valid, config):
+    layout = config.forward_layout
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
+    b, h, n, d = qt.shape
+    bq, bk = layout.block_q, layout.block_k
+    _check_footprint(config, "forward", b, d, q.dtype)
+    walk, prefetch = _tables(layout, False, valid, bk)
+    q_map, k_map, valid_map = walk.maps(rows_are_q=True)
+    kernel = functools.partial(
+        _forward_kernel, block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, walk=walk,
+        left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype),
+    )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(b, h, walk.length),
+            in_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), k_map),
+                      pl.BlockSpec((None, None, bk, d), k_map), pl.BlockSpec((None, None, 1, bk), valid_map)],
+            out_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)],
+            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                            pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n, 1), jnp.float32)],
+        compiler_params=_params(),
+        interpret=config.interpret,
+        name="block_sparse_flash_fwd",
+    )(*prefetch, qt, kt, vt, _valid_blocks(valid, bk))
+    return jnp.swapaxes(out, 1, 2), lse[..., 0]
+
+
+def _valid_blocks(valid, block_k):
+    """int32 `[batch, key_blocks, 1, block_k]`: per key block a row vector, a legal Mosaic block."""
+    b, n = valid.shape
+    return valid.astype(jnp.int32).reshape(b, n // block_k, 1, block_k)
+
+
+def _visit(code, kflags_ref, kb, num_k_blocks, when_masked, when_full):
+    """Runs the visit's body, masked if its block is partial or holds an invalid key."""
+    key_flag = kflags_ref[pl.program_id(0) * num_k_blocks + kb].astype(jnp.int32)
+    needs_mask = ((code & block_layout.CODE_PARTIAL) + key_flag) > 0
+    compute = (code & block_layout.CODE_COMPUTE) != 0
+    pl.when(compute & needs_mask)(when_masked)
+    pl.when(compute & jnp.logical_not(needs_mask))(when_full)
+
+
+def _forward_kernel(
+    base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
+    m_ref, l_ref, acc_ref, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale, dots,
+):
+    qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
+
+    @pl.when(first)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def update(masked: bool):
+        def body():
+            s = visit.scores(q_ref[...], k_ref[...], qk_scale, dots)
+            if masked:
+                s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right)
+            m, l, acc = visit.online_update(m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], dots)
+            m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+        return body
+
+    _visit(code, kflags_ref, kb, num_k_blocks, update(True), update(False))
+
+    @pl.when(last)
+    def _write():
+        out, lse = visit.finalize(m_ref[...], l_ref[...], acc_ref[...])
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse
+
+
+def backward(q, k, v, valid, do, lse2, row_term, config):
+    layout = config.backward_layout
+    qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
+    b, h, _, d = qt.shape
+    bq, bk = layout.block_q, layout.block_k
+    valid_blocks = _valid_blocks(valid, bk)
+    lse2, row_term = lse2[..., None], row_term[..., None]  # [batch, heads, seq, 1]: column blocks
+    static = dict(block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, left=layout.left, right=layout.right,
+                  qk_scale=config.scale * visit.LOG2E, scale=config.scale, dots=visit.dots_for(config.backend, q.dtype))
+    outputs = []
+    for kind, transposed in (("dq", False), ("dkv", True)):
+        _check_footprint(config, kind, b, d, q.dtype)
+        walk, prefetch = _tables(layout, transposed, valid, bk)
+        q_map, k_map, valid_map = walk.maps(rows_are_q=not transposed)
+        q_spec, k_spec = pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), k_map)
+        col_spec = pl.BlockSpec((None, None, bq, 1), q_map)
+        if kind == "dq":
+            kernel, out_specs = _dq_kernel, q_spec
+            out_shape, scratch = jax.ShapeDtypeStruct(qt.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)]
+        else:
+            kernel, out_specs = _dkv_kernel, [k_spec, k_spec]
+            out_shape = [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)]
+            scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]
+        result = pl.pallas_call(
+            functools.partial(kernel, walk=walk, **static),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=4,
+                grid=(b, h, walk.length),
+                in_specs=[q_spec, k_spec, k_spec, pl.BlockSpec((None, None, 1, bk), valid_map), q_spec, col_spec,
+                          col_spec],
+                out_specs=out_specs,
+                scratch_shapes=scratch,
+            ),
+            out_shape=out_shape,
+            compiler_params=_params(),
+            interpret=config.interpret,
+            name=f"block_sparse_flash_{kind}",
+        )(*prefetch, qt, kt, vt, valid_blocks, dot_, lse2, row_term)
+        outputs.extend([result] if kind == "dq" else result)
+    return tuple(jnp.swapaxes(x, 1, 2) for x in outputs)
+
+
+def _dq_kernel(
+    base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, dq_ref,
+    acc_ref, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale, scale, dots,
+):
+    qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
+
+    @pl.when(first)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def update(masked: bool):
+        def body():
+            k = k_ref[...]
+            s = visit.scores(q_ref[...], k, qk_scale, dots)
+            if masked:
+                s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right)
+            _, ds = visit.probs_and_dscores(s, lse_ref[...], rt_ref[...], do_ref[...], v_ref[...], dots)
+            acc_ref[...] += dots(ds, k, visit.NN)
+
+        return body
+
+    _visit(code, kflags_ref, kb, num_k_blocks, update(True), update(False))
+
+    @pl.when(last)
+    def _write():
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
+    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale, scale, dots,
+):
+    kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
+
+    @pl.when(first)
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    def update(masked: bool):
+        def body():
+            q, do = q_ref[...], do_ref[...]
+            s = visit.scores(q, k_ref[...], qk_scale, dots)
+            if masked:
+                s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right)
+            p, ds = visit.probs_and_dscores(s, lse_ref[...], rt_ref[...], do, v_ref[...], dots)
+            dv_acc[...] += dots(p, do, visit.TN)
+            dk_acc[...] += dots(ds, q, visit.TN)
+
+        return body
+
+    _visit(code, kflags_ref, kb, num_k_blocks, update(True), update(False))
+
+    @pl.when(last)
+    def _write():
+        dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)

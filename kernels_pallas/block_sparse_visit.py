@@ -1,0 +1,124 @@
+"""The math of one visit of the block-sparse flash kernels, shared by every lowering.
+
+A visit is one (query block, key block) pair: base-2 scores, the band and key
+validity applied in-kernel, one step of the online softmax, and the backward's
+probabilities and score gradients. Each lowering (`block_sparse_gpu`,
+`block_sparse_tpu`) calls these inside its kernel bodies, so the lowerings
+differ only in how they walk the layout and move blocks, not in the math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas.common import MASK_VALUE
+
+LOG2E = math.log2(math.e)
+
+
+def key_block_flags(valid, block_k: int):
+    """int32 `[batch, key_blocks]`: 1 where a key block holds an invalid key (it needs the mask)."""
+    b, n = valid.shape
+    return jnp.any(~valid.reshape(b, n // block_k, block_k), axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dots:
+    """How a lowering runs its matmuls: operands cast to `dtype`, float32 accumulation at `precision`."""
+
+    dtype: jnp.dtype
+    precision: lax.Precision | None
+
+    def operand(self, x):
+        return x.astype(self.dtype)
+
+    def __call__(self, a, b, dims):
+        return lax.dot_general(
+            self.operand(a), self.operand(b), dims, preferred_element_type=jnp.float32, precision=self.precision
+        )
+
+
+def dots_for(backend: str, dtype) -> Dots:
+    """The matmul mode of a lowering for inputs of `dtype`.
+
+    GPU, float32 inputs: bfloat16 operands, float32 accumulation, as
+    FlashAttention does. The cast is explicit in the kernel, so interpret mode
+    on CPU rounds exactly as the GPU does (bf16 products are exact in float32)
+    and the tests check the real mode; a float32 `tl.dot` would otherwise be
+    TF32 or, at HIGHEST, IEEE FMA dots that spill (~25 KB) and leave the
+    tensor cores idle.
+    TPU, float32 inputs: float32 operands at HIGHEST precision (the MXU's
+    multi-pass bf16), whose VMEM tiles do not spill.
+    bfloat16 or float16 inputs: the inputs' dtype, default precision, on both.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        if backend == "gpu":
+            return Dots(jnp.dtype(jnp.bfloat16), None)
+        return Dots(dtype, lax.Precision.HIGHEST)
+    return Dots(dtype, None)
+
+
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
+NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def scores(q, k, qk_scale, dots):
+    """Base-2 logits float32 `[block_q, block_k]`."""
+    return dots(q, k, NT) * qk_scale
+
+
+def masked(s, q_first, k_first, valid, left, right, keys_axis: int = 1):
+    """Applies key validity and the band to the logits.
+
+    `s` is `[block_q, block_k]` with `valid` int32 `[1, block_k]` (keys_axis=1),
+    or transposed, `[block_k, block_q]` with `valid` `[block_k, 1]` (keys_axis=0).
+    """
+    allowed = valid != 0
+    if left is not None or right is not None:
+        rel = (k_first + lax.broadcasted_iota(jnp.int32, s.shape, keys_axis)) - (
+            q_first + lax.broadcasted_iota(jnp.int32, s.shape, 1 - keys_axis)
+        )
+        if left is not None:
+            allowed = allowed & (rel >= -left)
+        if right is not None:
+            allowed = allowed & (rel <= right)
+    return jnp.where(allowed, s, MASK_VALUE)
+
+
+def online_update(m, l, acc, s, v, dots):
+    """One visit of the online softmax: m, l `[block_q, 1]`, acc `[block_q, d]`, all float32.
+
+    The normaliser l sums the float32 weights; p @ v takes them as `dots` operands.
+    """
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new)
+    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc_new = alpha * acc + dots(p, v, NN)
+    return m_new, l_new, acc_new
+
+
+def finalize(m, l, acc):
+    """(out, natural lse `[block_q, 1]`); a row whose running max is still MASK_VALUE attended nothing."""
+    has_key = m > MASK_VALUE / 2
+    l_safe = jnp.where(has_key, l, 1.0)
+    out = jnp.where(has_key, acc / l_safe, 0.0)
+    lse = jnp.where(has_key, (m + jnp.log2(l_safe)) / LOG2E, MASK_VALUE)
+    return out, lse
+
+
+def probs_and_dscores(s, lse2, row_term, do, v, dots):
+    """p = exp2(s - lse2) and ds = p * (dp + row_term), with dp = do @ v.T; float32.
+
+    Transposed (s `[block_k, block_q]`, lse2 and row_term `[1, block_q]`), pass
+    (v, do) for (do, v): dp.T = v @ do.T.
+    """
+    p = jnp.exp2(s - lse2)
+    ds = p * (dots(do, v, NT) + row_term)
+    return p, ds
