@@ -8,6 +8,13 @@ visited blocks are DMA'd; accumulators live in VMEM scratch across the visits
 of a row. Blocks are multiples of 8 (sublanes), best multiples of 128.
 Float32 inputs keep float32 matmuls (`Precision.HIGHEST`).
 
+As splash attention, row statistics are lane-dense: the forward's running max and sum
+are `[block_q, NUM_LANES]` (replicated along lanes) and it writes the
+log-sum-exp as `[block_q, NUM_LANES]` blocks; the backward reads the
+log-sum-exp and row terms as rows `[NUM_SUBLANES, block_q]` (replicated along
+sublanes), and its dk/dv kernel works on transposed scores `[keys, queries]`
+so they broadcast without a relayout.
+
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
 the call's kernel length and the call's static configuration
 (`block_sparse_flash._Config`); `footprints` gives each kernel's SMEM and VMEM.
@@ -27,6 +34,9 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels_pallas import block_layout, tpu_footprint
 from kernels_pallas import block_sparse_visit as visit
 from kernels_pallas.common import MASK_VALUE
+
+NUM_LANES = tpu_footprint.NUM_LANES
+NUM_SUBLANES = tpu_footprint.NUM_SUBLANES
 
 
 def _params():
@@ -62,20 +72,17 @@ class _Walk:
         return lax.shift_right_logical(codes_ref[i].astype(jnp.int32), block_layout.CODE_SHIFT)
 
     def maps(self, rows_are_q: bool):
-        """Index maps of the q-side blocks, the k-side blocks and the key-validity row."""
+        """(q block, k block) index of grid step `(bi, hi, e)`, from the prefetched tables."""
 
-        def q_block(bi, hi, e, base, offset, codes, kflags):
+        def q_block(hi, e, base, offset, codes):
             i = self.index(hi, e)
-            return bi, hi, (self.row(base, offset, i) if rows_are_q else self.col(codes, i)), 0
+            return self.row(base, offset, i) if rows_are_q else self.col(codes, i)
 
-        def k_block(bi, hi, e, base, offset, codes, kflags):
+        def k_block(hi, e, base, offset, codes):
             i = self.index(hi, e)
-            return bi, hi, (self.col(codes, i) if rows_are_q else self.row(base, offset, i)), 0
+            return self.col(codes, i) if rows_are_q else self.row(base, offset, i)
 
-        def valid_block(bi, hi, e, base, offset, codes, kflags):
-            return (bi,) + k_block(bi, hi, e, base, offset, codes, kflags)[2:3] + (0, 0)
-
-        return q_block, k_block, valid_block
+        return q_block, k_block
 
     def position(self, base_ref, offset_ref, codes_ref):
         """(row, col, code, first, last) of the current grid step's visit.
@@ -98,6 +105,20 @@ _ROW_CHUNK_BITS = block_layout.ROW_CHUNK.bit_length() - 1
 assert 1 << _ROW_CHUNK_BITS == block_layout.ROW_CHUNK
 
 
+def _spec(block_shape, block_of, tail: int, per_batch: bool = True):
+    """A BlockSpec over `[batch, heads, blocks..., ...]` (`per_batch` False: `[batch, ...]` without heads).
+
+    `block_of(hi, e, *tables)` gives the block index on the blocked axis;
+    `tail` zeros follow it.
+    """
+
+    def index_map(bi, hi, e, base, offset, codes, kflags):
+        lead = (bi, hi) if per_batch else (bi,)
+        return lead + (block_of(hi, e, base, offset, codes),) + (0,) * tail
+
+    return pl.BlockSpec(block_shape, index_map)
+
+
 def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_k: int):
     """(walk, the four scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block)."""
     tables = layout.visit_tables(transposed)
@@ -106,22 +127,49 @@ def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_k: 
     return _Walk.of(tables), (*(jnp.asarray(a) for a in tables.arrays), kflags)
 
 
+def _valid_rows(valid, block_k):
+    """int32 `[batch, key_blocks, NUM_SUBLANES, block_k]`: per key block a row, replicated along sublanes.
+
+    A legal Mosaic block whatever block_k (its last two dims are whole), and
+    the sublane-replicated form splash's kernels read key-side ids in.
+    """
+    b, n = valid.shape
+    rows = valid.astype(jnp.int32).reshape(b, n // block_k, 1, block_k)
+    return jnp.broadcast_to(rows, (b, n // block_k, NUM_SUBLANES, block_k))
+
+
+def _row_terms(x, block_q):
+    """float32 `[batch, heads, q_blocks, NUM_SUBLANES, block_q]` of a `[batch, heads, seq]` per-row term.
+
+    Queries along lanes: one (8, block_q) tile per query block instead of a
+    `(block_q, 1)` column that pads each value to a 128-lane row.
+    """
+    b, h, n = x.shape
+    rows = x.astype(jnp.float32).reshape(b, h, n // block_q, 1, block_q)
+    return jnp.broadcast_to(rows, (b, h, n // block_q, NUM_SUBLANES, block_q))
+
+
+def _block_specs(kind, block_q, block_k, head_dim, dtype):
+    """(inputs, outputs, scratch) of a kernel as (block shape, dtype): what `footprints` counts."""
+    f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
+    q_blk, k_blk = ((block_q, head_dim), dtype), ((block_k, head_dim), dtype)
+    lanes, rows = ((block_q, NUM_LANES), f32), ((NUM_SUBLANES, block_q), f32)
+    valid_rows, valid_col = ((NUM_SUBLANES, block_k), i32), ((block_k, 1), i32)
+    if kind == "forward":
+        return [q_blk, k_blk, k_blk, valid_rows], [q_blk, lanes], [lanes, lanes, ((block_q, head_dim), f32)]
+    if kind == "dq":
+        return [q_blk, k_blk, k_blk, valid_rows, q_blk, rows, rows], [q_blk], [((block_q, head_dim), f32)]
+    return [q_blk, k_blk, k_blk, valid_col, q_blk, rows, rows], [k_blk, k_blk], [((block_k, head_dim), f32)] * 2
+
+
 def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footprint.Footprint]:
     """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables)."""
     out = {}
     dtype = jnp.dtype(dtype)
-    f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
     for kind, layout, transposed in (("forward", config.forward_layout, False),
                                      ("dq", config.backward_layout, False), ("dkv", config.backward_layout, True)):
-        bq, bk, d = layout.block_q, layout.block_k, head_dim
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks,), jnp.int8))
-        q_blk, k_blk, valid_blk, col = ((bq, d), dtype), ((bk, d), dtype), ((1, bk), i32), ((bq, 1), f32)
-        if kind == "forward":
-            ins, outs, scratch = [q_blk, k_blk, k_blk, valid_blk], [q_blk, col], [((bq, 1), f32)] * 2 + [((bq, d), f32)]
-        elif kind == "dq":
-            ins, outs, scratch = [q_blk, k_blk, k_blk, valid_blk, q_blk, col, col], [q_blk], [((bq, d), f32)]
-        else:
-            ins, outs, scratch = [q_blk, k_blk, k_blk, valid_blk, q_blk, col, col], [k_blk, k_blk], [((bk, d), f32)] * 2
+        ins, outs, scratch = _block_specs(kind, layout.block_q, layout.block_k, head_dim, dtype)
         out[kind] = tpu_footprint.footprint(
             f"block_sparse_flash_{'fwd' if kind == 'forward' else kind}",
             smem_arrays=smem, inputs=ins, outputs=outs, scratch=scratch,
@@ -139,41 +187,15 @@ def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype) -> Non
     )
 
 
-def forward(q, k, v, valid, config):
-    layout = config.forward_layout
-    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
-    b, h, n, d = qt.shape
-    bq, bk = layout.block_q, layout.block_k
-    _check_footprint(config, "forward", b, d, q.dtype)
-    walk, prefetch = _tables(layout, False, valid, bk)
-    q_map, k_map, valid_map = walk.maps(rows_are_q=True)
-    kernel = functools.partial(
-        _forward_kernel, block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, walk=walk,
-        left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype),
-    )
-    out, lse = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(b, h, walk.length),
-            in_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), k_map),
-                      pl.BlockSpec((None, None, bk, d), k_map), pl.BlockSpec((None, None, 1, bk), valid_map)],
-            out_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)],
-            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)],
-        ),
-        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n, 1), jnp.float32)],
-        compiler_params=_params(),
-        interpret=config.interpret,
-        name="block_sparse_flash_fwd",
-    )(*prefetch, qt, kt, vt, _valid_blocks(valid, bk))
-    return jnp.swapaxes(out, 1, 2), lse[..., 0]
-
-
-def _valid_blocks(valid, block_k):
-    """int32 `[batch, key_blocks, 1, block_k]`: per key block a row vector, a legal Mosaic block."""
-    b, n = valid.shape
-    return valid.astype(jnp.int32).reshape(b, n // block_k, 1, block_k)
+def _lanes(x, width: int):
+    """`x` `[rows, NUM_LANES]`, equal along lanes, as `[rows, width]` (tiled, not lane-broadcast, when it can)."""
+    if width == NUM_LANES:
+        return x
+    if width % NUM_LANES == 0:
+        return jnp.tile(x, (1, width // NUM_LANES))
+    if width < NUM_LANES:
+        return x[:, :width]
+    return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
 def _visit(code, kflags_ref, kb, num_k_blocks, when_masked, when_full):
@@ -183,6 +205,38 @@ def _visit(code, kflags_ref, kb, num_k_blocks, when_masked, when_full):
     compute = (code & block_layout.CODE_COMPUTE) != 0
     pl.when(compute & needs_mask)(when_masked)
     pl.when(compute & jnp.logical_not(needs_mask))(when_full)
+
+
+def forward(q, k, v, valid, config):
+    layout = config.forward_layout
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
+    b, h, n, d = qt.shape
+    bq, bk = layout.block_q, layout.block_k
+    _check_footprint(config, "forward", b, d, q.dtype)
+    walk, prefetch = _tables(layout, False, valid, bk)
+    q_of, k_of = walk.maps(rows_are_q=True)
+    kernel = functools.partial(
+        _forward_kernel, block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, walk=walk,
+        left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype),
+    )
+    q_spec = _spec((None, None, bq, d), q_of, 1)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(b, h, walk.length),
+            in_specs=[q_spec, _spec((None, None, bk, d), k_of, 1), _spec((None, None, bk, d), k_of, 1),
+                      _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False)],
+            out_specs=[q_spec, _spec((None, None, bq, NUM_LANES), q_of, 1)],
+            scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
+                            pltpu.VMEM((bq, d), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n, NUM_LANES), jnp.float32)],
+        compiler_params=_params(),
+        interpret=config.interpret,
+        name="block_sparse_flash_fwd",
+    )(*prefetch, qt, kt, vt, _valid_rows(valid, bk))
+    return jnp.swapaxes(out, 1, 2), lse[..., 0]
 
 
 def _forward_kernel(
@@ -197,23 +251,30 @@ def _forward_kernel(
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def update(masked: bool):
-        def body():
-            s = visit.scores(q_ref[...], k_ref[...], qk_scale, dots)
-            if masked:
-                s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right)
-            m, l, acc = visit.online_update(m_ref[...], l_ref[...], acc_ref[...], s, v_ref[...], dots)
-            m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+    def body(masked):
+        s = visit.scores(q_ref[...], k_ref[...], qk_scale, dots)
+        if masked:
+            s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[:1, :], left, right)
+        # visit.online_update with the running max and sum replicated along lanes.
+        m_prev, l_prev, acc = m_ref[...], l_ref[...], acc_ref[...]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        alpha = jnp.exp2(m_prev - m_next)
+        p = jnp.exp2(s - _lanes(m_next, block_k))
+        m_ref[...] = m_next
+        l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        acc_ref[...] = _lanes(alpha, acc.shape[1]) * acc + dots(p, v_ref[...], visit.NN)
 
-        return body
-
-    _visit(code, kflags_ref, kb, num_k_blocks, update(True), update(False))
+    _visit(code, kflags_ref, kb, num_k_blocks, functools.partial(body, True), functools.partial(body, False))
 
     @pl.when(last)
     def _write():
-        out, lse = visit.finalize(m_ref[...], l_ref[...], acc_ref[...])
-        o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        # visit.finalize, lane-dense: a row whose running max is still MASK_VALUE attended nothing.
+        m, l, acc = m_ref[...], l_ref[...], acc_ref[...]
+        has_key = m > MASK_VALUE / 2
+        l_safe = jnp.where(has_key, l, 1.0)
+        width = acc.shape[1]
+        o_ref[...] = jnp.where(_lanes(has_key, width), acc / _lanes(l_safe, width), 0.0).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) / visit.LOG2E, MASK_VALUE)
 
 
 def backward(q, k, v, valid, do, lse2, row_term, config):
@@ -221,31 +282,33 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
     qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
     b, h, _, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
-    valid_blocks = _valid_blocks(valid, bk)
-    lse2, row_term = lse2[..., None], row_term[..., None]  # [batch, heads, seq, 1]: column blocks
-    static = dict(block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, left=layout.left, right=layout.right,
-                  qk_scale=config.scale * visit.LOG2E, scale=config.scale, dots=visit.dots_for(config.backend, q.dtype))
+    lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
+    static = dict(block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, left=layout.left,
+                  right=layout.right, qk_scale=config.scale * visit.LOG2E, scale=config.scale,
+                  dots=visit.dots_for(config.backend, q.dtype))
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
         _check_footprint(config, kind, b, d, q.dtype)
         walk, prefetch = _tables(layout, transposed, valid, bk)
-        q_map, k_map, valid_map = walk.maps(rows_are_q=not transposed)
-        q_spec, k_spec = pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bk, d), k_map)
-        col_spec = pl.BlockSpec((None, None, bq, 1), q_map)
+        q_of, k_of = walk.maps(rows_are_q=not transposed)
+        q_spec, k_spec = _spec((None, None, bq, d), q_of, 1), _spec((None, None, bk, d), k_of, 1)
+        rows_spec = _spec((None, None, None, NUM_SUBLANES, bq), q_of, 2)
         if kind == "dq":
             kernel, out_specs = _dq_kernel, q_spec
             out_shape, scratch = jax.ShapeDtypeStruct(qt.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)]
+            valid_spec, valid_in = _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False), _valid_rows(valid, bk)
         else:
             kernel, out_specs = _dkv_kernel, [k_spec, k_spec]
             out_shape = [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)]
             scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]
+            # Keys along sublanes, as the transposed scores: a column, read once per key block (the row).
+            valid_spec, valid_in = _spec((None, bk, 1), k_of, 1, per_batch=False), valid.astype(jnp.int32)[..., None]
         result = pl.pallas_call(
             functools.partial(kernel, walk=walk, **static),
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=4,
                 grid=(b, h, walk.length),
-                in_specs=[q_spec, k_spec, k_spec, pl.BlockSpec((None, None, 1, bk), valid_map), q_spec, col_spec,
-                          col_spec],
+                in_specs=[q_spec, k_spec, k_spec, valid_spec, q_spec, rows_spec, rows_spec],
                 out_specs=out_specs,
                 scratch_shapes=scratch,
             ),
@@ -253,7 +316,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
             compiler_params=_params(),
             interpret=config.interpret,
             name=f"block_sparse_flash_{kind}",
-        )(*prefetch, qt, kt, vt, valid_blocks, dot_, lse2, row_term)
+        )(*prefetch, qt, kt, vt, valid_in, dot_, lse2, row_term)
         outputs.extend([result] if kind == "dq" else result)
     return tuple(jnp.swapaxes(x, 1, 2) for x in outputs)
 
@@ -268,18 +331,17 @@ def _dq_kernel(
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def update(masked: bool):
-        def body():
-            k = k_ref[...]
-            s = visit.scores(q_ref[...], k, qk_scale, dots)
-            if masked:
-                s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right)
-            _, ds = visit.probs_and_dscores(s, lse_ref[...], rt_ref[...], do_ref[...], v_ref[...], dots)
-            acc_ref[...] += dots(ds, k, visit.NN)
+    def body(masked):
+        k = k_ref[...]
+        s = visit.scores(q_ref[...], k, qk_scale, dots)
+        if masked:
+            s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[:1, :], left, right)
+        # The row terms as columns (queries along sublanes), as splash's dq kernel reads its logsumexp.
+        lse2, row_term = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(rt_ref[0], -1)
+        _, ds = visit.probs_and_dscores(s, lse2, row_term, do_ref[...], v_ref[...], dots)
+        acc_ref[...] += dots(ds, k, visit.NN)
 
-        return body
-
-    _visit(code, kflags_ref, kb, num_k_blocks, update(True), update(False))
+    _visit(code, kflags_ref, kb, num_k_blocks, functools.partial(body, True), functools.partial(body, False))
 
     @pl.when(last)
     def _write():
@@ -288,7 +350,8 @@ def _dq_kernel(
 
 def _dkv_kernel(
     base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale, scale, dots,
+    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale,
+    scale, dots,
 ):
     kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
 
@@ -297,19 +360,18 @@ def _dkv_kernel(
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    def update(masked: bool):
-        def body():
-            q, do = q_ref[...], do_ref[...]
-            s = visit.scores(q, k_ref[...], qk_scale, dots)
-            if masked:
-                s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right)
-            p, ds = visit.probs_and_dscores(s, lse_ref[...], rt_ref[...], do, v_ref[...], dots)
-            dv_acc[...] += dots(p, do, visit.TN)
-            dk_acc[...] += dots(ds, q, visit.TN)
+    def body(masked):
+        # Transposed scores [keys, queries], as splash's dk/dv kernel: the row terms broadcast
+        # along sublanes and dk, dv are plain (NN) products.
+        q, do = q_ref[...], do_ref[...]
+        s = visit.scores(k_ref[...], q, qk_scale, dots)
+        if masked:
+            s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right, keys_axis=0)
+        p, ds = visit.probs_and_dscores(s, lse_ref[:1, :], rt_ref[:1, :], v_ref[...], do, dots)
+        dv_acc[...] += dots(p, do, visit.NN)
+        dk_acc[...] += dots(ds, q, visit.NN)
 
-        return body
-
-    _visit(code, kflags_ref, kb, num_k_blocks, update(True), update(False))
+    _visit(code, kflags_ref, kb, num_k_blocks, functools.partial(body, True), functools.partial(body, False))
 
     @pl.when(last)
     def _write():

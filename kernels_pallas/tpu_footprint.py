@@ -26,8 +26,8 @@ import math
 import numpy as np
 
 MiB = 1024 * 1024
-_LANES = 128
-_SUBLANES_32BIT = 8
+NUM_LANES = 128  # lanes of a vector register (32-bit words)
+NUM_SUBLANES = 8  # sublanes of a vector register of 32-bit words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,8 @@ def vmem_tile_bytes(shape, dtype) -> int:
     dims = list(shape) or [1]
     if len(dims) == 1:
         dims = [1] + dims
-    rows_per_tile = _SUBLANES_32BIT * max(1, 4 // itemsize)
-    dims[-1] = -(-dims[-1] // _LANES) * _LANES
+    rows_per_tile = NUM_SUBLANES * max(1, 4 // itemsize)
+    dims[-1] = -(-dims[-1] // NUM_LANES) * NUM_LANES
     dims[-2] = -(-dims[-2] // rows_per_tile) * rows_per_tile
     return math.prod(dims) * itemsize
 

@@ -62,15 +62,18 @@ def test_kernels_fit_v5e_and_v5p_at_128k_tokens(pattern_name, head_dim):
 
 
 def test_bigbird_tables_are_a_quarter_of_int32_ones():
-    # int32 rows, cols and flags per visit would need ~3.9 MB at 16 heads: four times the SMEM.
+    # int32 rows, cols and flags per visit would not fit the SMEM at 16 heads (~2.4 MB with the
+    # global rows and columns in dense passes, ~3.9 MB with them in the layout); 3 B per visit do.
     pattern = _bigbird_pattern(SEQ, HEADS, False)
     layout = pattern.layout(BIGBIRD_BLOCK, BIGBIRD_BLOCK, pattern.padded_len((BIGBIRD_BLOCK,) * 4))
     rows, _, _ = layout.flattened()
-    assert 3 * rows.size * 4 > 3 * tpu_footprint.SMEM_BUDGET
+    int32_bytes = 3 * rows.size * 4
+    assert int32_bytes > 2 * tpu_footprint.SMEM_BUDGET
     tables = layout.visit_tables()
     assert tables.row_offset.dtype == np.int8 and tables.codes.dtype == np.int16
     assert tables.row_base.dtype == np.int16  # 2,048 query blocks
-    assert tables.nbytes < tpu_footprint.SMEM_BUDGET
+    # A quarter, but for padding each head to whole row chunks and the chunk bases.
+    assert tables.nbytes < 0.26 * int32_bytes and tables.nbytes < tpu_footprint.SMEM_BUDGET
 
 
 def test_smallest_int():
@@ -115,6 +118,19 @@ def test_vmem_tiles_pad_to_sublanes_and_lanes():
     assert tpu_footprint.vmem_tile_bytes((128, 64), jnp.bfloat16) == 128 * 128 * 2
     assert tpu_footprint.vmem_tile_bytes((8, 128), jnp.bfloat16) == 16 * 128 * 2
     assert tpu_footprint.vmem_tile_bytes((1, 128), jnp.int32) == 8 * 128 * 4
+
+
+def test_row_statistics_are_lane_dense():
+    # The backward reads the log-sum-exp and row terms as [8, block_q] rows, not [block_q, 1]
+    # columns that pad each value to a 128-lane row: at block_q 128, 4 KiB per buffer, not 64 KiB.
+    pattern = BandPattern(seq_len=4096, left=WINDOW, right=WINDOW)
+    fps = block_sparse_kernels.tpu_footprints(pattern, batch=1, head_dim=128, dtype=jnp.bfloat16)
+    tile = lambda shape, dtype: tpu_footprint.vmem_tile_bytes(shape, dtype)
+    blocks = 2 * 3 * tile((128, 128), jnp.bfloat16)  # q, k, v
+    # dq: + do, valid keys (8, 128) int32 and two (8, 128) float32 row-term blocks, double-buffered; dq out; scratch.
+    dq = blocks + 2 * tile((128, 128), jnp.bfloat16) + 2 * 3 * tile((8, 128), jnp.float32)
+    dq += 2 * tile((128, 128), jnp.bfloat16) + tile((128, 128), jnp.float32)
+    assert fps["dq"].vmem_bytes == dq
 
 
 def test_over_smem_budget_is_refused_before_lowering():
