@@ -7,6 +7,10 @@ linear in seq. The first merges with the sparse part through the log-sum-exp
 once); the second overwrites the rows of global queries. A row with more
 global tokens than slots comes out as NaN rather than silently wrong.
 
+The same two passes serve globals at static positions, the same in every row
+(BigBird's global blocks on the block-sparse kernels): `to_keys_at` and
+`from_queries_at` need no slots, hence no bound.
+
 Layout: `[batch, heads, seq, head_dim]`.
 """
 
@@ -89,6 +93,33 @@ def add_global_tokens(
     slot_target = jnp.where(used, positions, q.shape[2])  # unused slots scatter out of bounds: dropped
     out = jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, slot_target, global_out)
     return jnp.where(overflow[:, None, None, None], jnp.nan, out)
+
+
+def to_keys_at(q, k, v, positions, key_valid, *, causal: bool, scale: float) -> PartialAttention:
+    """Every query against the keys at static `positions` that `key_valid` allows.
+
+    Args:
+      q, k, v: `[batch, heads, seq, head_dim]`.
+      positions: int NumPy `[g]`, distinct positions, the same for every row.
+      key_valid: bool `[batch, seq]`.
+
+    Returns:
+      float32 out `[batch, heads, seq, head_dim]` and lse `[batch, heads, seq]`.
+    """
+    positions = np.asarray(positions, np.int32)
+    slots = jnp.broadcast_to(jnp.asarray(positions), (q.shape[0], len(positions)))
+    return _to_global_keys(q, k, v, slots, key_valid[:, positions], causal, scale)
+
+
+def from_queries_at(q, k, v, positions, key_valid, *, causal: bool, scale: float):
+    """The queries at static `positions` against every key `key_valid` allows (None: every key).
+
+    Returns:
+      float32 `[batch, heads, g, head_dim]`, normalised, for `positions` int NumPy `[g]`.
+    """
+    positions = np.asarray(positions, np.int32)
+    slots = jnp.broadcast_to(jnp.asarray(positions), (q.shape[0], len(positions)))
+    return _from_global_queries(q, k, v, key_valid, slots, jnp.ones(slots.shape, bool), causal, scale)
 
 
 def finish(out, padding_mask, dtype):

@@ -7,6 +7,12 @@ build them on the host, in time linear in the number of visited blocks, from
 the same definitions as `masks.py` (the BigBird one from the XLA
 implementation's `key_block_lists`), and cache them per static configuration.
 
+A BigBird layout is the pattern's sparse part only: the window and random
+blocks of the non-global query blocks. Its global rows and columns (a global
+query block sees every key block, every query block sees a global key block)
+would make single programs of one visit per block of the sequence, which
+serialise the kernel; `pallas_block_sparse` computes them in dense passes.
+
 Positions are kernel positions: for the Longformer band, the (undilated,
 padded) sequence itself; for BigBird, each pattern block of `block_size`
 tokens occupies a slot of `slot` positions (`slot >= block_size`, the tail of
@@ -57,7 +63,12 @@ class BandPattern:
 
 @dataclasses.dataclass(frozen=True)
 class BigBirdPattern:
-    """A BigBird pattern whose blocks sit in slots of `slot` kernel positions; hashable through its spec."""
+    """The sparse part of a BigBird pattern, whose blocks sit in slots of `slot` kernel positions.
+
+    The kernel attends, for each non-global query block, its window and
+    random key blocks that are not global (`bigbird_layout`); the global rows
+    and columns are the caller's dense passes. Hashable through its spec.
+    """
 
     spec: BlockSparseSpec
     seq_len: int
@@ -127,7 +138,16 @@ def band_layout(
 
 @functools.lru_cache(maxsize=64)
 def bigbird_layout(spec: BlockSparseSpec, *, seq_len: int, slot: int, block_q: int, block_k: int) -> BlockLayout:
-    """The layout of a BigBird pattern, one layout head per attention head.
+    """The layout of a BigBird pattern's sparse part, one layout head per attention head.
+
+    Only the non-global query blocks' window and random key blocks that are
+    not global blocks are visited. The rest of the pattern, dense and left to
+    the caller, is every key for the rows of the global blocks and the
+    columns of the global blocks for every other row: kernel part and dense
+    part are disjoint and together are the pattern. So a query block visits
+    at most `2 * window_radius + 1 + num_random_blocks` pattern blocks
+    (`window_radius + 1 + ...` when causal) whatever the sequence length, and
+    a key block is visited by its window and by the rows that drew it.
 
     Pattern block a occupies kernel positions `a * slot .. a * slot + slot - 1`;
     its first `spec.block_size` are its tokens. Kernel blocks must divide the
@@ -146,16 +166,14 @@ def bigbird_layout(spec: BlockSparseSpec, *, seq_len: int, slot: int, block_q: i
     # Kernel blocks that hold at least one real token, by their offset in the slot.
     q_real = _real_sub_blocks(seq_len, spec.block_size, num_blocks, slot, block_q)
     k_real = _real_sub_blocks(seq_len, spec.block_size, num_blocks, slot, block_k)
+    is_global = np.zeros(num_blocks, bool)
+    is_global[list(spec.global_blocks)] = True
     visits = []
     for h in range(spec.random_layout.shape[0]):
-        # Pattern-block pairs: the sparse rows' lists, and global rows against every block.
-        used = key_used[h]
-        a = np.concatenate(
-            [np.repeat(sparse_rows, used.sum(-1))] + [np.full(num_blocks, g) for g in spec.global_blocks]
-        ).astype(np.int64)
-        b = np.concatenate([key_blocks[h][used]] + [np.arange(num_blocks)] * len(spec.global_blocks)).astype(np.int64)
-        if causal:
-            a, b = a[b <= a], b[b <= a]
+        # Pattern-block pairs: the sparse rows' lists (already causal and free of repeats), global keys left out.
+        used = key_used[h] & ~is_global[key_blocks[h]]
+        a = np.repeat(sparse_rows, used.sum(-1)).astype(np.int64)
+        b = key_blocks[h][used].astype(np.int64)
         # Expand each pair into its kernel-block pairs.
         rows = (a[:, None, None] * rq + np.arange(rq)[None, :, None] + np.zeros(rk, np.int64)).reshape(-1)
         cols = (b[:, None, None] * rk + np.zeros((1, rq, 1), np.int64) + np.arange(rk)).reshape(-1)

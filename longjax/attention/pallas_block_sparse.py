@@ -15,6 +15,12 @@ kernels:
 * Token-level global tokens are removed from the kernel's keys and added by
   the small dense passes of `global_tokens.py`, merged with the kernel's
   result through its log-sum-exp (and written over at global queries).
+* BigBird's global blocks are not in the kernel's layout either (a global
+  row or column would be one program visiting every block of the sequence):
+  every query attends their keys in a dense `[seq, global tokens]` pass,
+  merged through the log-sum-exp before the token-level globals, and their
+  queries attend every key in a dense `[global tokens, seq]` pass written over
+  last, as the XLA implementation does.
 * Padded queries come out as zeros.
 
 With `block_sizes=None` on a CPU host, compiled (an export), everything that
@@ -34,7 +40,7 @@ import numpy as np
 
 from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
-from longjax.attention import global_tokens
+from longjax.attention import global_tokens, partial_softmax
 from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
 from longjax.attention.partial_softmax import PartialAttention
 from longjax.attention.specs import BlockSparseSpec, SlidingWindowSpec
@@ -96,19 +102,50 @@ def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes,
     return jnp.concatenate(outs, axis=2)[:, :, inverse], jnp.concatenate(lses, axis=1)[:, inverse]
 
 
-def _complete(out, lse, q, k, v, *, global_mask, global_qkv, padding_mask, max_global_tokens, causal, scale):
-    """Adds the token-level global passes to the kernel's result, zeroes padded queries, casts."""
-    if global_mask is not None:
-        to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
-        global_qkv = None if global_qkv is None else tuple(map(to_bhnd, global_qkv))
-        out = to_bhnd(
-            global_tokens.add_global_tokens(
-                PartialAttention(to_bhnd(out), lse), to_bhnd(q), to_bhnd(k), to_bhnd(v),
-                global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
-                max_global_tokens=max_global_tokens, causal=causal, scale=scale,
-            )
+def _complete(
+    out, lse, q, k, v, *, global_mask, global_qkv, padding_mask, max_global_tokens, causal, scale,
+    global_positions=None,
+):
+    """Adds the dense global passes to the kernel's result, zeroes padded queries, casts.
+
+    `global_positions`: int NumPy `[g]`, the tokens of BigBird's global blocks
+    (None for a band), which the kernel left out as keys and as queries.
+    Their keys merge first (the kernel's keys, the global blocks' keys and the
+    token-level global keys are disjoint, so each key counts once); then the
+    token-level globals; their rows, which attend every key, are written last.
+    """
+    if global_mask is None and global_positions is None:
+        return global_tokens.finish(out, padding_mask, q.dtype)
+    to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
+    qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
+    part = PartialAttention(to_bhnd(out), lse)
+    if global_positions is not None:
+        # The kernel's keys: real and not token-level globals, which add_global_tokens adds.
+        block_keys = global_tokens.local_key_valid(q, global_mask, padding_mask)
+        part = partial_softmax.merge(
+            part, global_tokens.to_keys_at(qh, kh, vh, global_positions, block_keys, causal=causal, scale=scale)
         )
-    return global_tokens.finish(out, padding_mask, q.dtype)
+    out = part.out
+    if global_mask is not None:
+        global_qkv = None if global_qkv is None else tuple(map(to_bhnd, global_qkv))
+        out = global_tokens.add_global_tokens(
+            part, qh, kh, vh, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
+            max_global_tokens=max_global_tokens, causal=causal, scale=scale,
+        )
+    if global_positions is not None:
+        rows = global_tokens.from_queries_at(qh, kh, vh, global_positions, padding_mask, causal=causal, scale=scale)
+        out = out.at[:, :, global_positions].set(rows)
+    return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)
+
+
+def _global_block_positions(spec: BlockSparseSpec, seq_len: int):
+    """int NumPy `[g]`: the token positions of the global blocks (None when there are none)."""
+    if not spec.global_blocks:
+        return None
+    size = spec.block_size
+    return np.concatenate(
+        [np.arange(g * size, min((g + 1) * size, seq_len)) for g in spec.global_blocks]
+    ).astype(np.int32)
 
 
 def sliding_window_pallas(
@@ -159,11 +196,13 @@ def block_sparse_pallas(
     return _complete(
         out, lse, q, k, v, global_mask=global_mask, global_qkv=None,
         padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
+        global_positions=_global_block_positions(spec, q.shape[1]),
     )
 
 
 def _bigbird_kernel(q, k, v, key_valid, *, spec: BlockSparseSpec, scale, block_sizes, interpret):
-    """(out `[b, n, h, d]`, lse `[b, h, n]`) of the BigBird blocks, through slots the lowering allows."""
+    """(out `[b, n, h, d]`, lse `[b, h, n]`) of the BigBird pattern's sparse part, through slots the
+    lowering allows; the global blocks' rows come out empty (zeros, lse `MASK_VALUE`)."""
     b, n = q.shape[:2]
     size, blocks = spec.block_size, spec.num_blocks
     # Each BigBird block sits in a slot of the next length the backend's blocks allow.

@@ -58,6 +58,11 @@ CASES = {
         (2, 40, 2, 8), dict(block_size=4, causal=True, global_mask=((5, 22), (13, 38)), padding=(40, 30))
     ),
     "block_size_not_power_of_two": ((1, 45, 2, 8), dict(block_size=6, causal=True, padding=(41,))),
+    # Token-level globals inside the global blocks (0 and 9: tokens 0-3 and 36-39), whose last one
+    # is part padding in row 1: each global key must count once, whichever pass attends it.
+    "global_mask_in_global_blocks": (
+        (2, 40, 2, 8), dict(block_size=4, global_mask=((1, 22), (13, 37)), padding=(40, 38))
+    ),
 }
 
 
@@ -85,9 +90,11 @@ SUBSETS = {
         ("no_globals_wide_window", "f32"), ("given_layout", "f32"), ("causal_given_layout", "f32"),
         ("padding_with_empty_row", "f32"), ("causal_global_mask_padding", "f32"),
         ("block_size_not_power_of_two", "f32"), ("other_global_blocks", "bf16"), ("causal", "bf16"),
+        ("global_mask_in_global_blocks", "f32"),
     },
     "pallas-tpu": {
         ("causal", "f32"), ("global_mask", "f32"), ("block_size_not_power_of_two", "f32"), ("short_sequence", "bf16"),
+        ("global_mask_in_global_blocks", "f32"),
     },
 }
 

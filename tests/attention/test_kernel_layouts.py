@@ -4,7 +4,9 @@ The union of the visited blocks (full blocks whole, partial blocks through the
 in-kernel band, written independently of the kernel in `layout_checks`) must
 equal the pattern's dense mask, with every block pair visited at most once (a
 repeat would count its keys twice), and the transposed and flattened forms
-must list the same visits.
+must list the same visits. BigBird's layout is the pattern's sparse part: with
+its dense part (global rows and columns, computed outside the kernel) it must
+make the mask, the two disjoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from longjax.attention import arguments, bigbird_random_layout, kernel_layouts, masks, specs
-from tests.kernels.layout_checks import check_transposed_and_flattened, visited
+from tests.kernels.layout_checks import bigbird_dense_part, check_transposed_and_flattened, visited
 
 _BLOCKS = st.sampled_from([1, 2, 4, 8, 16, 24])
 
@@ -82,11 +84,16 @@ def test_bigbird_layout_matches_mask(problem):
             random_layout=spec.random_layout, causal=spec.causal,
         )
     )[0]
+    dense_part = bigbird_dense_part(
+        seq, block_size=spec.block_size, global_blocks=spec.global_blocks, causal=spec.causal
+    )
     assert layout.layout_heads == spec.random_layout.shape[0]
     position = (np.arange(seq) // spec.block_size) * slot + np.arange(seq) % spec.block_size
     for h in range(layout.layout_heads):
-        dense = visited(layout, h)
-        np.testing.assert_array_equal(dense[np.ix_(position, position)], expected[h])
+        kernel_part = visited(layout, h)[np.ix_(position, position)]
+        # Kernel and dense parts make the pattern, and no pair is in both (it would count twice).
+        np.testing.assert_array_equal(kernel_part | dense_part, expected[h])
+        assert not np.any(kernel_part & dense_part)
         # Nothing is visited at slot padding or past the sequence: that would be wasted work.
         real = np.zeros(layout.padded_len, bool)
         real[position] = True
@@ -94,6 +101,37 @@ def test_bigbird_layout_matches_mask(problem):
         assert np.all([real[c * block_k:(c + 1) * block_k].any() for c in cols.tolist()])
         assert np.all([real[r * block_q:(r + 1) * block_q].any() for r in rows.tolist()])
     check_transposed_and_flattened(layout)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_programs_visit_few_blocks(causal):
+    # 4096 tokens in 64-token blocks, 3 random blocks and the first and last blocks global,
+    # kernel blocks of one BigBird block (the GPU defaults' fit): visits per program.
+    seq, block, heads, r = 4096, 64, 4, 3
+    blocks = seq // block
+    spec = specs.BlockSparseSpec(
+        block_size=block, num_blocks=blocks, window_radius=1, global_blocks=(0, blocks - 1),
+        random_layout=bigbird_random_layout(blocks, heads, r, global_blocks=(0, -1), causal=causal, seed=0),
+        causal=causal,
+    )
+    layout = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=block, block_q=block, block_k=block)
+    row_visits, column_visits = np.diff(layout.offsets, axis=1), np.diff(layout.t_offsets, axis=1)
+    # With the global rows and columns in the kernel, their programs walked all 64 blocks (the
+    # pattern's block mask's longest row and column); the median program walks a handful.
+    pattern = np.asarray(
+        masks.block_sparse_mask(
+            blocks, block_size=1, window_radius=1, global_blocks=spec.global_blocks,
+            random_layout=spec.random_layout, causal=causal,
+        )
+    )[0]
+    assert pattern.sum(-1).max() == pattern.sum(-2).max() == blocks
+    # Now a row visits at most its window and random blocks, whatever the sequence length:
+    # 3 + 3, causal 2 + 3 (no block after the query).
+    assert row_visits.max() == (2 if causal else 3) + r
+    # A column is visited by its window and the rows that drew it: random, so measured for this
+    # layout (seed 0). Causal rows draw only earlier blocks, so early columns are drawn more.
+    assert column_visits.max() == (18 if causal else 12)
+    assert np.all(row_visits[:, [0, blocks - 1]] == 0) and np.all(column_visits[:, [0, blocks - 1]] == 0)
 
 
 def test_layouts_are_cached_per_configuration():

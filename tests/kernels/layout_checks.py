@@ -33,6 +33,21 @@ def visited(layout, head: int):
     return dense
 
 
+def bigbird_dense_part(seq_len: int, *, block_size: int, global_blocks, causal: bool):
+    """bool `[seq, seq]`: the part of a BigBird pattern left out of its kernel layout.
+
+    Written from the pattern's definition: the rows of the global blocks (they
+    see every key) and the columns of the global blocks (every query sees
+    them), causal applied. `masks.block_sparse_mask` without token-level globals
+    and padding is this part or the kernel's, never both.
+    """
+    in_global = np.isin(np.arange(seq_len) // block_size, np.asarray(global_blocks, np.int64))
+    dense = in_global[:, None] | in_global[None, :]
+    if causal:
+        dense &= np.tril(np.ones((seq_len, seq_len), bool))
+    return dense
+
+
 def check_transposed_and_flattened(layout):
     """The transposed and flattened forms list the same visits as the CSR rows."""
     for h in range(layout.layout_heads):
