@@ -8,7 +8,10 @@ visited blocks are DMA'd; accumulators live in VMEM scratch across the visits
 of a row. Blocks are multiples of 8 (sublanes), best multiples of 128.
 Float32 inputs keep float32 matmuls (`Precision.HIGHEST`).
 
-As splash attention, row statistics are lane-dense: the forward's running max and sum
+As splash attention: a grid step DMAs a whole key block and computes it in
+sub-blocks of `block_k_compute` keys (an unrolled loop), skipping sub-blocks
+the band does not reach and masking only those it cuts or that hold an
+invalid key; row statistics are lane-dense: the forward's running max and sum
 are `[block_q, NUM_LANES]` (replicated along lanes) and it writes the
 log-sum-exp as `[block_q, NUM_LANES]` blocks; the backward reads the
 log-sum-exp and row terms as rows `[NUM_SUBLANES, block_q]` (replicated along
@@ -44,12 +47,26 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def key_compute_block(block_k: int, requested: int | None = None) -> int:
+    """The keys a kernel computes at once within a DMA'd key block of `block_k`.
+
+    `requested` when given: a multiple of 8 dividing block_k. Else NUM_LANES
+    when block_k is a multiple of it (a 512-key block runs as four 128-key
+    sub-blocks, splash's `block_kv_compute`), else the whole block.
+    """
+    if requested is None:
+        return NUM_LANES if block_k % NUM_LANES == 0 else block_k
+    if requested < 1 or requested % NUM_SUBLANES or block_k % requested:
+        raise ValueError(f"block_k_compute must be a positive multiple of 8 dividing {block_k}, got {requested}")
+    return requested
+
+
 @dataclasses.dataclass(frozen=True)
 class _Walk:
     """How a TPU kernel reads its visit list (`block_layout.VisitTables`, scalar-prefetched into SMEM).
 
     The tables are (row_base, row_offset, codes), then the per-(batch, key
-    block) validity flags: the four scalar-prefetch refs of every TPU kernel.
+    sub-block) validity flags: the four scalar-prefetch refs of every TPU kernel.
     """
 
     length: int  # visits per head: the grid's last axis
@@ -119,11 +136,11 @@ def _spec(block_shape, block_of, tail: int, per_batch: bool = True):
     return pl.BlockSpec(block_shape, index_map)
 
 
-def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_k: int):
+def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_kc: int):
     """(walk, the four scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block)."""
     tables = layout.visit_tables(transposed)
-    # 0/1 per (batch, key block): int8 in SMEM.
-    kflags = visit.key_block_flags(valid, block_k).astype(jnp.int8).reshape(-1)
+    # 0/1 per (batch, key sub-block): int8 in SMEM.
+    kflags = visit.key_block_flags(valid, block_kc).astype(jnp.int8).reshape(-1)
     return _Walk.of(tables), (*(jnp.asarray(a) for a in tables.arrays), kflags)
 
 
@@ -162,13 +179,15 @@ def _block_specs(kind, block_q, block_k, head_dim, dtype):
     return [q_blk, k_blk, k_blk, valid_col, q_blk, rows, rows], [k_blk, k_blk], [((block_k, head_dim), f32)] * 2
 
 
-def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footprint.Footprint]:
+def footprints(config, batch: int, head_dim: int, dtype,
+               block_k_compute: int | None = None) -> dict[str, tpu_footprint.Footprint]:
     """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables)."""
     out = {}
     dtype = jnp.dtype(dtype)
     for kind, layout, transposed in (("forward", config.forward_layout, False),
                                      ("dq", config.backward_layout, False), ("dkv", config.backward_layout, True)):
-        smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks,), jnp.int8))
+        n_sub = layout.block_k // key_compute_block(layout.block_k, block_k_compute)
+        smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
         ins, outs, scratch = _block_specs(kind, layout.block_q, layout.block_k, head_dim, dtype)
         out[kind] = tpu_footprint.footprint(
             f"block_sparse_flash_{'fwd' if kind == 'forward' else kind}",
@@ -177,9 +196,9 @@ def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footpr
     return out
 
 
-def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype) -> None:
+def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype, block_k_compute) -> None:
     # Before lowering: an SMEM overflow would otherwise surface only on the chip, VMEM as a compile error.
-    fp = footprints(config, batch, head_dim, dtype)[kind]
+    fp = footprints(config, batch, head_dim, dtype, block_k_compute)[kind]
     layout = config.forward_layout if kind == "forward" else config.backward_layout
     tpu_footprint.check(
         fp, f"a call with {layout.num_q_blocks} query blocks of {layout.block_q}, {layout.layout_heads} layout "
@@ -198,26 +217,45 @@ def _lanes(x, width: int):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
-def _visit(code, kflags_ref, kb, num_k_blocks, when_masked, when_full):
-    """Runs the visit's body, masked if its block is partial or holds an invalid key."""
-    key_flag = kflags_ref[pl.program_id(0) * num_k_blocks + kb].astype(jnp.int32)
-    needs_mask = ((code & block_layout.CODE_PARTIAL) + key_flag) > 0
+def _sub_blocks(code, kflags_ref, *, q_first, k_first, block_q, block_kc, n_sub, flag_base, left, right, body):
+    """Runs `body(c, masked)` for each key sub-block c of a visit that has work, masked only where needed.
+
+    A full visit runs every sub-block; a partial one (cut by the band) only
+    those the band reaches, masking those it cuts. A sub-block holding an
+    invalid key (its flag, `kflags_ref[flag_base + c]`) is masked. Skipping a
+    sub-block the band misses is exact: all its weights would be zero.
+    """
     compute = (code & block_layout.CODE_COMPUTE) != 0
-    pl.when(compute & needs_mask)(when_masked)
-    pl.when(compute & jnp.logical_not(needs_mask))(when_full)
+    partial = (code & block_layout.CODE_PARTIAL) != 0
+    for c in range(n_sub):
+        k_lo = k_first + c * block_kc
+        # Least and greatest key - query of the sub-block against the query block.
+        least, most = k_lo - (q_first + block_q - 1), k_lo + block_kc - 1 - q_first
+        reaches, inside = jnp.bool_(True), jnp.bool_(True)
+        if left is not None:
+            reaches, inside = reaches & (most >= -left), inside & (least >= -left)
+        if right is not None:
+            reaches, inside = reaches & (least <= right), inside & (most <= right)
+        run = compute & (jnp.logical_not(partial) | reaches)
+        invalid_key = kflags_ref[flag_base + c].astype(jnp.int32) != 0
+        mask = (partial & jnp.logical_not(inside)) | invalid_key
+        pl.when(run & mask)(functools.partial(body, c, True))
+        pl.when(run & jnp.logical_not(mask))(functools.partial(body, c, False))
 
 
-def forward(q, k, v, valid, config):
+def forward(q, k, v, valid, config, block_k_compute: int | None = None):
     layout = config.forward_layout
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
     b, h, n, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
-    _check_footprint(config, "forward", b, d, q.dtype)
-    walk, prefetch = _tables(layout, False, valid, bk)
+    bkc = key_compute_block(bk, block_k_compute)
+    _check_footprint(config, "forward", b, d, q.dtype, block_k_compute)
+    walk, prefetch = _tables(layout, False, valid, bkc)
     q_of, k_of = walk.maps(rows_are_q=True)
     kernel = functools.partial(
-        _forward_kernel, block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, walk=walk,
-        left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype),
+        _forward_kernel, block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, walk=walk,
+        left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E,
+        dots=visit.dots_for(config.backend, q.dtype),
     )
     q_spec = _spec((None, None, bq, d), q_of, 1)
     out, lse = pl.pallas_call(
@@ -241,7 +279,7 @@ def forward(q, k, v, valid, config):
 
 def _forward_kernel(
     base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
-    m_ref, l_ref, acc_ref, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale, dots,
+    m_ref, l_ref, acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, qk_scale, dots,
 ):
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
 
@@ -251,20 +289,24 @@ def _forward_kernel(
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def body(masked):
-        s = visit.scores(q_ref[...], k_ref[...], qk_scale, dots)
+    def body(c, masked):
+        keys = slice(c * block_kc, (c + 1) * block_kc)
+        s = visit.scores(q_ref[...], k_ref[keys, :], qk_scale, dots)
         if masked:
-            s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[:1, :], left, right)
+            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right)
         # visit.online_update with the running max and sum replicated along lanes.
         m_prev, l_prev, acc = m_ref[...], l_ref[...], acc_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp2(m_prev - m_next)
-        p = jnp.exp2(s - _lanes(m_next, block_k))
+        p = jnp.exp2(s - _lanes(m_next, block_kc))
         m_ref[...] = m_next
         l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = _lanes(alpha, acc.shape[1]) * acc + dots(p, v_ref[...], visit.NN)
+        acc_ref[...] = _lanes(alpha, acc.shape[1]) * acc + dots(p, v_ref[keys, :], visit.NN)
 
-    _visit(code, kflags_ref, kb, num_k_blocks, functools.partial(body, True), functools.partial(body, False))
+    n_sub = block_k // block_kc
+    _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
+                n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
+                body=body)
 
     @pl.when(last)
     def _write():
@@ -277,26 +319,28 @@ def _forward_kernel(
         lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) / visit.LOG2E, MASK_VALUE)
 
 
-def backward(q, k, v, valid, do, lse2, row_term, config):
+def backward(q, k, v, valid, do, lse2, row_term, config, block_k_compute: int | None = None):
     layout = config.backward_layout
     qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
     b, h, _, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
+    bkc = key_compute_block(bk, block_k_compute)
     lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
-    static = dict(block_q=bq, block_k=bk, num_k_blocks=layout.num_k_blocks, left=layout.left,
+    static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, qk_scale=config.scale * visit.LOG2E, scale=config.scale,
                   dots=visit.dots_for(config.backend, q.dtype))
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
-        _check_footprint(config, kind, b, d, q.dtype)
-        walk, prefetch = _tables(layout, transposed, valid, bk)
+        _check_footprint(config, kind, b, d, q.dtype, block_k_compute)
+        walk, prefetch = _tables(layout, transposed, valid, bkc)
         q_of, k_of = walk.maps(rows_are_q=not transposed)
         q_spec, k_spec = _spec((None, None, bq, d), q_of, 1), _spec((None, None, bk, d), k_of, 1)
         rows_spec = _spec((None, None, None, NUM_SUBLANES, bq), q_of, 2)
         if kind == "dq":
             kernel, out_specs = _dq_kernel, q_spec
             out_shape, scratch = jax.ShapeDtypeStruct(qt.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)]
-            valid_spec, valid_in = _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False), _valid_rows(valid, bk)
+            valid_spec = _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False)
+            valid_in = _valid_rows(valid, bk)
         else:
             kernel, out_specs = _dkv_kernel, [k_spec, k_spec]
             out_shape = [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)]
@@ -323,7 +367,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
 
 def _dq_kernel(
     base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, dq_ref,
-    acc_ref, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale, scale, dots,
+    acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, qk_scale, scale, dots,
 ):
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
 
@@ -331,17 +375,21 @@ def _dq_kernel(
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def body(masked):
-        k = k_ref[...]
+    def body(c, masked):
+        keys = slice(c * block_kc, (c + 1) * block_kc)
+        k = k_ref[keys, :]
         s = visit.scores(q_ref[...], k, qk_scale, dots)
         if masked:
-            s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[:1, :], left, right)
+            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right)
         # The row terms as columns (queries along sublanes), as splash's dq kernel reads its logsumexp.
         lse2, row_term = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(rt_ref[0], -1)
-        _, ds = visit.probs_and_dscores(s, lse2, row_term, do_ref[...], v_ref[...], dots)
+        _, ds = visit.probs_and_dscores(s, lse2, row_term, do_ref[...], v_ref[keys, :], dots)
         acc_ref[...] += dots(ds, k, visit.NN)
 
-    _visit(code, kflags_ref, kb, num_k_blocks, functools.partial(body, True), functools.partial(body, False))
+    n_sub = block_k // block_kc
+    _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
+                n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
+                body=body)
 
     @pl.when(last)
     def _write():
@@ -350,7 +398,7 @@ def _dq_kernel(
 
 def _dkv_kernel(
     base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, num_k_blocks, walk, left, right, qk_scale,
+    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, qk_scale,
     scale, dots,
 ):
     kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
@@ -360,18 +408,22 @@ def _dkv_kernel(
         dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
         dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-    def body(masked):
+    def body(c, masked):
         # Transposed scores [keys, queries], as splash's dk/dv kernel: the row terms broadcast
         # along sublanes and dk, dv are plain (NN) products.
+        keys = slice(c * block_kc, (c + 1) * block_kc)
         q, do = q_ref[...], do_ref[...]
-        s = visit.scores(k_ref[...], q, qk_scale, dots)
+        s = visit.scores(k_ref[keys, :], q, qk_scale, dots)
         if masked:
-            s = visit.masked(s, qb * block_q, kb * block_k, valid_ref[...], left, right, keys_axis=0)
-        p, ds = visit.probs_and_dscores(s, lse_ref[:1, :], rt_ref[:1, :], v_ref[...], do, dots)
-        dv_acc[...] += dots(p, do, visit.NN)
-        dk_acc[...] += dots(ds, q, visit.NN)
+            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[keys, :], left, right, keys_axis=0)
+        p, ds = visit.probs_and_dscores(s, lse_ref[:1, :], rt_ref[:1, :], v_ref[keys, :], do, dots)
+        dv_acc[keys, :] += dots(p, do, visit.NN)
+        dk_acc[keys, :] += dots(ds, q, visit.NN)
 
-    _visit(code, kflags_ref, kb, num_k_blocks, functools.partial(body, True), functools.partial(body, False))
+    n_sub = block_k // block_kc
+    _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
+                n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
+                body=body)
 
     @pl.when(last)
     def _write():

@@ -61,6 +61,16 @@ def test_kernels_fit_v5e_and_v5p_at_128k_tokens(pattern_name, head_dim):
     assert not report, "\n".join(report)
 
 
+def test_512_key_blocks_fit_v5e_and_v5p_at_128k_tokens():
+    # Splash-style 512-key DMA blocks computed 128 keys at a time: ~1 MB forward, ~2.2 MB dk/dv.
+    blocks = TpuBlockSizes(block_q=128, block_k=512, block_q_bwd=128, block_k_bwd=512)
+    for pattern, batch in _calls("band") + _calls("band_causal_dilated"):
+        fps = block_sparse_kernels.tpu_footprints(pattern, batch=batch, head_dim=128, dtype=jnp.bfloat16,
+                                                  block_sizes=blocks)
+        for fp in fps.values():
+            assert not fp.problems(tpu_footprint.CHIPS["v5e"]) + fp.problems(tpu_footprint.CHIPS["v5p"])
+
+
 def test_bigbird_tables_are_a_quarter_of_int32_ones():
     # int32 rows, cols and flags per visit would not fit the SMEM at 16 heads (~2.4 MB with the
     # global rows and columns in dense passes, ~3.9 MB with them in the layout); 3 B per visit do.
