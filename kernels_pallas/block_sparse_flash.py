@@ -300,24 +300,24 @@ def _block_sparse_flash(block_sizes, q, k, v, key_valid, *, pattern, scale, inte
         )
     if seq != pattern.kernel_len:
         raise ValueError(f"q has {seq} positions but the pattern expects {pattern.kernel_len}")
-    is_gpu = isinstance(block_sizes, GpuBlockSizes)
+    if isinstance(block_sizes, GpuBlockSizes) and not interpret:
+        width = block_sparse_gpu.kernel_head_dim(head_dim, interpret)
+        if width > _GPU_MAX_HEAD_DIM:
+            # Each program keeps [block, width] tiles in registers and shared memory;
+            # wider heads (e.g. 64 + Transformer-XL's d_model position features) do not
+            # fit at these block sizes, and a Triton compile error would not fall back.
+            raise NotImplementedError(
+                f"the Triton kernels take head_dim up to {_GPU_MAX_HEAD_DIM}, got {head_dim} "
+                f"(tiles {width} wide); impl='xla' serves it"
+            )
     config = _make_config(pattern, block_sizes, interpret, scale)
     padded = config.padded_len
-    dim = head_dim
-    if is_gpu:
-        dim = _next_power_of_two(head_dim) if interpret else max(_TRITON_MIN_DOT, _next_power_of_two(head_dim))
-    if is_gpu and not interpret and dim > _GPU_MAX_HEAD_DIM:
-        # Each program keeps [block, head_dim] tiles in registers and shared memory;
-        # wider heads (e.g. 64 + Transformer-XL's d_model position features) do not
-        # fit at these block sizes, and a Triton compile error would not fall back.
-        raise NotImplementedError(
-            f"the Triton kernels take head_dim up to {_GPU_MAX_HEAD_DIM}, got {head_dim} "
-            f"(padded to {dim}); impl='xla' serves it"
-        )
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, dim - head_dim)))
+    # Whole blocks in seq only: the Triton kernels mask the head to its power-of-two tile width
+    # in-kernel, and Mosaic takes full-width head blocks.
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
     out, lse = _flash(pad(q), pad(k), pad(v), valid, config)
-    return out[:, :seq, :, :head_dim], lse[:, :, :seq]
+    return out[:, :seq], lse[:, :, :seq]
 
 
 def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float) -> _Config:

@@ -6,8 +6,16 @@ two (at least 16 when compiled, for `tl.dot`). Float32 inputs run their
 matmuls with bfloat16 operands and float32 accumulation (tensor cores, as
 FlashAttention; `block_sparse_visit.dots_for`).
 
+The head is not padded in HBM: Triton tiles have power-of-two sizes, so every
+`[block, head_dim]` tile is `[block, kernel_head_dim(head_dim)]` wide, loaded
+with a mask over the real head_dim (zeros beyond it, which add nothing to
+q.k and give output columns that are never stored) and stored with the same
+mask. The row stride stays `heads * head_dim`, so no copy of q, k, v, the
+cotangent or the gradients is made to widen the head (as JAX's own Pallas
+GPU attention).
+
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
-the call's kernel length and the call's static configuration
+the call's kernel length (in `seq` only) and the call's static configuration
 (`block_sparse_flash._Config`).
 """
 
@@ -25,10 +33,46 @@ from kernels_pallas import block_layout
 from kernels_pallas import block_sparse_visit as visit
 from kernels_pallas.common import MASK_VALUE
 
+# Triton's tl.dot needs every dimension >= 16.
+TRITON_MIN_DOT = 16
 
-def _params(config, head_dim):
-    num_warps = config.num_warps or (4 if head_dim <= 64 else 8)
+
+def _next_power_of_two(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def kernel_head_dim(head_dim: int, interpret: bool) -> int:
+    """The width of the kernels' head tiles: the next power of two (>= 16 when compiled, for `tl.dot`)."""
+    width = _next_power_of_two(head_dim)
+    return width if interpret else max(TRITON_MIN_DOT, width)
+
+
+def _params(config, width):
+    num_warps = config.num_warps or (4 if width <= 64 else 8)
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=config.num_stages)
+
+
+def _head_mask(width: int, head_dim: int):
+    """bool `[1, width]`, True over the real head; None when the tile is the head (no masking)."""
+    if width == head_dim:
+        return None
+    return (lax.broadcasted_iota(jnp.int32, (1, width), 1) < head_dim)
+
+
+def _load(ref, head_mask):
+    """A `[rows, width]` tile, zero past the real head."""
+    if head_mask is None:
+        return ref[...]
+    return plgpu.load(ref, mask=head_mask, other=0.0)
+
+
+def _store(ref, value, head_mask):
+    """Writes a `[rows, width]` tile's real head only."""
+    value = value.astype(ref.dtype)
+    if head_mask is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=head_mask)
 
 
 def _layout_arrays(layout: block_layout.BlockLayout, transposed: bool):
@@ -44,13 +88,14 @@ def _whole(shape):
 
 def forward(q, k, v, valid, config):
     layout = config.forward_layout
-    b, n, h, d = q.shape
+    b, n, h, head_dim = q.shape
+    d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
     offsets, codes = _layout_arrays(layout, transposed=False)
     kernel = functools.partial(
         _forward_kernel, block_q=bq, block_k=bk, n_rows=layout.num_q_blocks,
         entries=layout.codes.shape[1], per_head=layout.layout_heads > 1, left=layout.left, right=layout.right,
-        qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype),
+        qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim,
     )
     per_batch = lambda length: pl.BlockSpec((None, length), lambda i, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
@@ -77,25 +122,26 @@ def _row_range(offsets_ref, row, n_rows: int, per_head: bool, entries: int):
 
 def _forward_kernel(
     offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, dots,
+    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, dots, head_dim,
 ):
     i = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, i, n_rows, per_head, entries)
+    head = _head_mask(q_ref.shape[-1], head_dim)
     # Cast once, not per visit: the loop-invariant tile also holds half the registers in bf16.
-    q = dots.operand(q_ref[...])
+    q = dots.operand(_load(q_ref, head))
 
     def one_visit(t, carry):
         code = codes_ref[code_base + t]
         kb = code // 2
         keys = pl.ds(kb * block_k, block_k)
-        s = visit.scores(q, k_ref[keys, :], qk_scale, dots)
+        s = visit.scores(q, _load(k_ref.at[keys, :], head), qk_scale, dots)
         s = lax.cond(
             (code % 2 + flags_ref[kb]) > 0,
             lambda s: visit.masked(s, i * block_q, kb * block_k, valid_ref[keys][None, :], left, right),
             lambda s: s,
             s,
         )
-        return visit.online_update(*carry, s, v_ref[keys, :], dots)
+        return visit.online_update(*carry, s, _load(v_ref.at[keys, :], head), dots)
 
     init = (
         jnp.full((block_q, 1), MASK_VALUE, jnp.float32),
@@ -103,18 +149,19 @@ def _forward_kernel(
         jnp.zeros((block_q, q.shape[-1]), jnp.float32),
     )
     out, lse = visit.finalize(*lax.fori_loop(start, stop, one_visit, init))
-    o_ref[...] = out.astype(o_ref.dtype)
+    _store(o_ref, out, head)
     lse_ref[...] = lse.reshape(block_q)
 
 
 def backward(q, k, v, valid, do, lse2, row_term, config):
     layout = config.backward_layout
-    b, n, h, d = q.shape
+    b, n, h, head_dim = q.shape
+    d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
     flags, valid_i32 = visit.key_block_flags(valid, bk), valid.astype(jnp.int32)
     static = dict(block_q=bq, block_k=bk, entries=layout.codes.shape[1], per_head=layout.layout_heads > 1,
                   left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E,
-                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype))
+                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim)
     per_batch = lambda length: pl.BlockSpec((None, length), lambda r, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda r, bi, hi: (bi, 0, hi, 0))
     whole_rows = pl.BlockSpec((None, None, n), lambda r, bi, hi: (bi, hi, 0))
@@ -152,18 +199,19 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
 
 def _dq_kernel(
     offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, dq_ref, *,
-    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots,
+    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim,
 ):
     i = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, i, n_rows, per_head, entries)
-    q, do = dots.operand(q_ref[...]), dots.operand(do_ref[...])
+    head = _head_mask(q_ref.shape[-1], head_dim)
+    q, do = dots.operand(_load(q_ref, head)), dots.operand(_load(do_ref, head))
     lse2, row_term = lse_ref[...][:, None], rt_ref[...][:, None]
 
     def one_visit(t, dq):
         code = codes_ref[code_base + t]
         kb = code // 2
         keys = pl.ds(kb * block_k, block_k)
-        k = dots.operand(k_ref[keys, :])  # feeds two dots
+        k = dots.operand(_load(k_ref.at[keys, :], head))  # feeds two dots
         s = visit.scores(q, k, qk_scale, dots)
         s = lax.cond(
             (code % 2 + flags_ref[kb]) > 0,
@@ -171,16 +219,16 @@ def _dq_kernel(
             lambda s: s,
             s,
         )
-        _, ds = visit.probs_and_dscores(s, lse2, row_term, do, v_ref[keys, :], dots)
+        _, ds = visit.probs_and_dscores(s, lse2, row_term, do, _load(v_ref.at[keys, :], head), dots)
         return dq + dots(ds, k, visit.NN)
 
     dq = lax.fori_loop(start, stop, one_visit, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    _store(dq_ref, dq * scale, head)
 
 
 def _dkv_kernel(
     offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, dk_ref, dv_ref,
-    *, block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots,
+    *, block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim,
 ):
     # Scores transposed, `[block_k, block_q]` (as Triton's fused-attention backward): p.T and
     # ds.T come out as the left operands of dv += p.T @ do and dk += ds.T @ q, and q, do enter
@@ -188,7 +236,8 @@ def _dkv_kernel(
     # (tiles loaded as float32, then cast) the untransposed form spilled ~190 B.
     j = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, j, n_rows, per_head, entries)
-    k, v = dots.operand(k_ref[...]), dots.operand(v_ref[...])
+    head = _head_mask(k_ref.shape[-1], head_dim)
+    k, v = dots.operand(_load(k_ref, head)), dots.operand(_load(v_ref, head))
     valid_col = valid_ref[pl.ds(j * block_k, block_k)][:, None]
     needs_valid = flags_ref[j]
 
@@ -197,7 +246,7 @@ def _dkv_kernel(
         code = codes_ref[code_base + t]
         qb = code // 2
         rows = pl.ds(qb * block_q, block_q)
-        q, do = dots.operand(q_ref[rows, :]), dots.operand(do_ref[rows, :])  # each feeds two dots
+        q, do = dots.operand(_load(q_ref.at[rows, :], head)), dots.operand(_load(do_ref.at[rows, :], head))
         s_t = visit.scores(k, q, qk_scale, dots)
         s_t = lax.cond(
             (code % 2 + needs_valid) > 0,
@@ -212,5 +261,5 @@ def _dkv_kernel(
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(start, stop, one_visit, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _store(dk_ref, dk * scale, head)
+    _store(dv_ref, dv, head)
