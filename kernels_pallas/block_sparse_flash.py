@@ -28,7 +28,9 @@ What to attend comes as a `Pattern` (its kernel length and its
 `BlockLayout`s), built above this module by `longjax.attention.kernel_layouts`.
 `block_sizes` is a `GpuBlockSizes` or `TpuBlockSizes`; its type selects the
 lowering, so a CPU host can export either; None lets the lowered platform
-choose its defaults (`per_lowering`). Every kernel takes `interpret=`.
+choose its defaults (`per_lowering`). The GPU block lengths left None are
+chosen per pattern, head width and dtype by the cost model of
+`block_sparse_tuning`. Every kernel takes `interpret=`.
 
 Layout at this module's boundary: `[batch, seq, heads, head_dim]`.
 """
@@ -42,15 +44,16 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import block_layout, block_sparse_gpu, block_sparse_tpu, common, tpu_footprint
+from kernels_pallas import block_layout, block_sparse_gpu, block_sparse_tpu, block_sparse_tuning, common
+from kernels_pallas import tpu_footprint
 from kernels_pallas.block_sparse_visit import LOG2E, dots_for
 from kernels_pallas.common import MASK_VALUE
 
-# Triton's tl.dot needs every dimension >= 16.
-_TRITON_MIN_DOT = 16
-# Widest (padded) head the Triton kernels take, as FlashAttention's GPU kernels.
+_TRITON_MIN_DOT = block_sparse_gpu.TRITON_MIN_DOT
+# Widest head tile the Triton kernels take, as FlashAttention's GPU kernels.
 _GPU_MAX_HEAD_DIM = 256
 _TPU_SUBLANES = 8
+_BLOCK_NAMES = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
 
 
 def _is_power_of_two(x) -> bool:
@@ -63,7 +66,16 @@ def _next_power_of_two(x: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class GpuBlockSizes:
-    """Block lengths of the Triton lowering; all powers of two.
+    """Block lengths of the Triton lowering; powers of two, or None to have them chosen per call.
+
+    A length left None (the default) is chosen for the call's pattern, head
+    width and dtype by `block_sparse_tuning.choose_gpu_blocks`: the cheapest
+    power of two from 16 to 128 (query) or 64 (key, and backward) under its
+    cost model of computed scores, tile loads and per-visit and per-program
+    overheads. A narrow band gets small blocks, which compute few masked-out
+    scores; a wide one gets FlashAttention-sized blocks. Given lengths are
+    used as they are (fitted to the pattern: never longer than its sequence
+    or, for BigBird, its slot). `call_block_sizes` says what a call uses.
 
     Matmuls: float32 inputs run on the tensor cores with bfloat16 operands and
     float32 accumulation, as FlashAttention does: the kernels cast q, k, v,
@@ -74,24 +86,24 @@ class GpuBlockSizes:
     a float32 evaluation. bfloat16 and float16 inputs are used as they are.
 
     Attributes:
-      block_q, block_k: query and key block of the forward kernel.
-      block_q_bwd, block_k_bwd: query and key block of the dq and dk/dv kernels.
-      num_warps: warps per program; None: 4 up to head_dim 64, else 8.
+      block_q, block_k: query and key block of the forward kernel; None: chosen.
+      block_q_bwd, block_k_bwd: query and key block of the dq and dk/dv kernels; None: chosen.
+      num_warps: warps per program; None: 4 up to a head tile of 64, else 8.
       num_stages: software-pipelining stages of the key loop.
     """
 
-    block_q: int = 128
-    block_k: int = 64
-    block_q_bwd: int = 64
-    block_k_bwd: int = 64
+    block_q: int | None = None
+    block_k: int | None = None
+    block_q_bwd: int | None = None
+    block_k_bwd: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+        for name in _BLOCK_NAMES:
             value = getattr(self, name)
-            if not _is_power_of_two(value):
-                raise ValueError(f"GpuBlockSizes.{name} must be a power of two, got {value!r}")
+            if value is not None and not _is_power_of_two(value):
+                raise ValueError(f"GpuBlockSizes.{name} must be None or a power of two, got {value!r}")
         if self.num_warps is not None and not (_is_power_of_two(self.num_warps) and self.num_warps <= 32):
             raise ValueError(f"GpuBlockSizes.num_warps must be None or a power of two <= 32, got {self.num_warps!r}")
         if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
@@ -117,7 +129,7 @@ class TpuBlockSizes:
     block_k_bwd: int = 128
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+        for name in _BLOCK_NAMES:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % _TPU_SUBLANES:
                 raise ValueError(f"TpuBlockSizes.{name} must be a positive multiple of 8, got {value!r}")
@@ -310,7 +322,7 @@ def _block_sparse_flash(block_sizes, q, k, v, key_valid, *, pattern, scale, inte
                 f"the Triton kernels take head_dim up to {_GPU_MAX_HEAD_DIM}, got {head_dim} "
                 f"(tiles {width} wide); impl='xla' serves it"
             )
-    config = _make_config(pattern, block_sizes, interpret, scale)
+    config = _make_config(pattern, block_sizes, interpret, scale, head_dim, q.dtype)
     padded = config.padded_len
     # Whole blocks in seq only: the Triton kernels mask the head to its power-of-two tile width
     # in-kernel, and Mosaic takes full-width head blocks.
@@ -320,13 +332,41 @@ def _block_sparse_flash(block_sizes, q, k, v, key_valid, *, pattern, scale, inte
     return out[:, :seq], lse[:, :, :seq]
 
 
-def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float) -> _Config:
+@functools.lru_cache(maxsize=256)
+def _fitted_blocks(pattern, block_sizes: BlockSizes, interpret: bool, head_dim: int, dtype) -> dict[str, int]:
+    """The four block lengths of a call: given ones fitted to the pattern, GPU ones left None chosen.
+
+    Cached: the choice builds a layout per candidate (~2 s for BigBird at 128K tokens and 16 heads),
+    and every trace of the same call asks again. The result is shared: do not modify it.
+    """
+    fit = lambda name, length: pattern.fit(length, block_sizes, interpret, name)
+    requested = {name: getattr(block_sizes, name) for name in _BLOCK_NAMES}
+    if any(length is None for length in requested.values()):
+        return block_sparse_tuning.choose_gpu_blocks(
+            pattern, fit, width=block_sparse_gpu.kernel_head_dim(head_dim, interpret),
+            itemsize=jnp.dtype(dtype).itemsize, requested=requested,
+        )
+    return {name: fit(name, length) for name, length in requested.items()}
+
+
+def call_block_sizes(pattern: Pattern, block_sizes: BlockSizes, *, head_dim: int, dtype,
+                     interpret: bool = False) -> BlockSizes:
+    """The block sizes a call with these arguments runs: every length filled in and fitted to the pattern.
+
+    Nothing runs; for GPU lengths left None this is the cost model's choice
+    (`block_sparse_tuning`). Passing the result back gives the same kernels.
+    """
+    if check_block_sizes(block_sizes) is None:
+        raise ValueError("block_sizes must be a GpuBlockSizes or TpuBlockSizes: it names the lowering, got None")
+    return dataclasses.replace(
+        block_sizes, **_fitted_blocks(pattern, block_sizes, interpret, head_dim, jnp.dtype(dtype))
+    )
+
+
+def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float, head_dim: int, dtype) -> _Config:
     """The static configuration of a call: the pattern's fitted blocks for the lowering of `block_sizes`."""
     is_gpu = isinstance(block_sizes, GpuBlockSizes)
-    fitted = {
-        name: pattern.fit(getattr(block_sizes, name), block_sizes, interpret, name)
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
-    }
+    fitted = _fitted_blocks(pattern, block_sizes, interpret, head_dim, jnp.dtype(dtype))
     if is_gpu and not interpret:
         small = {n: b for n, b in fitted.items() if b < _TRITON_MIN_DOT}
         if small:
@@ -405,5 +445,5 @@ def tpu_footprints(pattern: Pattern, *, batch: int, head_dim: int, dtype, block_
     block_sizes = TpuBlockSizes() if block_sizes is None else block_sizes
     if not isinstance(block_sizes, TpuBlockSizes):
         raise ValueError(f"block_sizes must be a TpuBlockSizes or None, got {block_sizes!r}")
-    config = _make_config(pattern, block_sizes, interpret=False, scale=scale)
+    config = _make_config(pattern, block_sizes, interpret=False, scale=scale, head_dim=head_dim, dtype=dtype)
     return block_sparse_tpu.footprints(config, batch, head_dim, dtype)

@@ -168,8 +168,8 @@ def test_float32_matmul_operands_are_what_the_lowering_says(formulation):
 
 
 BAD_BLOCK_SIZES = [
-    (lambda: GpuBlockSizes(block_q=48), "GpuBlockSizes.block_q must be a power of two, got 48"),
-    (lambda: GpuBlockSizes(block_k_bwd=0), "GpuBlockSizes.block_k_bwd must be a power of two"),
+    (lambda: GpuBlockSizes(block_q=48), "GpuBlockSizes.block_q must be None or a power of two, got 48"),
+    (lambda: GpuBlockSizes(block_k_bwd=0), "GpuBlockSizes.block_k_bwd must be None or a power of two"),
     (lambda: GpuBlockSizes(num_warps=3), "GpuBlockSizes.num_warps must be None or a power of two"),
     (lambda: GpuBlockSizes(num_stages=0), "GpuBlockSizes.num_stages must be an int >= 1"),
     (lambda: TpuBlockSizes(block_k=100), "TpuBlockSizes.block_k must be a positive multiple of 8, got 100"),
