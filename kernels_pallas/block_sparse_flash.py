@@ -118,21 +118,42 @@ class TpuBlockSizes:
     (float32-accurate products on the MXU); bfloat16 and float16 inputs are
     used as they are. Accumulation is float32 in every case.
 
+    A grid step moves one (query block, key block) pair into VMEM and computes
+    the key block in sub-blocks of `block_k_compute` keys (splash attention's
+    `block_kv` / `block_kv_compute`): long key blocks amortise the per-step
+    overhead, while each product stays MXU-sized, and sub-blocks the pattern
+    leaves out are skipped.
+
     Attributes:
       block_q, block_k: query and key block of the forward kernel.
       block_q_bwd, block_k_bwd: query and key block of the dq and dk/dv kernels.
+      block_k_compute: keys computed at once inside a key block, a multiple of 8
+        dividing block_k and block_k_bwd; None: 128 where the key block is a
+        multiple of 128, else the whole block (`block_sparse_tpu.key_compute_block`).
+        Where fitting shortens a key block (a short sequence) so that it no
+        longer divides it, that kernel uses the None rule.
     """
 
     block_q: int = 128
     block_k: int = 128
     block_q_bwd: int = 128
     block_k_bwd: int = 128
+    block_k_compute: int | None = None
 
     def __post_init__(self):
         for name in _BLOCK_NAMES:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % _TPU_SUBLANES:
                 raise ValueError(f"TpuBlockSizes.{name} must be a positive multiple of 8, got {value!r}")
+        compute = self.block_k_compute
+        if compute is not None and (
+            not isinstance(compute, int) or isinstance(compute, bool) or compute < 1 or compute % _TPU_SUBLANES
+            or self.block_k % compute or self.block_k_bwd % compute
+        ):
+            raise ValueError(
+                "TpuBlockSizes.block_k_compute must be None or a positive multiple of 8 dividing block_k "
+                f"({self.block_k}) and block_k_bwd ({self.block_k_bwd}), got {compute!r}"
+            )
 
 
 BlockSizes = GpuBlockSizes | TpuBlockSizes
@@ -249,6 +270,9 @@ class _Config:
     num_stages: int
     scale: float
     interpret: bool
+    # TPU: keys computed at once in a forward and a backward key block (None: the lowering's rule).
+    block_k_compute: int | None = None
+    block_k_compute_bwd: int | None = None
 
     @property
     def padded_len(self) -> int:
@@ -371,10 +395,14 @@ def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float
         small = {n: b for n, b in fitted.items() if b < _TRITON_MIN_DOT}
         if small:
             raise ValueError(f"compiled Triton needs blocks >= {_TRITON_MIN_DOT} (tl.dot), got {small}")
+    compute = getattr(block_sizes, "block_k_compute", None)
+    # A requested compute block that no longer divides a fitted (shortened) key block gives way to the rule.
+    compute_for = lambda block: compute if compute is not None and block % compute == 0 else None
     return _Config(
         pattern=pattern, **fitted, backend="gpu" if is_gpu else "tpu",
         num_warps=getattr(block_sizes, "num_warps", None), num_stages=getattr(block_sizes, "num_stages", 1),
         scale=float(scale), interpret=interpret,
+        block_k_compute=compute_for(fitted["block_k"]), block_k_compute_bwd=compute_for(fitted["block_k_bwd"]),
     )
 
 
