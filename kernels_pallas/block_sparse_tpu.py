@@ -18,6 +18,13 @@ log-sum-exp and row terms as rows `[NUM_SUBLANES, block_q]` (replicated along
 sublanes), and its dk/dv kernel works on transposed scores `[keys, queries]`
 so they broadcast without a relayout.
 
+A layout with sub-blocks (`BlockLayout.sub_block`: BigBird's slots when a
+kernel block spans several, so tiles stay 128 wide for 64-token BigBird
+blocks) has a bitmask per visit in a fifth table; a partial visit's mask is
+then built from it in-kernel with iota, as the band's
+(`block_sparse_visit.sub_block_pairs`), and intersected with the band and key
+validity.
+
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
 the call's kernel length and the call's static configuration
 (`block_sparse_flash._Config`); `footprints` gives each kernel's SMEM and VMEM.
@@ -65,8 +72,9 @@ def key_compute_block(block_k: int, requested: int | None = None) -> int:
 class _Walk:
     """How a TPU kernel reads its visit list (`block_layout.VisitTables`, scalar-prefetched into SMEM).
 
-    The tables are (row_base, row_offset, codes), then the per-(batch, key
-    sub-block) validity flags: the four scalar-prefetch refs of every TPU kernel.
+    The tables are (row_base, row_offset, codes, sub_masks), then the
+    per-(batch, key sub-block) validity flags: the five scalar-prefetch refs of
+    every TPU kernel.
     """
 
     length: int  # visits per head: the grid's last axis
@@ -87,6 +95,10 @@ class _Walk:
 
     def col(self, codes_ref, i):
         return lax.shift_right_logical(codes_ref[i].astype(jnp.int32), block_layout.CODE_SHIFT)
+
+    def sub_mask(self, sub_ref):
+        """int32: the current grid step's sub-mask (its bits; int8 and int16 sign-extend above them)."""
+        return sub_ref[self.index(pl.program_id(1), pl.program_id(2))].astype(jnp.int32)
 
     def maps(self, rows_are_q: bool):
         """(q block, k block) index of grid step `(bi, hi, e)`, from the prefetched tables."""
@@ -129,7 +141,7 @@ def _spec(block_shape, block_of, tail: int, per_batch: bool = True):
     `tail` zeros follow it.
     """
 
-    def index_map(bi, hi, e, base, offset, codes, kflags):
+    def index_map(bi, hi, e, base, offset, codes, sub_masks, kflags):
         lead = (bi, hi) if per_batch else (bi,)
         return lead + (block_of(hi, e, base, offset, codes),) + (0,) * tail
 
@@ -137,11 +149,31 @@ def _spec(block_shape, block_of, tail: int, per_batch: bool = True):
 
 
 def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_kc: int):
-    """(walk, the four scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block)."""
+    """(walk, the five scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block)."""
     tables = layout.visit_tables(transposed)
     # 0/1 per (batch, key sub-block): int8 in SMEM.
     kflags = visit.key_block_flags(valid, block_kc).astype(jnp.int8).reshape(-1)
     return _Walk.of(tables), (*(jnp.asarray(a) for a in tables.arrays), kflags)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SubBlocks:
+    """A layout's sub-blocks as the kernels build their masks (`block_sparse_visit.sub_block_pairs`)."""
+
+    sub_block: int
+    sub_blocks_q: int
+    sub_blocks_k: int
+
+    @classmethod
+    def of(cls, layout: block_layout.BlockLayout) -> _SubBlocks | None:
+        if layout.sub_block is None:
+            return None
+        return cls(layout.sub_block, layout.sub_blocks_q, layout.sub_blocks_k)
+
+    def pairs(self, shape, sub_mask, k_first: int, keys_axis: int = 1):
+        return visit.sub_block_pairs(shape, sub_mask, k_first=k_first, sub_block=self.sub_block,
+                                     sub_blocks_q=self.sub_blocks_q, sub_blocks_k=self.sub_blocks_k,
+                                     keys_axis=keys_axis)
 
 
 def _valid_rows(valid, block_k):
@@ -217,13 +249,16 @@ def _lanes(x, width: int):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
-def _sub_blocks(code, kflags_ref, *, q_first, k_first, block_q, block_kc, n_sub, flag_base, left, right, body):
+def _sub_blocks(code, kflags_ref, *, q_first, k_first, block_q, block_kc, n_sub, flag_base, left, right, sub,
+                body):
     """Runs `body(c, masked)` for each key sub-block c of a visit that has work, masked only where needed.
 
     A full visit runs every sub-block; a partial one (cut by the band) only
-    those the band reaches, masking those it cuts. A sub-block holding an
-    invalid key (its flag, `kflags_ref[flag_base + c]`) is masked. Skipping a
-    sub-block the band misses is exact: all its weights would be zero.
+    those the band reaches, masking those it cuts, or all of them when the
+    layout has sub-block masks (`sub` not None: a partial visit may leave out
+    sub-block pairs inside the band). A sub-block holding an invalid key (its
+    flag, `kflags_ref[flag_base + c]`) is masked. Skipping a sub-block the
+    band misses is exact: all its weights would be zero.
     """
     compute = (code & block_layout.CODE_COMPUTE) != 0
     partial = (code & block_layout.CODE_PARTIAL) != 0
@@ -238,7 +273,8 @@ def _sub_blocks(code, kflags_ref, *, q_first, k_first, block_q, block_kc, n_sub,
             reaches, inside = reaches & (least <= right), inside & (most <= right)
         run = compute & (jnp.logical_not(partial) | reaches)
         invalid_key = kflags_ref[flag_base + c].astype(jnp.int32) != 0
-        mask = (partial & jnp.logical_not(inside)) | invalid_key
+        cut = jnp.bool_(True) if sub is not None else jnp.logical_not(inside)
+        mask = (partial & cut) | invalid_key
         pl.when(run & mask)(functools.partial(body, c, True))
         pl.when(run & jnp.logical_not(mask))(functools.partial(body, c, False))
 
@@ -254,14 +290,14 @@ def forward(q, k, v, valid, config, block_k_compute: int | None = None):
     q_of, k_of = walk.maps(rows_are_q=True)
     kernel = functools.partial(
         _forward_kernel, block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, walk=walk,
-        left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E,
+        left=layout.left, right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
         dots=visit.dots_for(config.backend, q.dtype),
     )
     q_spec = _spec((None, None, bq, d), q_of, 1)
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
+            num_scalar_prefetch=5,
             grid=(b, h, walk.length),
             in_specs=[q_spec, _spec((None, None, bk, d), k_of, 1), _spec((None, None, bk, d), k_of, 1),
                       _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False)],
@@ -278,10 +314,12 @@ def forward(q, k, v, valid, config, block_k_compute: int | None = None):
 
 
 def _forward_kernel(
-    base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
-    m_ref, l_ref, acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, qk_scale, dots,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
+    m_ref, l_ref, acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots,
 ):
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
+    # Read here, not in the masked bodies: a grid position is read outside conditionals.
+    sub_mask = None if sub is None else walk.sub_mask(sub_ref)
 
     @pl.when(first)
     def _init():
@@ -293,7 +331,9 @@ def _forward_kernel(
         keys = slice(c * block_kc, (c + 1) * block_kc)
         s = visit.scores(q_ref[...], k_ref[keys, :], qk_scale, dots)
         if masked:
-            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right)
+            pairs = None if sub is None else sub.pairs(s.shape, sub_mask, c * block_kc)
+            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right,
+                             pairs=pairs)
         # visit.online_update with the running max and sum replicated along lanes.
         m_prev, l_prev, acc = m_ref[...], l_ref[...], acc_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -306,7 +346,7 @@ def _forward_kernel(
     n_sub = block_k // block_kc
     _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
                 n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
-                body=body)
+                sub=sub, body=body)
 
     @pl.when(last)
     def _write():
@@ -327,8 +367,8 @@ def backward(q, k, v, valid, do, lse2, row_term, config, block_k_compute: int | 
     bkc = key_compute_block(bk, block_k_compute)
     lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
-                  right=layout.right, qk_scale=config.scale * visit.LOG2E, scale=config.scale,
-                  dots=visit.dots_for(config.backend, q.dtype))
+                  right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
+                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype))
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
         _check_footprint(config, kind, b, d, q.dtype, block_k_compute)
@@ -350,7 +390,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config, block_k_compute: int | 
         result = pl.pallas_call(
             functools.partial(kernel, walk=walk, **static),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=4,
+                num_scalar_prefetch=5,
                 grid=(b, h, walk.length),
                 in_specs=[q_spec, k_spec, k_spec, valid_spec, q_spec, rows_spec, rows_spec],
                 out_specs=out_specs,
@@ -366,10 +406,12 @@ def backward(q, k, v, valid, do, lse2, row_term, config, block_k_compute: int | 
 
 
 def _dq_kernel(
-    base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, dq_ref,
-    acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, qk_scale, scale, dots,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
+    dq_ref, acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots,
 ):
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
+    # Read here, not in the masked bodies: a grid position is read outside conditionals.
+    sub_mask = None if sub is None else walk.sub_mask(sub_ref)
 
     @pl.when(first)
     def _init():
@@ -380,7 +422,9 @@ def _dq_kernel(
         k = k_ref[keys, :]
         s = visit.scores(q_ref[...], k, qk_scale, dots)
         if masked:
-            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right)
+            pairs = None if sub is None else sub.pairs(s.shape, sub_mask, c * block_kc)
+            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right,
+                             pairs=pairs)
         # The row terms as columns (queries along sublanes), as splash's dq kernel reads its logsumexp.
         lse2, row_term = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(rt_ref[0], -1)
         _, ds = visit.probs_and_dscores(s, lse2, row_term, do_ref[...], v_ref[keys, :], dots)
@@ -389,7 +433,7 @@ def _dq_kernel(
     n_sub = block_k // block_kc
     _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
                 n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
-                body=body)
+                sub=sub, body=body)
 
     @pl.when(last)
     def _write():
@@ -397,11 +441,12 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    base_ref, offset_ref, codes_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, qk_scale,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
+    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale,
     scale, dots,
 ):
     kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
+    sub_mask = None if sub is None else walk.sub_mask(sub_ref)
 
     @pl.when(first)
     def _init():
@@ -415,7 +460,9 @@ def _dkv_kernel(
         q, do = q_ref[...], do_ref[...]
         s = visit.scores(k_ref[keys, :], q, qk_scale, dots)
         if masked:
-            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[keys, :], left, right, keys_axis=0)
+            pairs = None if sub is None else sub.pairs(s.shape, sub_mask, c * block_kc, keys_axis=0)
+            s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[keys, :], left, right,
+                             keys_axis=0, pairs=pairs)
         p, ds = visit.probs_and_dscores(s, lse_ref[:1, :], rt_ref[:1, :], v_ref[keys, :], do, dots)
         dv_acc[keys, :] += dots(p, do, visit.NN)
         dk_acc[keys, :] += dots(ds, q, visit.NN)
@@ -423,7 +470,7 @@ def _dkv_kernel(
     n_sub = block_k // block_kc
     _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
                 n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
-                body=body)
+                sub=sub, body=body)
 
     @pl.when(last)
     def _write():

@@ -73,13 +73,15 @@ def scores(q, k, qk_scale, dots):
     return dots(q, k, NT) * qk_scale
 
 
-def masked(s, q_first, k_first, valid, left, right, keys_axis: int = 1):
-    """Applies key validity and the band to the logits.
+def masked(s, q_first, k_first, valid, left, right, keys_axis: int = 1, pairs=None):
+    """Applies key validity, the band and (when given) a bool `pairs` of s's shape to the logits.
 
     `s` is `[block_q, block_k]` with `valid` int32 `[1, block_k]` (keys_axis=1),
     or transposed, `[block_k, block_q]` with `valid` `[block_k, 1]` (keys_axis=0).
     """
     allowed = valid != 0
+    if pairs is not None:
+        allowed = allowed & pairs
     if left is not None or right is not None:
         rel = (k_first + lax.broadcasted_iota(jnp.int32, s.shape, keys_axis)) - (
             q_first + lax.broadcasted_iota(jnp.int32, s.shape, 1 - keys_axis)
@@ -89,6 +91,35 @@ def masked(s, q_first, k_first, valid, left, right, keys_axis: int = 1):
         if right is not None:
             allowed = allowed & (rel <= right)
     return jnp.where(allowed, s, MASK_VALUE)
+
+
+def _sub_block_index(shape, axis: int, first: int, sub_block: int, count: int):
+    """int32 of `shape`: the sub-block (of `count` per block) holding each position along `axis`.
+
+    Positions are `first + iota` within the kernel block; counted by comparisons
+    rather than divided, as the sub-block need not be a power of two.
+    """
+    position = first + lax.broadcasted_iota(jnp.int32, shape, axis)
+    index = jnp.zeros(shape, jnp.int32)
+    for j in range(1, count):
+        index = index + (position >= j * sub_block).astype(jnp.int32)
+    return index
+
+
+def sub_block_pairs(shape, sub_mask, *, k_first: int, sub_block: int, sub_blocks_q: int, sub_blocks_k: int,
+                    keys_axis: int = 1):
+    """bool of `shape`: whether a visit's sub-mask attends the (query sub-block, key sub-block) pair of each score.
+
+    `shape` is the scores' (`keys_axis` as in `masked`); their first key is
+    `k_first` (static) positions into the key block, their first query the
+    query block's first. Bit `a * sub_blocks_k + b` of the int32 scalar
+    `sub_mask` says whether query sub-block a attends key sub-block b
+    (`block_layout.BlockLayout.sub_block`).
+    """
+    a = _sub_block_index(shape, 1 - keys_axis, 0, sub_block, sub_blocks_q)
+    b = _sub_block_index(shape, keys_axis, k_first, sub_block, sub_blocks_k)
+    bits = jnp.full(shape, sub_mask, jnp.int32)
+    return (lax.shift_right_logical(bits, a * sub_blocks_k + b) & 1) != 0
 
 
 def online_update(m, l, acc, s, v, dots):
