@@ -17,7 +17,10 @@ Positions are kernel positions: for the Longformer band, the (undilated,
 padded) sequence itself; for BigBird, each pattern block of `block_size`
 tokens occupies a slot of `slot` positions (`slot >= block_size`, the tail of
 the slot being padding) so that kernel blocks can be powers of two or
-multiples of 8 whatever the pattern's block size.
+multiples of 8 whatever the pattern's block size. A kernel block lies within
+one slot, or, on TPU, spans up to `MAX_SLOTS_PER_BLOCK` whole slots: the
+layout's visits then carry a bitmask of the slot pairs they attend
+(`BlockLayout.sub_block`), so 64-token BigBird blocks run 128 x 128 tiles.
 """
 
 from __future__ import annotations
@@ -30,9 +33,14 @@ import numpy as np
 
 from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
-from kernels_pallas.block_layout import BlockLayout
+from kernels_pallas.block_layout import MAX_SUB_MASK_BITS, BlockLayout
 from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention.specs import BlockSparseSpec
+
+
+# Slots a TPU kernel block spans at most, so a visit's slot-pair bitmask (query slots x key
+# slots) fits the layout's sub-masks: 4, i.e. 128-position blocks down to 32-token BigBird blocks.
+MAX_SLOTS_PER_BLOCK = math.isqrt(MAX_SUB_MASK_BITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,23 +87,32 @@ class BigBirdPattern:
         return self.spec.num_blocks * self.slot
 
     def fit(self, block: int, block_sizes, interpret: bool, name: str) -> int:
-        """At most a slot, and dividing it, so that a kernel block lies within one pattern block."""
-        del block_sizes, interpret  # the slot already has a length the backend allows
-        fitted = min(block, self.slot)
-        if self.slot % fitted:
-            raise NotImplementedError(
-                f"block_sizes.{name}={block} does not divide the BigBird kernel slot of {self.slot} positions "
-                f"(block_size {self.spec.block_size}); a kernel block must lie within one pair of BigBird blocks"
-            )
-        return fitted
+        """A divisor of the slot, or on TPU a whole number of slots: a kernel block never splits a slot.
+
+        A block shorter than the slot must divide it. A longer one is a slot
+        on GPU (the Triton kernels take no slot masks); on TPU the most whole
+        slots it holds, at most `MAX_SLOTS_PER_BLOCK` and the pattern's blocks
+        (64-token blocks: 128 positions, two slots, per 128 requested).
+        """
+        del interpret  # the slot already has a length the backend allows
+        if block < self.slot:
+            if self.slot % block:
+                raise NotImplementedError(
+                    f"block_sizes.{name}={block} does not divide the BigBird kernel slot of {self.slot} positions "
+                    f"(block_size {self.spec.block_size}); a kernel block shorter than a slot must lie within one"
+                )
+            return block
+        if not isinstance(block_sizes, block_sparse_kernels.TpuBlockSizes):
+            return self.slot
+        return min(block // self.slot, MAX_SLOTS_PER_BLOCK, self.spec.num_blocks) * self.slot
 
     def padded_len(self, blocks) -> int:
-        del blocks  # kernel blocks divide the slot
-        return self.kernel_len
+        return common.round_up(self.kernel_len, math.lcm(*blocks))
 
     def layout(self, block_q: int, block_k: int, padded_len: int) -> BlockLayout:
-        assert padded_len == self.kernel_len
-        return bigbird_layout(self.spec, seq_len=self.seq_len, slot=self.slot, block_q=block_q, block_k=block_k)
+        return bigbird_layout(
+            self.spec, seq_len=self.seq_len, slot=self.slot, block_q=block_q, block_k=block_k, padded_len=padded_len
+        )
 
 
 @functools.lru_cache(maxsize=128)
@@ -137,7 +154,9 @@ def band_layout(
 
 
 @functools.lru_cache(maxsize=64)
-def bigbird_layout(spec: BlockSparseSpec, *, seq_len: int, slot: int, block_q: int, block_k: int) -> BlockLayout:
+def bigbird_layout(
+    spec: BlockSparseSpec, *, seq_len: int, slot: int, block_q: int, block_k: int, padded_len: int | None = None
+) -> BlockLayout:
     """The layout of a BigBird pattern's sparse part, one layout head per attention head.
 
     Only the non-global query blocks' window and random key blocks that are
@@ -146,53 +165,105 @@ def bigbird_layout(spec: BlockSparseSpec, *, seq_len: int, slot: int, block_q: i
     columns of the global blocks for every other row: kernel part and dense
     part are disjoint and together are the pattern. So a query block visits
     at most `2 * window_radius + 1 + num_random_blocks` pattern blocks
-    (`window_radius + 1 + ...` when causal) whatever the sequence length, and
-    a key block is visited by its window and by the rows that drew it.
+    (`window_radius + 1 + ...` when causal) per slot it spans, whatever the
+    sequence length, and a key block is visited by its window and by the
+    rows that drew it.
 
     Pattern block a occupies kernel positions `a * slot .. a * slot + slot - 1`;
-    its first `spec.block_size` are its tokens. Kernel blocks must divide the
-    slot, so that every visit lies within one pair of pattern blocks. Visits
-    are full except, when causal, those crossing the diagonal (in-kernel band
-    `key <= query`); kernel blocks holding only slot padding or positions past
-    `seq_len` are not visited.
+    its first `spec.block_size` are its tokens. A kernel block divides the
+    slot (it lies within one pattern block) or is a whole number of slots
+    (at most `MAX_SLOTS_PER_BLOCK`); with such blocks the layout has
+    sub-blocks of one slot (`BlockLayout.sub_block`), each visit carrying
+    the bitmask of the pattern-block pairs it attends. A visit is full when
+    it attends all of them and, causal, does not cross the diagonal
+    (in-kernel band `key <= query`); else partial. Kernel blocks holding
+    only slot padding or positions past `seq_len` are not visited.
+
+    Args:
+      spec, seq_len, slot, block_q, block_k: as above.
+      padded_len: kernel positions, a multiple of both blocks >= the slots'
+        `num_blocks * slot` (blocks past them are empty); None: the least.
     """
-    if slot % block_q or slot % block_k or slot < spec.block_size:
-        raise ValueError(
-            f"kernel blocks ({block_q}, {block_k}) must divide the slot {slot} >= block_size {spec.block_size}"
-        )
+    for block in (block_q, block_k):
+        if (slot % block and block % slot) or slot < spec.block_size or block // slot > MAX_SLOTS_PER_BLOCK:
+            raise ValueError(
+                f"kernel blocks ({block_q}, {block_k}) must divide the slot {slot} >= block_size {spec.block_size} "
+                f"or be at most {MAX_SLOTS_PER_BLOCK} whole slots"
+            )
     num_blocks, causal = spec.num_blocks, spec.causal
+    kernel_len = num_blocks * slot
+    padded = common.round_up(kernel_len, math.lcm(block_q, block_k)) if padded_len is None else padded_len
+    if padded < kernel_len or padded % block_q or padded % block_k:
+        raise ValueError(f"padded_len {padded} must be >= {kernel_len} and a multiple of {block_q} and {block_k}")
     sparse_rows, key_blocks, key_used = block_sparse_lib.key_block_lists(spec)
-    rq, rk = slot // block_q, slot // block_k
-    # Kernel blocks that hold at least one real token, by their offset in the slot.
-    q_real = _real_sub_blocks(seq_len, spec.block_size, num_blocks, slot, block_q)
-    k_real = _real_sub_blocks(seq_len, spec.block_size, num_blocks, slot, block_k)
+    query_side = _SlotBlocks(seq_len, spec.block_size, num_blocks, slot, block_q)
+    key_side = _SlotBlocks(seq_len, spec.block_size, num_blocks, slot, block_k)
+    sub_bits = query_side.slots * key_side.slots
     is_global = np.zeros(num_blocks, bool)
     is_global[list(spec.global_blocks)] = True
-    visits = []
+    visits, sub_masks = [], []
     for h in range(spec.random_layout.shape[0]):
         # Pattern-block pairs: the sparse rows' lists (already causal and free of repeats), global keys left out.
         used = key_used[h] & ~is_global[key_blocks[h]]
         a = np.repeat(sparse_rows, used.sum(-1)).astype(np.int64)
         b = key_blocks[h][used].astype(np.int64)
-        # Expand each pair into its kernel-block pairs.
-        rows = (a[:, None, None] * rq + np.arange(rq)[None, :, None] + np.zeros(rk, np.int64)).reshape(-1)
-        cols = (b[:, None, None] * rk + np.zeros((1, rq, 1), np.int64) + np.arange(rk)).reshape(-1)
-        keep = q_real[rows] & k_real[cols]
-        partial = np.zeros(len(rows), bool)
+        # Each pair as kernel-block pairs (several when blocks split the slot) and their slot-pair bit.
+        q_rows, q_slot, pair = query_side.expand(a)
+        k_cols, k_slot, pair_k = key_side.expand(b[pair])
+        rows, q_slot = q_rows[pair_k], q_slot[pair_k]
+        keep = query_side.real[rows] & key_side.real[k_cols]
         if causal:
-            q_lo, q_hi = rows * block_q, rows * block_q + block_q - 1
-            k_lo, k_hi = cols * block_k, cols * block_k + block_k - 1
-            keep &= k_lo <= q_hi
-            partial = k_hi > q_lo
-        visits.append((rows[keep], cols[keep], partial[keep]))
+            # Blocks within one slot can lie wholly after the query block (whole slots cannot: b <= a).
+            keep &= k_cols * block_k <= rows * block_q + block_q - 1
+        rows, cols = rows[keep], k_cols[keep]
+        bit = np.left_shift(1, q_slot[keep] * key_side.slots + k_slot[keep])
+        # One visit per kernel-block pair, its slot pairs' bits together (each pair is listed once).
+        keys, inverse = np.unique(rows * (padded // block_k) + cols, return_inverse=True)
+        sub = np.zeros(len(keys), np.int64)
+        np.add.at(sub, inverse, bit)
+        rows, cols = keys // (padded // block_k), keys % (padded // block_k)
+        partial = sub != (1 << sub_bits) - 1
+        if causal:
+            partial |= cols * block_k + block_k - 1 > rows * block_q  # crosses the diagonal
+        visits.append((rows, cols, partial))
+        sub_masks.append(sub)
+    with_sub_blocks = sub_bits > 1
     return BlockLayout.from_visits(
-        visits, block_q=block_q, block_k=block_k, num_q_blocks=num_blocks * rq, num_k_blocks=num_blocks * rk,
-        left=None, right=0 if causal else None,
+        visits, block_q=block_q, block_k=block_k, num_q_blocks=padded // block_q, num_k_blocks=padded // block_k,
+        left=None, right=0 if causal else None, sub_block=slot if with_sub_blocks else None,
+        sub_masks=sub_masks if with_sub_blocks else None,
     )
 
 
-def _real_sub_blocks(seq_len: int, block_size: int, num_blocks: int, slot: int, block: int) -> np.ndarray:
-    """bool `[num_blocks * slot // block]`: kernel blocks holding at least one real token."""
-    starts = np.arange(num_blocks * slot // block) * block
-    pattern_block, offset = starts // slot, starts % slot
-    return (offset < block_size) & (pattern_block * block_size + offset < seq_len)
+@dataclasses.dataclass(frozen=True)
+class _SlotBlocks:
+    """The kernel blocks of one axis of a BigBird layout: blocks of `block` positions over slots of `slot`."""
+
+    seq_len: int
+    block_size: int
+    num_blocks: int
+    slot: int
+    block: int
+
+    @property
+    def slots(self) -> int:
+        """Slots per kernel block: 1 when the block lies within one."""
+        return max(1, self.block // self.slot)
+
+    @functools.cached_property
+    def real(self) -> np.ndarray:
+        """bool `[kernel blocks over the slots]`: kernel blocks holding at least one real token."""
+        if self.block >= self.slot:
+            # Whole slots: every pattern block holds a token (num_blocks covers seq_len, no more).
+            return np.ones(-(-self.num_blocks // self.slots), bool)
+        starts = np.arange(self.num_blocks * self.slot // self.block) * self.block
+        pattern_block, offset = starts // self.slot, starts % self.slot
+        return (offset < self.block_size) & (pattern_block * self.block_size + offset < self.seq_len)
+
+    def expand(self, a: np.ndarray):
+        """(kernel block, slot within it, index into a) of each kernel block covering pattern blocks `a`."""
+        if self.block >= self.slot:
+            return a // self.slots, a % self.slots, np.arange(len(a))
+        per_slot = self.slot // self.block
+        blocks = (a[:, None] * per_slot + np.arange(per_slot)).reshape(-1)
+        return blocks, np.zeros(len(blocks), np.int64), np.repeat(np.arange(len(a)), per_slot)

@@ -11,7 +11,9 @@ kernels:
   ordinary window. Heads are grouped by dilation.
 * BigBird blocks are placed in slots of a length the backend's blocks allow
   (a power of two on GPU, a multiple of 8 on TPU), the slot tail being
-  invalid keys, so any block_size works.
+  invalid keys, so any block_size works. A GPU kernel block lies within a
+  slot; a TPU one may span up to 4 slots (`BigBirdPattern.fit`), so 64-token
+  blocks run 128 x 128 tiles, each visit masked by the block pairs it attends.
 * Token-level global tokens are removed from the kernel's keys and added by
   the small dense passes of `global_tokens.py`, merged with the kernel's
   result through its log-sum-exp (and written over at global queries).
@@ -205,7 +207,8 @@ def _bigbird_kernel(q, k, v, key_valid, *, spec: BlockSparseSpec, scale, block_s
     lowering allows; the global blocks' rows come out empty (zeros, lse `MASK_VALUE`)."""
     b, n = q.shape[:2]
     size, blocks = spec.block_size, spec.num_blocks
-    # Each BigBird block sits in a slot of the next length the backend's blocks allow.
+    # Each BigBird block sits in a slot of the next length the backend's blocks allow; kernel
+    # blocks divide it or (TPU) span whole slots, the kernel padding past the last slot.
     slot = block_sparse_kernels.allowed_block(size, block_sizes, interpret)
 
     def to_slots(x):

@@ -6,15 +6,19 @@ equal the pattern's dense mask, with every block pair visited at most once (a
 repeat would count its keys twice), and the transposed and flattened forms
 must list the same visits. BigBird's layout is the pattern's sparse part: with
 its dense part (global rows and columns, computed outside the kernel) it must
-make the mask, the two disjoint.
+make the mask, the two disjoint, whether kernel blocks split the slots or span
+several (visits then masked by their slot pairs' bits).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
 from longjax.attention import arguments, bigbird_random_layout, kernel_layouts, masks, specs
 from tests.kernels.layout_checks import bigbird_dense_part, check_transposed_and_flattened, visited
 
@@ -61,10 +65,12 @@ def _bigbird(draw):
             draw(st.lists(st.integers(-1, blocks - 1), min_size=heads * blocks * r, max_size=heads * blocks * r)),
             np.int32,
         ).reshape(heads, blocks, r)
-    # The slot is any length >= block_size (the backends round up); kernel blocks divide it.
+    # The slot is any length >= block_size (the backends round up); kernel blocks divide it or
+    # (TPU) are whole slots.
     slot = block_size + draw(st.integers(0, block_size))
-    divisors = [d for d in range(1, slot + 1) if slot % d == 0]
-    block_q, block_k = draw(st.sampled_from(divisors)), draw(st.sampled_from(divisors))
+    lengths = [d for d in range(1, slot + 1) if slot % d == 0]
+    lengths += [r * slot for r in range(2, kernel_layouts.MAX_SLOTS_PER_BLOCK + 1)]
+    block_q, block_k = draw(st.sampled_from(lengths)), draw(st.sampled_from(lengths))
     spec = specs.BlockSparseSpec(
         block_size=block_size, num_blocks=blocks, window_radius=radius,
         global_blocks=arguments.normalize_global_blocks(global_blocks, blocks), random_layout=random_layout,
@@ -73,7 +79,7 @@ def _bigbird(draw):
     return seq, spec, slot, block_q, block_k
 
 
-@settings(max_examples=80)
+@settings(max_examples=100)
 @given(_bigbird())
 def test_bigbird_layout_matches_mask(problem):
     seq, spec, slot, block_q, block_k = problem
@@ -88,6 +94,7 @@ def test_bigbird_layout_matches_mask(problem):
         seq, block_size=spec.block_size, global_blocks=spec.global_blocks, causal=spec.causal
     )
     assert layout.layout_heads == spec.random_layout.shape[0]
+    assert (layout.sub_block is not None) == (max(block_q, block_k) > slot)
     position = (np.arange(seq) // spec.block_size) * slot + np.arange(seq) % spec.block_size
     for h in range(layout.layout_heads):
         kernel_part = visited(layout, h)[np.ix_(position, position)]
@@ -163,8 +170,57 @@ def test_block_sparse_specs_are_equal_and_hashed_by_content():
 
 def test_bigbird_layout_rejects_blocks_straddling_slots():
     spec = specs.BlockSparseSpec(
-        block_size=6, num_blocks=4, window_radius=1, global_blocks=(), random_layout=np.zeros((1, 4, 0), np.int32),
+        block_size=6, num_blocks=8, window_radius=1, global_blocks=(), random_layout=np.zeros((1, 8, 0), np.int32),
         causal=False,
     )
-    with pytest.raises(ValueError, match="must divide the slot"):
-        kernel_layouts.bigbird_layout(spec, seq_len=24, slot=8, block_q=16, block_k=8)
+    for block_q in (12, 40):  # part of a slot past a whole one; more slots than a sub-mask holds
+        with pytest.raises(ValueError, match="must divide the slot 8 >= block_size 6 or be at most 4 whole slots"):
+            kernel_layouts.bigbird_layout(spec, seq_len=48, slot=8, block_q=block_q, block_k=8)
+
+
+def _fit(pattern, block, block_sizes):
+    return pattern.fit(block, block_sizes, False, "block_q")
+
+
+def test_bigbird_fit_takes_whole_slots_on_tpu_only():
+    spec = specs.BlockSparseSpec(
+        block_size=60, num_blocks=8, window_radius=1, global_blocks=(),
+        random_layout=np.zeros((1, 8, 0), np.int32), causal=False,
+    )
+    tpu, gpu = TpuBlockSizes(), GpuBlockSizes()
+    pattern = kernel_layouts.BigBirdPattern(spec, seq_len=480, slot=64)
+    # TPU: the most whole slots a block holds, at most 4 and the pattern's 8 blocks.
+    assert [_fit(pattern, b, tpu) for b in (64, 128, 192, 200, 256, 512)] == [64, 128, 192, 192, 256, 256]
+    # GPU: a slot at most (the Triton kernels take no slot masks); shorter blocks divide it.
+    assert [_fit(pattern, b, gpu) for b in (16, 64, 128)] == [16, 64, 64]
+    three = dataclasses.replace(spec, num_blocks=3, random_layout=np.zeros((1, 3, 0), np.int32))
+    assert _fit(kernel_layouts.BigBirdPattern(three, seq_len=180, slot=64), 512, tpu) == 192
+    with pytest.raises(NotImplementedError, match="block_sizes.block_q=24 does not divide the BigBird kernel slot"):
+        _fit(pattern, 24, tpu)
+    # Blocks past the slots leave empty kernel blocks at the end (no visits, rows written empty).
+    assert pattern.padded_len((128, 192)) == 768
+    layout = pattern.layout(128, 192, 768)
+    assert layout.num_q_blocks == 6 and layout.num_k_blocks == 4 and layout.sub_blocks_k == 3
+    assert not np.any(np.diff(layout.offsets[0])[4:])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_two_slot_blocks_visit_fewer_blocks(causal):
+    # 64-token BigBird blocks in 128-position kernel blocks (TPU defaults): each visit covers four
+    # block pairs, and its bits say which it attends. Fewer visits, each with 4x the scores.
+    seq, block, heads, r = 4096, 64, 4, 3
+    blocks = seq // block
+    spec = specs.BlockSparseSpec(
+        block_size=block, num_blocks=blocks, window_radius=1, global_blocks=(0, blocks - 1),
+        random_layout=bigbird_random_layout(blocks, heads, r, global_blocks=(0, -1), causal=causal, seed=0),
+        causal=causal,
+    )
+    one = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=block, block_q=block, block_k=block)
+    two = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=block, block_q=2 * block, block_k=2 * block)
+    assert two.sub_block == block and two.sub_blocks_q == two.sub_blocks_k == 2
+    # Measured for this layout (seed 0): a quarter fewer visits.
+    assert two.total_entries() < 0.8 * one.total_entries()
+    masks_ = np.concatenate([two.entry_sub_masks(h) for h in range(heads)])
+    partial = np.concatenate([two.entries(h)[2] for h in range(heads)])
+    # Full visits (every pair attended, off the diagonal) run unmasked: window blocks, mostly.
+    assert np.all(masks_[partial == 0] == 0b1111) and 0 < np.mean(partial == 0) < 0.5

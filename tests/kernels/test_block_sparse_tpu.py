@@ -6,6 +6,8 @@ that hold an invalid key (`block_sparse_tpu.key_compute_block`). The op
 batteries run the kernels through `block_sparse_flash` with the default
 compute blocks (the whole block at their tiny sizes); here the lowering is
 called directly with small compute blocks, so every sub-block case occurs.
+So are BigBird layouts whose kernel blocks span several slots, masked by
+their visits' slot-pair bits.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from jax import export
 
 from kernels_pallas import block_sparse_flash, block_sparse_tpu, common
 from kernels_pallas.block_sparse_flash import TpuBlockSizes
-from longjax.attention import masks, partial_softmax, sliding_window_attention
-from longjax.attention.kernel_layouts import BandPattern
+from longjax.attention import bigbird_random_layout, masks, partial_softmax, specs
+from longjax.attention import sliding_window_attention
+from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
 from tests.attention import battery
+from tests.kernels.layout_checks import visited
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,21 +87,54 @@ def test_sub_blocks_match_dense(left, right, kinds):
     allowed = masks.dilated_window_mask(padded, left=left, right=right)[None, None] & valid[:, None, None, :]
     allowed = allowed & real[None, None, :, None]
 
-    out, lse = block_sparse_tpu.forward(q, k, v, valid, config, block_k_compute=8)
+    _check_against_dense(config, q, k, v, valid, allowed, block_k_compute=8)
+
+
+def _check_against_dense(config, q, k, v, valid, allowed, block_k_compute):
+    """The lowering's forward and backward (as the custom VJP calls it) against dense attention over `allowed`."""
+    scale = config.scale
+    out, lse = block_sparse_tpu.forward(q, k, v, valid, config, block_k_compute=block_k_compute)
     ref_out, ref_lse = _dense(q, k, v, allowed, scale)
     tol = battery.tolerance(jnp.float32, jnp.float32)
     chex.assert_trees_all_close(out, ref_out, **tol)
     chex.assert_trees_all_close(lse, ref_lse, **tol)
 
-    # The backward as `block_sparse_flash`'s custom VJP calls it, against the dense VJP.
     out_ct = battery.random_inputs(12, q.shape, jnp.float32, 1)[0]
     lse_ct = jnp.asarray(np.random.default_rng(13).normal(size=lse.shape), jnp.float32)
     row_term, lse_b = common.backward_row_terms(jnp.swapaxes(out, 1, 2), lse, jnp.swapaxes(out_ct, 1, 2), lse_ct)
     lse2 = jnp.where(lse_b < -common.MASK_VALUE / 2, lse_b * block_sparse_flash.LOG2E, -common.MASK_VALUE)
-    grads = block_sparse_tpu.backward(q, k, v, valid, out_ct, lse2, row_term, config, block_k_compute=8)
+    grads = block_sparse_tpu.backward(q, k, v, valid, out_ct, lse2, row_term, config, block_k_compute=block_k_compute)
     _, vjp = jax.vjp(lambda q, k, v: _dense(q, k, v, allowed, scale), q, k, v)
     for name, g, rg in zip("qkv", grads, vjp((out_ct, lse_ct))):
         chex.assert_trees_all_close(g, rg, **tol, custom_message=f"d{name}")
+
+
+@pytest.mark.parametrize("causal, forward_blocks, backward_blocks, block_k_compute", [
+    (False, (16, 16), (32, 16), 8), (True, (16, 32), (16, 16), 16),
+])
+def test_slot_masks_match_dense(causal, forward_blocks, backward_blocks, block_k_compute):
+    # 8-token BigBird blocks in 8-position slots, kernel blocks of 2 or 4 slots (4- and 8-bit
+    # masks), keys computed a slot or two slots at a time: visits attend all (full, unmasked) or
+    # some of their slot pairs; batch 1 has an invalid key; the last kernel blocks are padding.
+    batch, heads, dim, scale, slot, blocks = 2, 2, 8, 0.4, 8, 9
+    spec = specs.BlockSparseSpec(
+        block_size=slot, num_blocks=blocks, window_radius=2, global_blocks=(0,), causal=causal,
+        random_layout=bigbird_random_layout(blocks, heads, 1, num_window_blocks=5, global_blocks=(0,),
+                                            causal=causal, seed=1),
+    )
+    pattern = BigBirdPattern(spec, seq_len=blocks * slot, slot=slot)
+    padded = pattern.padded_len(forward_blocks + backward_blocks)
+    config = _Call(pattern.layout(*forward_blocks, padded), pattern.layout(*backward_blocks, padded), scale)
+    partial = np.concatenate([config.forward_layout.entries(h)[2] for h in range(heads)])
+    assert partial.any() and (causal or not partial.all())
+    q, k, v = battery.random_inputs(21, (batch, padded, heads, dim), jnp.float32, 3)
+    real = np.arange(padded) < blocks * slot
+    valid = jnp.asarray(np.stack([real, real & (np.arange(padded) != 27)]))
+    # The pairs the layout attends, as tests/attention/test_kernel_layouts.py checks them against the mask.
+    pairs = np.stack([visited(config.forward_layout, h) for h in range(heads)])
+    np.testing.assert_array_equal(pairs, np.stack([visited(config.backward_layout, h) for h in range(heads)]))
+    allowed = jnp.asarray(pairs)[None] & valid[:, None, None, :]
+    _check_against_dense(config, q, k, v, valid, allowed, block_k_compute=block_k_compute)
 
 
 def test_512_key_blocks_lower_for_tpu():

@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import pytest
 from jax import export
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
 from kernels_pallas.gpu_resources import TRITON_CALL
+from longjax.attention import block_sparse_attention
 from tests.kernels import gpu_cases
 
 SEQ, HEADS = 8192, 4
@@ -87,3 +89,32 @@ def test_default_block_sizes_follow_the_exported_platform(op, platform):
     text = _export(grad, platform, (x, x, x, mask, mask))
     assert text.count(f"@{call}(") == 3 * (2 if dilated else 1)
     assert OTHER_CALL[platform] not in text
+
+
+def _pallas_block_rows(jaxpr) -> list[tuple[int, int]]:
+    """(q block rows, k block rows) of each pallas_call in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            q, k = eqn.params["grid_mapping"].block_mappings[:2]
+            rows = lambda mapping: [getattr(d, "block_size", None) for d in mapping.block_shape][-2]
+            found.append((rows(q), rows(k)))
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                found += _pallas_block_rows(inner)
+    return found
+
+
+@pytest.mark.parametrize("block_size", [64, 32])
+def test_bigbird_short_blocks_lower_with_128_tiles_for_tpu(block_size):
+    # The Mosaic defaults take 128-position kernel blocks of 2 (or 4) BigBird blocks, the visits
+    # masked by slot-pair bits in-kernel: the forward, dq and dk/dv kernels all tile q and k by 128.
+    x = jax.ShapeDtypeStruct((1, SEQ, HEADS, 64), jnp.bfloat16)
+    fn = lambda q, k, v: block_sparse_attention(
+        q, k, v, block_size=block_size, causal=True, seed=0, impl="pallas", interpret=False,
+        block_sizes=TpuBlockSizes(),
+    )
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))
+    assert _pallas_block_rows(jax.make_jaxpr(grad)(x, x, x).jaxpr) == [(128, 128)] * 3
+    assert _export(grad, "tpu", (x, x, x)).count("@tpu_custom_call(") == 3

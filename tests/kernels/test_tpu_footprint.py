@@ -32,7 +32,8 @@ def _bigbird_pattern(seq, heads, causal):
         block_size=BIGBIRD_BLOCK, num_blocks=blocks, window_radius=1, global_blocks=(0, blocks - 1),
         random_layout=layout, causal=causal,
     )
-    # On TPU a 64-token block sits in a 64-position slot (a multiple of 8).
+    # On TPU a 64-token block sits in a 64-position slot (a multiple of 8); the default 128-position
+    # kernel blocks span two slots.
     slot = block_sparse_kernels.allowed_block(BIGBIRD_BLOCK, TpuBlockSizes(), interpret=False)
     return BigBirdPattern(spec, seq_len=seq, slot=slot)
 
@@ -86,6 +87,26 @@ def test_bigbird_tables_are_a_quarter_of_int32_ones():
     assert tables.nbytes < 0.26 * int32_bytes and tables.nbytes < tpu_footprint.SMEM_BUDGET
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_128_tiles_at_128k_tokens(causal):
+    # 64-token blocks in 128 x 128 tiles (the defaults) against 64 x 64 ones: a quarter fewer
+    # visits (random blocks rarely share a tile, so not the 4x of the window), each with an int8
+    # slot-pair mask; tables of ~0.55 MB, within the SMEM of v5e and v5p.
+    pattern = _bigbird_pattern(SEQ, HEADS, causal)
+    tiles = {}
+    for block in (64, 128):
+        blocks = TpuBlockSizes(block, block, block, block)
+        config = block_sparse_kernels._make_config(pattern, blocks, False, 1.0, 64, jnp.bfloat16)
+        fps = block_sparse_kernels.tpu_footprints(pattern, batch=1, head_dim=64, dtype=jnp.bfloat16, block_sizes=blocks)
+        tiles[block] = config.forward_layout, max(fp.smem_bytes for fp in fps.values())
+    (narrow, _), (wide, smem) = tiles[64], tiles[128]
+    assert (narrow.block_q, narrow.block_k, narrow.sub_block) == (64, 64, None)
+    assert (wide.block_q, wide.block_k, wide.sub_block) == (128, 128, 64)
+    assert wide.total_entries() < 0.8 * narrow.total_entries()
+    assert wide.visit_tables().sub_masks.dtype == np.int8 and wide.visit_tables().codes.dtype == np.int16
+    assert smem < 0.6 * tpu_footprint.SMEM_BUDGET
+
+
 def test_smallest_int():
     for top, dtype in ((0, np.int8), (127, np.int8), (128, np.int16), (32767, np.int16), (32768, np.int32)):
         assert block_layout.smallest_int(np.array([0, top], np.int64)).dtype == dtype
@@ -106,18 +127,27 @@ def _decode(tables: block_layout.VisitTables, head: int):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_compact_tables_list_the_layouts_visits(transposed):
-    # Per-head layouts with empty rows (causal BigBird's first rows see few blocks) and uneven heads.
+@pytest.mark.parametrize("blocks, sub_mask_dtype", [((32, 64), None), ((128, 256), np.int8), ((256, 256), np.int16)])
+def test_compact_tables_list_the_layouts_visits(transposed, blocks, sub_mask_dtype):
+    # Per-head layouts with empty rows (causal BigBird's first rows see few blocks) and uneven heads;
+    # kernel blocks within a slot, or spanning 2 x 4 (8-bit masks, the sign bit used) or 4 x 4 slots.
     pattern = _bigbird_pattern(2048, 3, True)
-    layout = pattern.layout(32, 64, pattern.padded_len((32, 64)))
+    layout = pattern.layout(*blocks, pattern.padded_len(blocks))
     tables = layout.visit_tables(transposed)
     assert tables.length % block_layout.ROW_CHUNK == 0
+    bits = layout.sub_blocks_q * layout.sub_blocks_k
+    assert (tables.sub_masks.dtype if bits > 1 else None) == sub_mask_dtype
     n_rows = layout.num_k_blocks if transposed else layout.num_q_blocks
     for head in range(layout.layout_heads):
         rows, cols, partial, compute, first, last = _decode(tables, head)
-        got = sorted(zip(rows[compute].tolist(), cols[compute].tolist(), partial[compute].tolist()))
+        # The masks as the kernels read them: sign-extended to int32, then the low bits.
+        masks = tables.sub_masks[head * tables.length + np.arange(tables.length)] if bits > 1 else None
+        masks = np.ones(tables.length, np.int64) if masks is None else masks.astype(np.int32) & ((1 << bits) - 1)
+        got = sorted(zip(rows[compute].tolist(), cols[compute].tolist(), partial[compute].tolist(),
+                         masks[compute].tolist()))
         r, c, p = layout.entries(head, transposed)
-        assert got == sorted(zip(r.tolist(), c.tolist(), (p != 0).tolist()))
+        m = layout.entry_sub_masks(head, transposed)
+        assert got == sorted(zip(r.tolist(), c.tolist(), (p != 0).tolist(), m.tolist()))
         # Every row starts once and ends once, in order: its accumulators are set up and written once.
         np.testing.assert_array_equal(rows[first], np.arange(n_rows))
         np.testing.assert_array_equal(rows[last], np.arange(n_rows))
