@@ -86,8 +86,19 @@ def _whole(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def _check_no_sub_blocks(layout) -> None:
+    # The Triton kernels mask by band and key validity only; a layout whose visits leave out some
+    # sub-block pairs (BigBird tiles spanning several slots, a TPU layout) would be attended whole.
+    if layout.sub_block is not None:
+        raise NotImplementedError(
+            "the Triton kernels take no sub-block masks (BlockLayout.sub_block): GPU kernel blocks must lie "
+            "within one BigBird slot"
+        )
+
+
 def forward(q, k, v, valid, config):
     layout = config.forward_layout
+    _check_no_sub_blocks(layout)
     b, n, h, head_dim = q.shape
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
@@ -155,6 +166,7 @@ def _forward_kernel(
 
 def backward(q, k, v, valid, do, lse2, row_term, config):
     layout = config.backward_layout
+    _check_no_sub_blocks(layout)
     b, n, h, head_dim = q.shape
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k

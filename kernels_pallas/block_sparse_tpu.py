@@ -211,14 +211,16 @@ def _block_specs(kind, block_q, block_k, head_dim, dtype):
     return [q_blk, k_blk, k_blk, valid_col, q_blk, rows, rows], [k_blk, k_blk], [((block_k, head_dim), f32)] * 2
 
 
-def footprints(config, batch: int, head_dim: int, dtype,
-               block_k_compute: int | None = None) -> dict[str, tpu_footprint.Footprint]:
+def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footprint.Footprint]:
     """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables)."""
     out = {}
     dtype = jnp.dtype(dtype)
-    for kind, layout, transposed in (("forward", config.forward_layout, False),
-                                     ("dq", config.backward_layout, False), ("dkv", config.backward_layout, True)):
-        n_sub = layout.block_k // key_compute_block(layout.block_k, block_k_compute)
+    for kind, layout, transposed, compute in (
+        ("forward", config.forward_layout, False, config.block_k_compute),
+        ("dq", config.backward_layout, False, config.block_k_compute_bwd),
+        ("dkv", config.backward_layout, True, config.block_k_compute_bwd),
+    ):
+        n_sub = layout.block_k // key_compute_block(layout.block_k, compute)
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
         ins, outs, scratch = _block_specs(kind, layout.block_q, layout.block_k, head_dim, dtype)
         out[kind] = tpu_footprint.footprint(
@@ -228,9 +230,9 @@ def footprints(config, batch: int, head_dim: int, dtype,
     return out
 
 
-def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype, block_k_compute) -> None:
+def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype) -> None:
     # Before lowering: an SMEM overflow would otherwise surface only on the chip, VMEM as a compile error.
-    fp = footprints(config, batch, head_dim, dtype, block_k_compute)[kind]
+    fp = footprints(config, batch, head_dim, dtype)[kind]
     layout = config.forward_layout if kind == "forward" else config.backward_layout
     tpu_footprint.check(
         fp, f"a call with {layout.num_q_blocks} query blocks of {layout.block_q}, {layout.layout_heads} layout "
@@ -279,13 +281,13 @@ def _sub_blocks(code, kflags_ref, *, q_first, k_first, block_q, block_kc, n_sub,
         pl.when(run & jnp.logical_not(mask))(functools.partial(body, c, False))
 
 
-def forward(q, k, v, valid, config, block_k_compute: int | None = None):
+def forward(q, k, v, valid, config):
     layout = config.forward_layout
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
     b, h, n, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
-    bkc = key_compute_block(bk, block_k_compute)
-    _check_footprint(config, "forward", b, d, q.dtype, block_k_compute)
+    bkc = key_compute_block(bk, config.block_k_compute)
+    _check_footprint(config, "forward", b, d, q.dtype)
     walk, prefetch = _tables(layout, False, valid, bkc)
     q_of, k_of = walk.maps(rows_are_q=True)
     kernel = functools.partial(
@@ -359,19 +361,19 @@ def _forward_kernel(
         lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) / visit.LOG2E, MASK_VALUE)
 
 
-def backward(q, k, v, valid, do, lse2, row_term, config, block_k_compute: int | None = None):
+def backward(q, k, v, valid, do, lse2, row_term, config):
     layout = config.backward_layout
     qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
     b, h, _, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
-    bkc = key_compute_block(bk, block_k_compute)
+    bkc = key_compute_block(bk, config.block_k_compute_bwd)
     lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
                   scale=config.scale, dots=visit.dots_for(config.backend, q.dtype))
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
-        _check_footprint(config, kind, b, d, q.dtype, block_k_compute)
+        _check_footprint(config, kind, b, d, q.dtype)
         walk, prefetch = _tables(layout, transposed, valid, bkc)
         q_of, k_of = walk.maps(rows_are_q=not transposed)
         q_spec, k_spec = _spec((None, None, bq, d), q_of, 1), _spec((None, None, bk, d), k_of, 1)

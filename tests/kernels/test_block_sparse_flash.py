@@ -8,6 +8,7 @@ per-head layouts, both formulations, and the validation of their options.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import block_sparse_flash as block_sparse_kernels
-from kernels_pallas import common
+from kernels_pallas import block_sparse_gpu, common
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes, dot_operand_dtype
 from longjax.attention import bigbird_random_layout, masks, partial_softmax, sliding_window_attention, specs
 from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
@@ -257,3 +258,23 @@ def test_triton_refuses_heads_wider_than_its_tiles():
             ),
             q,
         )
+
+
+def test_triton_kernels_refuse_layouts_with_sub_block_masks():
+    # A TPU BigBird layout (128-position kernel blocks over 64-position slots) leaves out slot pairs
+    # inside its visits, which only the Mosaic kernels mask: the Triton ones must refuse it, not attend whole tiles.
+    spec = specs.BlockSparseSpec(
+        block_size=64, num_blocks=8, window_radius=1, global_blocks=(0,), causal=False,
+        random_layout=bigbird_random_layout(8, 1, 1, global_blocks=(0,), seed=0),
+    )
+    pattern = BigBirdPattern(spec, seq_len=512, slot=64)
+    layout = pattern.layout(128, 128, pattern.padded_len((128, 128)))
+    assert layout.sub_block == 64
+    config = dataclasses.replace(
+        block_sparse_kernels._make_config(BandPattern(seq_len=512, left=8, right=8), GpuBlockSizes(), True, 1.0, 16,
+                                          jnp.float32),
+        pattern=pattern, block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128,
+    )
+    x = jnp.zeros((1, 512, 1, 16), jnp.float32)
+    with pytest.raises(NotImplementedError, match="no sub-block masks"):
+        block_sparse_gpu.forward(x, x, x, jnp.ones((1, 512), bool), config)

@@ -39,6 +39,8 @@ class _Call:
     scale: float
     backend: str = "tpu"
     interpret: bool = True
+    block_k_compute: int | None = None
+    block_k_compute_bwd: int | None = None
 
 
 def _dense(q, k, v, allowed, scale):
@@ -93,7 +95,8 @@ def test_sub_blocks_match_dense(left, right, kinds):
 def _check_against_dense(config, q, k, v, valid, allowed, block_k_compute):
     """The lowering's forward and backward (as the custom VJP calls it) against dense attention over `allowed`."""
     scale = config.scale
-    out, lse = block_sparse_tpu.forward(q, k, v, valid, config, block_k_compute=block_k_compute)
+    config = dataclasses.replace(config, block_k_compute=block_k_compute, block_k_compute_bwd=block_k_compute)
+    out, lse = block_sparse_tpu.forward(q, k, v, valid, config)
     ref_out, ref_lse = _dense(q, k, v, allowed, scale)
     tol = battery.tolerance(jnp.float32, jnp.float32)
     chex.assert_trees_all_close(out, ref_out, **tol)
@@ -103,7 +106,7 @@ def _check_against_dense(config, q, k, v, valid, allowed, block_k_compute):
     lse_ct = jnp.asarray(np.random.default_rng(13).normal(size=lse.shape), jnp.float32)
     row_term, lse_b = common.backward_row_terms(jnp.swapaxes(out, 1, 2), lse, jnp.swapaxes(out_ct, 1, 2), lse_ct)
     lse2 = jnp.where(lse_b < -common.MASK_VALUE / 2, lse_b * block_sparse_flash.LOG2E, -common.MASK_VALUE)
-    grads = block_sparse_tpu.backward(q, k, v, valid, out_ct, lse2, row_term, config, block_k_compute=block_k_compute)
+    grads = block_sparse_tpu.backward(q, k, v, valid, out_ct, lse2, row_term, config)
     _, vjp = jax.vjp(lambda q, k, v: _dense(q, k, v, allowed, scale), q, k, v)
     for name, g, rg in zip("qkv", grads, vjp((out_ct, lse_ct))):
         chex.assert_trees_all_close(g, rg, **tol, custom_message=f"d{name}")
@@ -147,3 +150,23 @@ def test_512_key_blocks_lower_for_tpu():
     grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))
     text = export.export(jax.jit(grad), platforms=["tpu"])(x, x, x).mlir_module()
     assert text.count("@tpu_custom_call(") == 3
+
+
+def test_requested_compute_blocks_reach_each_kernel():
+    # block_k_compute travels from TpuBlockSizes to the forward and backward kernels (their key-validity
+    # flags are per compute block, so the SMEM tables show it), and gives way to the rule where fitting
+    # shortens a key block below a multiple of it.
+    blocks = TpuBlockSizes(block_q=128, block_k=512, block_q_bwd=128, block_k_bwd=256, block_k_compute=64)
+    long_band = BandPattern(seq_len=2048, left=256, right=256)
+    config = block_sparse_flash._make_config(long_band, blocks, False, 1.0, 64, jnp.bfloat16)
+    assert (config.block_k_compute, config.block_k_compute_bwd) == (64, 64)
+    fps = block_sparse_flash.tpu_footprints(long_band, batch=1, head_dim=64, dtype=jnp.bfloat16, block_sizes=blocks)
+    default = block_sparse_flash.tpu_footprints(
+        long_band, batch=1, head_dim=64, dtype=jnp.bfloat16, block_sizes=dataclasses.replace(blocks, block_k_compute=None)
+    )
+    # One int8 flag per (batch, key compute block): 2048 / 64 against 2048 / 128.
+    for kind in ("forward", "dq", "dkv"):
+        assert fps[kind].smem_bytes - default[kind].smem_bytes == 2048 // 64 - 2048 // 128, kind
+    short_band = BandPattern(seq_len=200, left=16, right=16)  # key blocks fitted to 200 positions
+    config = block_sparse_flash._make_config(short_band, blocks, False, 1.0, 64, jnp.bfloat16)
+    assert (config.block_k, config.block_k_compute, config.block_k_compute_bwd) == (200, None, None)
