@@ -19,12 +19,19 @@ as flash-linear-attention does it):
   <= 1; chunk c reads only chunks before it, so nothing later leaks in);
   (3) each chunk's output from its entering state and the exact masked
   product of its own query and key features, with each key stabilised by its
-  running maximum, as in the XLA implementation.
-* causal backward: (1)-(2) again; (3) per chunk, dq, the row terms
-  `g_i . out_i`, and what the chunk's rows saw of its entering state (the
-  local cotangent `seen^T a`); (4) in XLA, a reverse scan of those gives the
-  cotangent of the state leaving each chunk (factors <= 1); (5) per chunk,
-  dk and dv. No earlier state is recovered by subtraction.
+  running maximum, as in the XLA implementation; (1) also gives each key's
+  largest logit, from which (3) finds the running maxima without a loop over
+  the features.
+* causal backward: (1)-(2) again, (1) also giving each key's largest logit;
+  (3) per chunk, the forward recomputed for the per-row terms only: the
+  query stabiliser `c_i`, `1 / den_i` and `g_i . out_i` (`[seq, 1]` each);
+  (4) per chunk, dq and what the chunk's rows saw of its entering state (the
+  local cotangent `seen^T a`); (5) in XLA, a reverse scan of those gives the
+  cotangent of the state leaving each chunk (factors <= 1); (6) per chunk,
+  dk and dv. (3) is a pass of its own so that (4) and (6) are one loop over
+  the feature tiles each: done in one pass, the recomputation and the
+  gradients spilled registers on an H100. No earlier state is recovered by
+  subtraction.
 * bidirectional forward: per-chunk partial sums of `phi(K)^T V`, the
   normaliser and the key maximum, combined in XLA (rescaled to the overall
   maximum); then a pass applies `phi(Q)` to them.
@@ -35,8 +42,23 @@ The per-chunk states cost `chunks * features * head_dim` float32 per (batch,
 head) in memory, `features * head_dim / chunk` per token: a longer chunk
 makes them smaller and the in-chunk products larger.
 
+The kernels take the projection scaled by `sqrt(scale)` and, on GPU, q, k
+and v in float32 (see `_Rows.x`); the scaling's gradient is XLA's.
+
 The projection's gradient is computed (inside the same passes, as per-chunk partial sums) only when the
 projection is being differentiated.
+
+The matmuls take float32 operands (TF32 on NVIDIA tensor cores), accumulating
+in float32. bfloat16 operands for the feature products (features against
+states, features and the in-chunk scores; the projection kept in float32) were
+measured against `favor_xla` in interpret mode (causal, seq 256, 2 heads,
+head_dim 64, 64 features, chunk 32, seeded `battery.random_inputs`; each
+kernel matmul's operands rounded to bfloat16 by wrapping `_dot`): with
+bfloat16 inputs dq and dk came out at 1.6x and 3.7x the bfloat16 tolerance of
+`tests/attention/battery.py` (float32 operands: at most 0.13x), with float32
+inputs 190-3500x the float32 one (float32 operands: at most 0.19x). Tiling
+the features does not help there: each product is rounded the same whatever
+the tile, so the operands stay float32.
 
 GPU runs through Triton, TPU through Mosaic; the block-size dataclass
 (`GpuBlockSizes` or `TpuBlockSizes`) selects the lowering, and without one
@@ -89,13 +111,16 @@ class GpuBlockSizes:
     two, `tl.dot` at least 16 on each side); interpret mode takes any chunk.
     """
 
-    # Measured with experiments/kernel_resources.py (sm_90, 256 features): with
-    # 32 rows and 32-feature tiles every kernel needs at most 82 KB of shared
-    # memory and the bidirectional ones no spills; 64-feature tiles or 16 warps
-    # spill more, 16-row chunks double the per-chunk states for a little less.
+    # Measured with experiments/kernel_resources.py (sm_90, 256 features, bf16
+    # and f32, head_dim 64 and 128): with 32 rows, 16-feature tiles and 8 warps
+    # no kernel spills and none needs more than 82 KB of shared memory; the
+    # causal kernels at head_dim 128 use 253-255 registers. 32-feature tiles
+    # spill up to 0.4 KB in the causal dq pass at head_dim 128 (Triton holds
+    # a transposed `[head_dim, tile]` matmul operand whole in every warp), 4
+    # warps up to 0.9 KB, 64-row chunks (Hopper's warp-group matmuls) several KB.
     causal_chunk: int = 32
     bidirectional_chunk: int = 32
-    feature_tile: int = 32
+    feature_tile: int = 16
     num_warps: int = 8
     num_stages: int = 2
 
@@ -297,8 +322,8 @@ def _favor_on(blocks, q, k, v, projection, padding_mask, *, feature_map, causal,
     d_pad, m_pad = _padded_sizes(backend, head_dim, features)
     seq_pad = -(-seq // chunk) * chunk
     # Features, products and states in float32 whatever the input dtype, as in
-    # the XLA implementation: bfloat16 feature products measured 2-3x its error
-    # against a float32 evaluation. Matmuls take the platform's default float32
+    # the XLA implementation; bfloat16 operands lose the accuracy the tests ask
+    # for (module docstring). Matmuls take the platform's default float32
     # precision (TF32 on NVIDIA tensor cores), as XLA's do.
     compute_dtype = jnp.promote_types(q.dtype, jnp.float32)
     spec = _Spec(
@@ -320,11 +345,20 @@ def _favor_on(blocks, q, k, v, projection, padding_mask, *, feature_map, causal,
 
     def to_kernel_layout(x):
         x = jnp.swapaxes(x, 1, 2)
+        if backend == "gpu":
+            # The Triton kernels take their rows in float32 (in the same copy as the transpose):
+            # a row chunk converted inside a kernel is a computed matmul operand, which Triton
+            # holds in registers across the tile loops where a loaded one stays in shared memory
+            # (see `_Rows.x`); at bfloat16 that spilled.
+            x = x.astype(compute_dtype)
         return jnp.pad(x, [(0, 0), (0, 0), (0, seq_pad - seq), (0, d_pad - head_dim)])
 
     valid = jnp.ones((batch, seq), bool) if padding_mask is None else padding_mask
     valid = jnp.pad(valid, [(0, 0), (0, seq_pad - seq)]).astype(compute_dtype)[:, None, :, None]
-    w = projection.astype(compute_dtype)
+    # The projection carries sqrt(scale), so the kernels' projection matmuls take x as loaded:
+    # an operand scaled in registers would be held there in the matmul layout across the tile
+    # loops (d/2 float32 registers per thread each), where a loaded one stays in shared memory.
+    w = projection.astype(compute_dtype) * math.sqrt(spec.scale)
     w = w.reshape((-1,) + w.shape[-2:])  # [1 or heads, features, head_dim]
     w = jnp.pad(w, [(0, 0), (0, m_pad - features), (0, d_pad - head_dim)])[None]
     out = _favor(spec, to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v), w, valid)
@@ -391,25 +425,31 @@ def _sum_chunks(parts):
     return [p.sum(axis=2) for p in parts]
 
 
-def _chunk_states(spec, k, v, valid, w, name):
+def _chunk_states(spec, k, v, valid, w, name, *, key_maxima=False):
     """Each chunk's own key state, in parallel over (batch, head, chunk).
 
     Returns `S_c = sum_j phi_c(k_j) v_j^T` `[B, H, chunks, m, d]`, `z_c = sum_j
     phi_c(k_j)` `[B, H, chunks, 1, m]` and the chunk's key maximum `mu_c`
     `[B, H, chunks, 1, 1]` that stabilises them (MASK_VALUE for a chunk with
-    no valid key, and for ReLU features, which need no stabiliser).
+    no valid key, and for ReLU features, which need no stabiliser); with
+    `key_maxima`, also each key's largest logit `[B, H, seq, 1]` (MASK_VALUE at
+    padding), which the causal passes take instead of a loop over the features
+    of their own.
     """
     m, d = w.shape[-2:]
     cd = spec.compute_dtype
     num_chunks = k.shape[2] // spec.chunk
+    outputs = [
+        (_shape(k, num_chunks, m, d, dtype=cd), passes.CHUNKS),
+        (_shape(k, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
+        (_shape(k, num_chunks, 1, 1, dtype=cd), passes.CHUNKS),
+    ]
+    if key_maxima:
+        outputs.append((_shape(k, k.shape[2], 1, dtype=cd), passes.ROWS))
     return passes.run(
         functools.partial(_chunk_state_step, spec),
         [(k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE)],
-        [
-            (_shape(k, num_chunks, m, d, dtype=cd), passes.CHUNKS),
-            (_shape(k, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
-            (_shape(k, num_chunks, 1, 1, dtype=cd), passes.CHUNKS),
-        ],
+        outputs,
         spec.launch(name),
     )
 
@@ -452,11 +492,18 @@ def _entering_states(states, normalisers, maxima):
     return state_in, normaliser_in, before, log_decay
 
 
+def _causal_states(spec, k, v, valid, w, name):
+    """`(state_in, normaliser_in, max_in, log_decay, key_max)`: the chunk states entering each
+    chunk (`_entering_states`) and each key's largest logit."""
+    *local, key_max = _chunk_states(spec, k, v, valid, w, name, key_maxima=True)
+    return *_entering_states(*local), key_max
+
+
 def _causal_forward(spec, q, k, v, w, valid):
-    state_in, normaliser_in, max_in, _ = _entering_states(*_chunk_states(spec, k, v, valid, w, "favor_causal_fwd_states"))
+    state_in, normaliser_in, max_in, _, key_max = _causal_states(spec, k, v, valid, w, "favor_causal_fwd_states")
     (out,) = passes.run(
         functools.partial(_causal_forward_step, spec),
-        [(q, passes.ROWS), (k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS),
+        [(q, passes.ROWS), (k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS), (key_max, passes.ROWS),
          (state_in, passes.CHUNKS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS), (w, passes.WHOLE)],
         [(_shape(q, *q.shape[2:], dtype=spec.out_dtype), passes.ROWS)],
         spec.launch("favor_causal_fwd"),
@@ -470,16 +517,24 @@ def _causal_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
     cd = spec.compute_dtype
     seq = q.shape[2]
     num_chunks = seq // spec.chunk
-    state_in, normaliser_in, max_in, log_decay = _entering_states(
-        *_chunk_states(spec, k, v, valid, w, "favor_causal_bwd_states")
+    state_in, normaliser_in, max_in, log_decay, key_max = _causal_states(
+        spec, k, v, valid, w, "favor_causal_bwd_states"
     )
-    rows = [(q, passes.ROWS), (k, passes.ROWS), (v, passes.ROWS), (g, passes.ROWS), (valid, passes.ROWS)]
-    dq, delta, dstate_local, dnormaliser_local, *dw_q = passes.run(
+    rows = [(q, passes.ROWS), (k, passes.ROWS), (v, passes.ROWS), (g, passes.ROWS), (valid, passes.ROWS),
+            (key_max, passes.ROWS)]
+    entering = [(state_in, passes.CHUNKS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS)]
+    row_terms = passes.run(
+        functools.partial(_causal_rows_step, spec),
+        rows + entering + [(w, passes.WHOLE)],
+        [(_shape(q, seq, 1, dtype=cd), passes.ROWS)] * 3,
+        spec.launch("favor_causal_bwd_rows"),
+    )
+    rows += [(x, passes.ROWS) for x in row_terms]
+    dq, dstate_local, dnormaliser_local, *dw_q = passes.run(
         functools.partial(_causal_dq_step, spec, wants_dw),
-        rows + [(state_in, passes.CHUNKS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS), (w, passes.WHOLE)],
+        rows + entering + [(w, passes.WHOLE)],
         [
-            (_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS),
-            (_shape(q, seq, 1, dtype=cd), passes.ROWS),
+            (_shape(q, seq, d, dtype=q.dtype), passes.ROWS),
             (_shape(q, num_chunks, m, d, dtype=cd), passes.CHUNKS),
             (_shape(q, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
         ]
@@ -492,9 +547,8 @@ def _causal_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
     dnormaliser_out = _shift(_affine_scan(log_decay, dnormaliser_local, reverse=True), later=True)
     dk, dv, *dw_k = passes.run(
         functools.partial(_causal_dkv_step, spec, wants_dw),
-        rows + [(delta, passes.ROWS), (normaliser_in, passes.CHUNKS), (max_in, passes.CHUNKS),
-                (dstate_out, passes.CHUNKS), (dnormaliser_out, passes.CHUNKS), (w, passes.WHOLE)],
-        [(_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS)] * 2 + _dw_outputs(spec, q, m, d, wants_dw),
+        rows + [(dstate_out, passes.CHUNKS), (dnormaliser_out, passes.CHUNKS)] + entering[1:] + [(w, passes.WHOLE)],
+        [(_shape(q, seq, d, dtype=q.dtype), passes.ROWS)] * 2 + _dw_outputs(spec, q, m, d, wants_dw),
         spec.launch("favor_causal_bwd_dkv"),
     )
     return dq, dk, dv, _sum_chunks(dw_q + dw_k)
@@ -525,7 +579,7 @@ def _bidirectional_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
         functools.partial(_query_grad_step, spec, wants_dw),
         [(q, passes.ROWS), (g, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE), (kv, passes.WHOLE), (z, passes.WHOLE)],
         [
-            (_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS),
+            (_shape(q, seq, d, dtype=q.dtype), passes.ROWS),
             (_shape(q, num_chunks, m, d, dtype=cd), passes.CHUNKS),
             (_shape(q, num_chunks, 1, m, dtype=cd), passes.CHUNKS),
         ]
@@ -537,7 +591,7 @@ def _bidirectional_backward(spec, q, k, v, w, valid, g, saved, wants_dw):
         functools.partial(_key_grad_step, spec, wants_dw),
         [(k, passes.ROWS), (v, passes.ROWS), (valid, passes.ROWS), (w, passes.WHOLE), (dkv, passes.WHOLE),
          (dz, passes.WHOLE), (key_max, passes.WHOLE)],
-        [(_shape(q, seq, d, dtype=spec.out_dtype), passes.ROWS)] * 2 + _dw_outputs(spec, q, m, d, wants_dw),
+        [(_shape(q, seq, d, dtype=q.dtype), passes.ROWS)] * 2 + _dw_outputs(spec, q, m, d, wants_dw),
         spec.launch("favor_bidirectional_bwd_keys"),
     )
     return dq, dk, dv, _sum_chunks(dw_q + dw_k)
@@ -582,21 +636,33 @@ def _feature_ok(spec, t, width):
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-    """One chunk of query or key rows, projected a feature tile at a time."""
+    """One chunk of query or key rows, projected a feature tile at a time.
 
-    xs: jax.Array  # [C, d] sqrt(scale) x
+    With `x' = sqrt(scale) x` and the kernels' projection `W' = sqrt(scale) W`,
+    the projections are `x W'^T = x' W^T`.
+    """
+
+    ref: object  # the `[C, d]` ref of the rows
     half_square: jax.Array  # [C, 1] |x'|^2 / 2
 
+    @property
+    def x(self) -> jax.Array:
+        """The rows, loaded afresh at each use. Triton keeps a matmul operand loaded inside a
+        tile loop in shared memory; one loaded before the loops and used in several of them
+        is held in registers, in the matmul layout, across all of them (with `[C, d]` float32
+        that is d/2 registers per thread, per operand and loop), which is what spilled."""
+        return self.ref[...]
 
-def _rows(spec, x) -> _Rows:
-    xs = x.astype(spec.compute_dtype) * math.sqrt(spec.scale)
-    return _Rows(xs=xs, half_square=0.5 * jnp.sum(xs * xs, axis=1, keepdims=True))
+
+def _rows(spec, ref) -> _Rows:
+    x = ref[...].astype(spec.compute_dtype)
+    return _Rows(ref=ref, half_square=(0.5 * spec.scale) * jnp.sum(x * x, axis=1, keepdims=True))
 
 
 def _projected(spec, rows: _Rows, w_tile, t):
     """`(x' W_t^T, logits)` of a feature tile: `w_f . x' - |x'|^2 / 2` (softmax; MASK_VALUE at
     padded features, so they never win a max) or the ReLU features."""
-    proj = _dot(rows.xs, w_tile, spec.compute_dtype, contract=(1, 1))
+    proj = _dot(rows.x, w_tile, spec.compute_dtype, contract=(1, 1))
     ok = _feature_ok(spec, t, proj.shape[1])
     if spec.feature_map == "relu":
         return proj, jnp.where(ok, jnp.maximum(proj, 0.0) + RELU_EPSILON, 0.0)
@@ -610,7 +676,7 @@ def _max_logit(spec, rows: _Rows, w_ref, width):
         _, logits = _projected(spec, rows, w_ref[cols, :], t)
         return jnp.maximum(best, jnp.max(logits, axis=1, keepdims=True))
 
-    return _tiles(spec, width, body, jnp.full((rows.xs.shape[0], 1), MASK_VALUE, spec.compute_dtype))
+    return _tiles(spec, width, body, jnp.full((rows.ref.shape[0], 1), MASK_VALUE, spec.compute_dtype))
 
 
 def _usable(spec, normaliser):
@@ -660,21 +726,33 @@ def _logit_grad(spec, dfeat, feat, proj, t, mask=None):
     return dlogit if mask is None else jnp.where(mask > 0, dlogit, 0.0)
 
 
-def _input_grad(spec, rows: _Rows, dxs, dlogit_sum):
-    """dx from `sum_t dlogit_t W_t` and the row sums of the logit gradients (softmax logits
-    hold `-|x'|^2 / 2`)."""
+def _input_grad(spec, rows: _Rows, dx, dlogit_sum, *, transposed=False):
+    """dx from `sum_t dlogit_t W'_t` (`[C, d]`, or `[d, C]` from a transposed accumulation) and
+    the row sums of the logit gradients (softmax logits hold `-|x'|^2 / 2 = -scale |x|^2 / 2`)."""
+    if transposed:
+        dx = dx.T
     if spec.feature_map == "softmax":
-        dxs = dxs - rows.xs * dlogit_sum
-    return dxs * math.sqrt(spec.scale)
+        dx = dx - rows.x.astype(spec.compute_dtype) * (spec.scale * dlogit_sum)
+    return dx
 
 
-def _grad_init(rows: _Rows):
-    return jnp.zeros_like(rows.xs), jnp.zeros_like(rows.half_square)
+def _grad_init(rows: _Rows, *, transposed=False):
+    """The accumulators of `_grad_step`: `sum_t dlogit_t W'_t` (`[d, C]` when `transposed`) and
+    the logit gradients' row sums `[C, 1]`."""
+    shape = rows.ref.shape[::-1] if transposed else rows.ref.shape
+    return jnp.zeros(shape, rows.half_square.dtype), jnp.zeros_like(rows.half_square)
 
 
-def _grad_step(spec, grads, dlogit, w_tile):
-    dxs, dlogit_sum = grads
-    return dxs + _dot(dlogit, w_tile, spec.compute_dtype), dlogit_sum + jnp.sum(dlogit, axis=1, keepdims=True)
+def _grad_step(spec, grads, dlogit, w_tile, *, transposed=False):
+    dx, dlogit_sum = grads
+    if transposed:
+        # Transposed, `[d, C]`: with d the matmul's rows, Triton's layout for a chain of matmuls
+        # (warps stacked along the rows) spreads the accumulator over every warp, where a
+        # `[C, d]` one (C = 32 < 16 * warps) is held whole by each pair of warps.
+        step = _dot(w_tile, dlogit, spec.compute_dtype, contract=(0, 1))
+    else:
+        step = _dot(dlogit, w_tile, spec.compute_dtype)
+    return dx + step, dlogit_sum + jnp.sum(dlogit, axis=1, keepdims=True)
 
 
 def _row_cotangents(spec, g, out, inv):
@@ -699,18 +777,19 @@ class _CausalChunk:
     stabiliser: jax.Array  # [C, 1] each row's query stabiliser c_i (softmax)
 
 
-def _causal_chunk(spec, q, k, valid, w_ref, z_ref, max_prev) -> _CausalChunk:
-    """A causal chunk's running maxima and query stabilisers, from its inputs and the state
-    entering it (running max `max_prev` `[1, 1]`, normaliser `z_ref` `[1, m]`)."""
+def _causal_chunk(spec, q_ref, k_ref, valid, key_max, w_ref, z_ref, max_prev, stabiliser=None) -> _CausalChunk:
+    """A causal chunk's running maxima and query stabilisers, from its inputs (`key_max` `[C, 1]`
+    each key's largest logit, from the chunk-state pass) and the state entering it (running max
+    `max_prev` `[1, 1]`, normaliser `z_ref` `[1, m]`). `stabiliser` `[C, 1]`: the query
+    stabilisers as an earlier pass found them; None: found here, by a loop over the features."""
     cd = spec.compute_dtype
-    n = q.shape[0]
+    n = q_ref.shape[0]
     width = w_ref.shape[0]
     i = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
     j = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
     causal = j <= i
-    rows_q, rows_k = _rows(spec, q), _rows(spec, k)
+    rows_q, rows_k = _rows(spec, q_ref), _rows(spec, k_ref)
     if spec.feature_map == "softmax":
-        key_max = jnp.where(valid > 0, _max_logit(spec, rows_k, w_ref, width), MASK_VALUE)  # [C, 1]
         # The running max over valid keys up to each position, as a row and as a
         # column (transposed through a diagonal select: no 1-D vectors in the kernel).
         max_row = jnp.maximum(max_prev, jnp.max(jnp.where(i <= j, key_max, MASK_VALUE), axis=0, keepdims=True))
@@ -729,6 +808,8 @@ def _causal_chunk(spec, q, k, valid, w_ref, z_ref, max_prev) -> _CausalChunk:
     )
     if spec.feature_map == "relu":
         return ch
+    if stabiliser is not None:
+        return dataclasses.replace(ch, stabiliser=stabiliser)
 
     def body(cols, t, c):
         _, logits_q, _, _, normaliser = _causal_tile(spec, ch, w_ref[cols, :], z_ref[:, cols], t)
@@ -757,7 +838,7 @@ def _causal_products(spec, ch: _CausalChunk, w_ref, z_ref, state_ref):
     without `state_ref`), the masked in-chunk `phi(q_i) . phi(k_j)` `[C, C]` and the
     denominators `[C, 1]`, each summed over the feature tiles."""
     cd = spec.compute_dtype
-    n, d = ch.q.xs.shape
+    n, d = ch.q.ref.shape
 
     def body(cols, t, acc):
         num, scores, den = acc
@@ -774,27 +855,51 @@ def _causal_products(spec, ch: _CausalChunk, w_ref, z_ref, state_ref):
 
 
 def _causal_forward_step(spec, ins, outs):
-    q_ref, k_ref, v_ref, valid_ref, state_ref, z_ref, max_ref, w_ref = ins
+    q_ref, k_ref, v_ref, valid_ref, key_max_ref, state_ref, z_ref, max_ref, w_ref = ins
     (o_ref,) = outs
     valid = valid_ref[...]
-    ch = _causal_chunk(spec, q_ref[...], k_ref[...], valid, w_ref, z_ref, max_ref[...])
+    ch = _causal_chunk(spec, q_ref, k_ref, valid, key_max_ref[...], w_ref, z_ref, max_ref[...])
     carried, scores, den = _causal_products(spec, ch, w_ref, z_ref, state_ref)
     out, _ = _normalise(spec, carried + _dot(scores, v_ref[...], spec.compute_dtype), den, valid)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _causal_dq_step(spec, wants_dw, ins, outs):
-    """dq, the row terms `g_i . out_i`, and what the chunk's rows saw of the entering state:
-    `seen^T a` `[m, d]` and `sum_i seen_i b_i` `[1, m]` (the local cotangent of that state)."""
-    q_ref, k_ref, v_ref, g_ref, valid_ref, state_ref, z_ref, max_ref, w_ref = ins
-    dq_ref, delta_ref, dstate_ref, dz_ref, *dw_ref = outs
-    cd = spec.compute_dtype
-    valid, v = valid_ref[...], v_ref[...]
-    ch = _causal_chunk(spec, q_ref[...], k_ref[...], valid, w_ref, z_ref, max_ref[...])
+def _causal_rows_step(spec, ins, outs):
+    """The per-row terms of the causal backward: each row's query stabiliser `c_i`, `1 / den_i`
+    and `g_i . out_i` (all `[C, 1]`), from a recomputation of the forward. The dq and dk/dv
+    passes take them instead of two loops over the features each."""
+    q_ref, k_ref, v_ref, g_ref, valid_ref, key_max_ref, state_ref, z_ref, max_ref, w_ref = ins
+    c_ref, inv_ref, delta_ref = outs
+    valid = valid_ref[...]
+    ch = _causal_chunk(spec, q_ref, k_ref, valid, key_max_ref[...], w_ref, z_ref, max_ref[...])
     carried, scores, den = _causal_products(spec, ch, w_ref, z_ref, state_ref)
-    out, inv = _normalise(spec, carried + _dot(scores, v, cd), den, valid)
-    a, b, delta = _row_cotangents(spec, g_ref[...], out, inv)
-    a_v = _dot(a, v, cd, contract=(1, 1)) * ch.rescale
+    out, inv = _normalise(spec, carried + _dot(scores, v_ref[...], spec.compute_dtype), den, valid)
+    _, _, delta = _row_cotangents(spec, g_ref[...], out, inv)
+    c_ref[...] = ch.stabiliser.astype(c_ref.dtype)
+    inv_ref[...] = inv.astype(inv_ref.dtype)
+    delta_ref[...] = delta.astype(delta_ref.dtype)
+
+
+def _causal_row_terms(spec, row_refs, z_ref, max_ref, w_ref):
+    """The chunk, the row cotangents `a = g / den` `[C, d]` and `b = -(g . out) / den` `[C, 1]`
+    of a dq or dk/dv step; `row_refs` are the steps' row operands, the rows pass's last."""
+    q_ref, k_ref, _, g_ref, valid_ref, key_max_ref, c_ref, inv_ref, delta_ref = row_refs
+    ch = _causal_chunk(
+        spec, q_ref, k_ref, valid_ref[...], key_max_ref[...], w_ref, z_ref, max_ref[...], c_ref[...]
+    )
+    inv = inv_ref[...]
+    return ch, g_ref[...].astype(spec.compute_dtype) * inv, -delta_ref[...] * inv
+
+
+def _causal_dq_step(spec, wants_dw, ins, outs):
+    """dq and what the chunk's rows saw of the entering state: `seen^T a` `[m, d]` and
+    `sum_i seen_i b_i` `[1, m]` (the local cotangent of that state)."""
+    *row_refs, state_ref, z_ref, max_ref, w_ref = ins
+    dq_ref, dstate_ref, dz_ref, *dw_ref = outs
+    v_ref = row_refs[2]
+    cd = spec.compute_dtype
+    ch, a, b = _causal_row_terms(spec, row_refs, z_ref, max_ref, w_ref)
+    a_v = _dot(a, v_ref[...], cd, contract=(1, 1)) * ch.rescale
 
     def body(cols, t, grads):
         w_tile, state = w_ref[cols, :], state_ref[cols, :]
@@ -804,46 +909,48 @@ def _causal_dq_step(spec, wants_dw, ins, outs):
         dlogit = _logit_grad(spec, dqf, qf, proj_q, t)
         # Every factor exp(M_prev - M_i) <= 1.
         seen = qf * ch.decay
-        dstate_ref[cols, :] = _dot(seen, a, cd, contract=(0, 0)).astype(dstate_ref.dtype)
+        dstate_ref[cols, :] = _dot(a, seen, cd, contract=(0, 0)).T.astype(dstate_ref.dtype)
         dz_ref[:, cols] = jnp.sum(seen * b, axis=0, keepdims=True).astype(dz_ref.dtype)
         if wants_dw:
-            dw_ref[0][cols, :] = _dot(dlogit, ch.q.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
-        return _grad_step(spec, grads, dlogit, w_tile)
+            dw_ref[0][cols, :] = _dot(dlogit, ch.q.x, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+        return _grad_step(spec, grads, dlogit, w_tile, transposed=True)
 
-    dq = _input_grad(spec, ch.q, *_tiles(spec, w_ref.shape[0], body, _grad_init(ch.q)))
+    grads = _tiles(spec, w_ref.shape[0], body, _grad_init(ch.q, transposed=True))
+    dq = _input_grad(spec, ch.q, *grads, transposed=True)
     dq_ref[...] = dq.astype(dq_ref.dtype)
-    delta_ref[...] = delta.astype(delta_ref.dtype)
 
 
 def _causal_dkv_step(spec, wants_dw, ins, outs):
     """dk and dv, given the cotangent `dstate`, `dnormaliser` of the state leaving the chunk."""
-    q_ref, k_ref, v_ref, g_ref, valid_ref, delta_ref, z_ref, max_ref, dstate_ref, dz_ref, w_ref = ins
+    *row_refs, dstate_ref, dz_ref, z_ref, max_ref, w_ref = ins
     dk_ref, dv_ref, *dw_ref = outs
+    v_ref = row_refs[2]
     cd = spec.compute_dtype
-    valid, v = valid_ref[...], v_ref[...]
-    ch = _causal_chunk(spec, q_ref[...], k_ref[...], valid, w_ref, z_ref, max_ref[...])
-    _, scores, den = _causal_products(spec, ch, w_ref, z_ref, None)
-    _, inv = _normalise(spec, None, den, valid)
-    a, b = g_ref[...].astype(cd) * inv, -delta_ref[...] * inv
+    ch, a, b = _causal_row_terms(spec, row_refs, z_ref, max_ref, w_ref)
+    valid = ch.valid
     # d(score_ij) for the in-chunk pairs: through row i's numerator and denominator.
-    dscores = ch.rescale * (_dot(a, v, cd, contract=(1, 1)) + b)
+    dscores = ch.rescale * (_dot(a, v_ref[...], cd, contract=(1, 1)) + b)
 
     def body(cols, t, carry):
-        grads, dv = carry
+        grads, dv, scores = carry
         w_tile, dstate = w_ref[cols, :], dstate_ref[cols, :]
         _, logits_q, proj_k, kf, normaliser = _causal_tile(spec, ch, w_tile, z_ref[:, cols], t)
         qf = _query_tile(spec, logits_q, normaliser, ch.stabiliser)
+        scores = scores + _dot(qf, kf, cd, contract=(1, 1))
         leaving = kf * ch.to_end
         dv = dv + _dot(leaving, dstate, cd)
         dkf = _dot(dscores, qf, cd, contract=(0, 0))
-        dkf = dkf + ch.to_end * (_dot(v, dstate, cd, contract=(1, 1)) + dz_ref[:, cols])
+        dkf = dkf + ch.to_end * (_dot(v_ref[...], dstate, cd, contract=(1, 1)) + dz_ref[:, cols])
         dlogit = _logit_grad(spec, dkf, kf, proj_k, t, mask=valid)
         if wants_dw:
-            dw_ref[0][cols, :] = _dot(dlogit, ch.k.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
-        return _grad_step(spec, grads, dlogit, w_tile), dv
+            dw_ref[0][cols, :] = _dot(dlogit, ch.k.x, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+        return _grad_step(spec, grads, dlogit, w_tile), dv, scores
 
-    init = (_grad_init(ch.k), _dot(scores, a, cd, contract=(0, 0)))
-    grads, dv = _tiles(spec, w_ref.shape[0], body, init)
+    n, d = ch.k.ref.shape
+    init = (_grad_init(ch.k), jnp.zeros((n, d), cd), jnp.zeros((n, n), cd))
+    grads, dv, scores = _tiles(spec, w_ref.shape[0], body, init)
+    # The in-chunk pairs' part of dv, from the scores summed over the tiles.
+    dv = dv + _dot(scores * ch.rescale, a, cd, contract=(0, 0))
     dk_ref[...] = _input_grad(spec, ch.k, *grads).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -859,16 +966,18 @@ def _key_tile(spec, rows: _Rows, valid, w_tile, t, key_max):
 
 def _chunk_state_step(spec, ins, outs):
     """The chunk's `phi(K)^T V` `[m, d]`, `sum phi(K)` `[1, m]` and key maximum `[1, 1]`,
-    features stabilised by that maximum."""
+    features stabilised by that maximum; optionally each key's largest logit `[C, 1]`."""
     k_ref, v_ref, valid_ref, w_ref = ins
-    kv_ref, z_ref, max_ref = outs
+    kv_ref, z_ref, max_ref, *key_max_ref = outs
     cd = spec.compute_dtype
-    rows, valid, v = _rows(spec, k_ref[...]), valid_ref[...], v_ref[...]
+    rows, valid, v = _rows(spec, k_ref), valid_ref[...], v_ref[...]
     width = w_ref.shape[0]
-    chunk_max = jnp.full((1, 1), MASK_VALUE, cd)
+    row_max = jnp.full(valid.shape, MASK_VALUE, cd)
     if spec.feature_map == "softmax":
         row_max = jnp.where(valid > 0, _max_logit(spec, rows, w_ref, width), MASK_VALUE)
-        chunk_max = jnp.max(row_max, axis=0, keepdims=True)
+    chunk_max = jnp.max(row_max, axis=0, keepdims=True)
+    if key_max_ref:
+        key_max_ref[0][...] = row_max.astype(key_max_ref[0].dtype)
 
     def body(cols, t, carry):
         _, kf = _key_tile(spec, rows, valid, w_ref[cols, :], t, chunk_max)
@@ -883,7 +992,7 @@ def _chunk_state_step(spec, ins, outs):
 def _bidirectional_products(spec, rows: _Rows, w_ref, kv_ref, z_ref):
     """`(num, den, stabiliser)` of a chunk of queries against the whole key state."""
     cd = spec.compute_dtype
-    n, d = rows.xs.shape
+    n, d = rows.ref.shape
     width = w_ref.shape[0]
     c = jnp.zeros((n, 1), cd)
     if spec.feature_map == "softmax":
@@ -908,7 +1017,7 @@ def _bidirectional_products(spec, rows: _Rows, w_ref, kv_ref, z_ref):
 def _query_apply_step(spec, ins, outs):
     q_ref, valid_ref, w_ref, kv_ref, z_ref = ins
     (o_ref,) = outs
-    num, den, _ = _bidirectional_products(spec, _rows(spec, q_ref[...]), w_ref, kv_ref, z_ref)
+    num, den, _ = _bidirectional_products(spec, _rows(spec, q_ref), w_ref, kv_ref, z_ref)
     out, _ = _normalise(spec, num, den, valid_ref[...])
     o_ref[...] = out.astype(o_ref.dtype)
 
@@ -918,7 +1027,7 @@ def _query_grad_step(spec, wants_dw, ins, outs):
     q_ref, g_ref, valid_ref, w_ref, kv_ref, z_ref = ins
     dq_ref, dkv_ref, dz_ref, *dw_ref = outs
     cd = spec.compute_dtype
-    rows = _rows(spec, q_ref[...])
+    rows = _rows(spec, q_ref)
     num, den, c = _bidirectional_products(spec, rows, w_ref, kv_ref, z_ref)
     out, inv = _normalise(spec, num, den, valid_ref[...])
     a, b, _ = _row_cotangents(spec, g_ref[...], out, inv)
@@ -932,7 +1041,7 @@ def _query_grad_step(spec, wants_dw, ins, outs):
         dkv_ref[cols, :] = _dot(qf, a, cd, contract=(0, 0)).astype(dkv_ref.dtype)
         dz_ref[:, cols] = jnp.sum(qf * b, axis=0, keepdims=True).astype(dz_ref.dtype)
         if wants_dw:
-            dw_ref[0][cols, :] = _dot(dlogit, rows.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+            dw_ref[0][cols, :] = _dot(dlogit, rows.x, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
         return _grad_step(spec, grads, dlogit, w_tile)
 
     dq = _input_grad(spec, rows, *_tiles(spec, w_ref.shape[0], body, _grad_init(rows)))
@@ -943,7 +1052,7 @@ def _key_grad_step(spec, wants_dw, ins, outs):
     k_ref, v_ref, valid_ref, w_ref, dkv_ref, dz_ref, max_ref = ins
     dk_ref, dv_ref, *dw_ref = outs
     cd = spec.compute_dtype
-    rows, valid, v, key_max = _rows(spec, k_ref[...]), valid_ref[...], v_ref[...], max_ref[...]
+    rows, valid, v, key_max = _rows(spec, k_ref), valid_ref[...], v_ref[...], max_ref[...]
 
     def body(cols, t, carry):
         grads, dv = carry
@@ -953,9 +1062,9 @@ def _key_grad_step(spec, wants_dw, ins, outs):
         dkf = _dot(v, dkv, cd, contract=(1, 1)) + dz_ref[:, cols]
         dlogit = _logit_grad(spec, dkf, kf, proj, t, mask=valid)
         if wants_dw:
-            dw_ref[0][cols, :] = _dot(dlogit, rows.xs, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
+            dw_ref[0][cols, :] = _dot(dlogit, rows.x, cd, contract=(0, 0)).astype(dw_ref[0].dtype)
         return _grad_step(spec, grads, dlogit, w_tile), dv
 
-    grads, dv = _tiles(spec, w_ref.shape[0], body, (_grad_init(rows), jnp.zeros_like(rows.xs)))
+    grads, dv = _tiles(spec, w_ref.shape[0], body, (_grad_init(rows), jnp.zeros(rows.ref.shape, cd)))
     dk_ref[...] = _input_grad(spec, rows, *grads).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)

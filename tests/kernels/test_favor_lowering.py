@@ -53,9 +53,9 @@ def test_lowers_for_the_accelerator(platform, head_dim, causal, gradient):
     kernels = module.count(KERNEL_CALLS[platform])
     other = KERNEL_CALLS["tpu" if platform == "cuda" else "cuda"]
     # Forward: the chunk states and the output pass (causal), or the key partial sums and the query
-    # pass; the gradient adds the recomputed chunk states, dq and dk/dv (causal), or the query and
-    # key gradient passes.
-    assert kernels == 2 + ((3 if causal else 2) if gradient else 0), kernels
+    # pass; the gradient adds the recomputed chunk states, the per-row terms, dq and dk/dv (causal),
+    # or the query and key gradient passes.
+    assert kernels == 2 + ((4 if causal else 2) if gradient else 0), kernels
     assert other not in module
     # No [seq, features] array outside the kernels.
     assert not re.search(rf"\b{SEQ}x{FEATURES}x", module) and not re.search(rf"x{SEQ}x{FEATURES}x", module)

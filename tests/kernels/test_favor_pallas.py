@@ -120,9 +120,9 @@ def test_no_feature_array_reaches_memory(backend, causal):
                 visit(sub)
 
     visit(jaxpr.jaxpr)
-    # Causal: chunk states, forward; chunk states, dq, dk/dv. Bidirectional: key states, queries;
-    # query gradients, key gradients.
-    assert kernels == (5 if causal else 4)
+    # Causal: chunk states, forward; chunk states, per-row terms, dq, dk/dv. Bidirectional: key
+    # states, queries; query gradients, key gradients.
+    assert kernels == (6 if causal else 4)
     assert not per_position_features, per_position_features
 
 

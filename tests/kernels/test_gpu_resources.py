@@ -19,23 +19,8 @@ from tests.kernels import gpu_cases
 # The `gpu-check` extra pins it; CI installs it, so this only skips outside CI's environment.
 pytest.importorskip("triton", reason="needs the pinned triton of the gpu-check extra")
 
-# Kernels known not to fit yet, with what they lack (kernel_resources.py prints the figures). Strict:
-# a case that starts to fit fails here until it is taken off this list. Every causal FAVOR+ kernel is
-# within shared memory (at most 74 KB) but the dq and dk/dv kernels (and the forward at head_dim 128)
-# still spill: the register pressure of the in-chunk [chunk, chunk] products next to the tile loop.
-NOT_YET_FITTING = {
-    ("favor_causal", "bf16", 64): "0.2-0.4 KB of spills in the dq and dk/dv kernels",
-    ("favor_causal", "f32", 64): "0.5-0.6 KB of spills in the dq and dk/dv kernels",
-    ("favor_causal", "bf16", 128): "0.6-2.9 KB of spills in the forward, dq and dk/dv kernels",
-    ("favor_causal", "f32", 128): "0.5-2.8 KB of spills in the forward, dq and dk/dv kernels",
-}
-
 CASES = [
-    pytest.param(
-        op, dtype, head_dim, id=f"{op}-{dtype}-d{head_dim}",
-        marks=[pytest.mark.xfail(strict=True, reason=NOT_YET_FITTING[op, dtype, head_dim])]
-        if (op, dtype, head_dim) in NOT_YET_FITTING else [],
-    )
+    pytest.param(op, dtype, head_dim, id=f"{op}-{dtype}-d{head_dim}")
     for op in gpu_cases.OPS for dtype in gpu_cases.DTYPES for head_dim in gpu_cases.HEAD_DIMS
 ]
 
