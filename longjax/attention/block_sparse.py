@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.common import MASK_VALUE, backward_row_terms
-from longjax.attention import arguments, flash_step, global_tokens, partial_softmax
+from longjax.attention import arguments, flash_step, global_tokens
 from longjax.attention.flash_step import pad_seq
 from longjax.attention.partial_softmax import PartialAttention
 from longjax.attention.specs import BlockSparseSpec
@@ -219,19 +219,14 @@ def _sparse_bwd(block, causal, residuals, cotangents):
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 
 
-def _global_block_rows(q, k, v, key_valid, spec: BlockSparseSpec, scale):
-    """Rows of global query blocks against every valid key: (rows, out `[b, h, rows, d]`)."""
-    seq = q.shape[2]
-    rows = np.concatenate(
-        [np.arange(g * spec.block_size, min((g + 1) * spec.block_size, seq)) for g in spec.global_blocks]
+def global_block_positions(spec: BlockSparseSpec, seq_len: int) -> np.ndarray | None:
+    """int32 NumPy `[g]`: the token positions of the global blocks, in order (None when there are none)."""
+    if not spec.global_blocks:
+        return None
+    size = spec.block_size
+    return np.concatenate(
+        [np.arange(g * size, min((g + 1) * size, seq_len)) for g in spec.global_blocks]
     ).astype(np.int32)
-    scores = jnp.einsum("bhgd,bhnd->bhgn", q[:, :, rows], k, preferred_element_type=jnp.float32)
-    mask = key_valid[:, None, None, :]
-    if spec.causal:
-        mask = mask & (np.arange(seq)[None, :] <= rows[:, None])[None, None]
-    probs, _ = partial_softmax.masked_softmax(scores * scale, mask)
-    out = jnp.einsum("bhgn,bhnd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return rows, out
 
 
 def block_sparse_xla(
@@ -265,8 +260,9 @@ def block_sparse_xla(
         )
     else:
         out = part.out
-    if spec.global_blocks:
-        all_keys = jnp.ones((b, seq), bool) if padding_mask is None else padding_mask
-        rows, global_out = _global_block_rows(qh, kh, vh, all_keys, spec, scale)
+    rows = global_block_positions(spec, seq)
+    if rows is not None:
+        # Global blocks attend every key: a dense pass over key chunks, written over their rows.
+        global_out = global_tokens.from_queries_at(qh, kh, vh, rows, padding_mask, causal=spec.causal, scale=scale)
         out = out.at[:, :, rows].set(global_out)
     return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)

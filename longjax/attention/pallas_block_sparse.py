@@ -42,6 +42,7 @@ import numpy as np
 
 from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
+from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import global_tokens, partial_softmax
 from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
 from longjax.attention.partial_softmax import PartialAttention
@@ -140,16 +141,6 @@ def _complete(
     return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)
 
 
-def _global_block_positions(spec: BlockSparseSpec, seq_len: int):
-    """int NumPy `[g]`: the token positions of the global blocks (None when there are none)."""
-    if not spec.global_blocks:
-        return None
-    size = spec.block_size
-    return np.concatenate(
-        [np.arange(g * size, min((g + 1) * size, seq_len)) for g in spec.global_blocks]
-    ).astype(np.int32)
-
-
 def sliding_window_pallas(
     q, k, v, *, spec: SlidingWindowSpec, global_mask=None, global_qkv=None, padding_mask=None, scale=None,
     max_global_tokens=None, block_size=None, interpret=None, block_sizes=None,
@@ -198,7 +189,7 @@ def block_sparse_pallas(
     return _complete(
         out, lse, q, k, v, global_mask=global_mask, global_qkv=None,
         padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
-        global_positions=_global_block_positions(spec, q.shape[1]),
+        global_positions=block_sparse_lib.global_block_positions(spec, q.shape[1]),
     )
 
 
