@@ -251,19 +251,20 @@ def _lanes(x, width: int):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
-def _sub_blocks(code, kflags_ref, *, q_first, k_first, block_q, block_kc, n_sub, flag_base, left, right, sub,
-                body):
+def _sub_blocks(code, kflags_ref, *, qb, kb, block_q, block_k, block_kc, num_k_blocks, left, right, sub, body):
     """Runs `body(c, masked)` for each key sub-block c of a visit that has work, masked only where needed.
 
     A full visit runs every sub-block; a partial one (cut by the band) only
     those the band reaches, masking those it cuts, or all of them when the
     layout has sub-block masks (`sub` not None: a partial visit may leave out
     sub-block pairs inside the band). A sub-block holding an invalid key (its
-    flag, `kflags_ref[flag_base + c]`) is masked. Skipping a sub-block the
+    flag, one per (batch, key sub-block)) is masked. Skipping a sub-block the
     band misses is exact: all its weights would be zero.
     """
     compute = (code & block_layout.CODE_COMPUTE) != 0
     partial = (code & block_layout.CODE_PARTIAL) != 0
+    q_first, k_first, n_sub = qb * block_q, kb * block_k, block_k // block_kc
+    flag_base = (pl.program_id(0) * num_k_blocks + kb) * n_sub
     for c in range(n_sub):
         k_lo = k_first + c * block_kc
         # Least and greatest key - query of the sub-block against the query block.
@@ -345,10 +346,8 @@ def _forward_kernel(
         l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         acc_ref[...] = _lanes(alpha, acc.shape[1]) * acc + dots(p, v_ref[keys, :], visit.NN)
 
-    n_sub = block_k // block_kc
-    _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
-                n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
-                sub=sub, body=body)
+    _sub_blocks(code, kflags_ref, qb=qb, kb=kb, block_q=block_q, block_k=block_k, block_kc=block_kc,
+                num_k_blocks=num_k_blocks, left=left, right=right, sub=sub, body=body)
 
     @pl.when(last)
     def _write():
@@ -432,10 +431,8 @@ def _dq_kernel(
         _, ds = visit.probs_and_dscores(s, lse2, row_term, do_ref[...], v_ref[keys, :], dots)
         acc_ref[...] += dots(ds, k, visit.NN)
 
-    n_sub = block_k // block_kc
-    _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
-                n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
-                sub=sub, body=body)
+    _sub_blocks(code, kflags_ref, qb=qb, kb=kb, block_q=block_q, block_k=block_k, block_kc=block_kc,
+                num_k_blocks=num_k_blocks, left=left, right=right, sub=sub, body=body)
 
     @pl.when(last)
     def _write():
@@ -469,10 +466,8 @@ def _dkv_kernel(
         dv_acc[keys, :] += dots(p, do, visit.NN)
         dk_acc[keys, :] += dots(ds, q, visit.NN)
 
-    n_sub = block_k // block_kc
-    _sub_blocks(code, kflags_ref, q_first=qb * block_q, k_first=kb * block_k, block_q=block_q, block_kc=block_kc,
-                n_sub=n_sub, flag_base=(pl.program_id(0) * num_k_blocks + kb) * n_sub, left=left, right=right,
-                sub=sub, body=body)
+    _sub_blocks(code, kflags_ref, qb=qb, kb=kb, block_q=block_q, block_k=block_k, block_kc=block_kc,
+                num_k_blocks=num_k_blocks, left=left, right=right, sub=sub, body=body)
 
     @pl.when(last)
     def _write():

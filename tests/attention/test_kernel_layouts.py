@@ -110,10 +110,8 @@ def test_bigbird_layout_matches_mask(problem):
     check_transposed_and_flattened(layout)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_bigbird_programs_visit_few_blocks(causal):
-    # 4096 tokens in 64-token blocks, 3 random blocks and the first and last blocks global,
-    # kernel blocks of one BigBird block (the GPU defaults' fit): visits per program.
+def _bigbird_4096(causal):
+    """(seq, block, spec): 4096 tokens in 64-token blocks, 4 heads, 3 random blocks, the first and last global."""
     seq, block, heads, r = 4096, 64, 4, 3
     blocks = seq // block
     spec = specs.BlockSparseSpec(
@@ -121,6 +119,15 @@ def test_bigbird_programs_visit_few_blocks(causal):
         random_layout=bigbird_random_layout(blocks, heads, r, global_blocks=(0, -1), causal=causal, seed=0),
         causal=causal,
     )
+    return seq, block, spec
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bigbird_programs_visit_few_blocks(causal):
+    # 4096 tokens in 64-token blocks, 3 random blocks and the first and last blocks global,
+    # kernel blocks of one BigBird block (the GPU defaults' fit): visits per program.
+    seq, block, spec = _bigbird_4096(causal)
+    blocks, r = spec.num_blocks, spec.random_layout.shape[2]
     layout = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=block, block_q=block, block_k=block)
     row_visits, column_visits = np.diff(layout.offsets, axis=1), np.diff(layout.t_offsets, axis=1)
     # With the global rows and columns in the kernel, their programs walked all 64 blocks (the
@@ -208,13 +215,8 @@ def test_bigbird_fit_takes_whole_slots_on_tpu_only():
 def test_bigbird_two_slot_blocks_visit_fewer_blocks(causal):
     # 64-token BigBird blocks in 128-position kernel blocks (TPU defaults): each visit covers four
     # block pairs, and its bits say which it attends. Fewer visits, each with 4x the scores.
-    seq, block, heads, r = 4096, 64, 4, 3
-    blocks = seq // block
-    spec = specs.BlockSparseSpec(
-        block_size=block, num_blocks=blocks, window_radius=1, global_blocks=(0, blocks - 1),
-        random_layout=bigbird_random_layout(blocks, heads, r, global_blocks=(0, -1), causal=causal, seed=0),
-        causal=causal,
-    )
+    seq, block, spec = _bigbird_4096(causal)
+    heads = spec.random_layout.shape[0]
     one = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=block, block_q=block, block_k=block)
     two = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=block, block_q=2 * block, block_k=2 * block)
     assert two.sub_block == block and two.sub_blocks_q == two.sub_blocks_k == 2
