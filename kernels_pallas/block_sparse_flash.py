@@ -5,7 +5,9 @@ softmax with float32 running max and sum in base 2 (`exp2` of scores scaled by
 `scale * log2(e)`), float32 accumulation, and outputs `out` and the per-row
 log-sum-exp (natural log), so partial results merge exactly. A visit is full
 (no masking work) or partial (the band mask computed in-kernel from the
-layout's band); a per-token key-validity vector (padding, keys attended
+layout's band and, where a layout's blocks span several sub-blocks such as
+BigBird slots on TPU, a per-visit bitmask of the sub-block pairs it attends);
+a per-token key-validity vector (padding, keys attended
 elsewhere, the padded tail) is applied only to key blocks that hold an invalid
 key, which a per-(batch, key block) flag says. No dense mask is passed in.
 
@@ -52,16 +54,11 @@ from kernels_pallas.common import MASK_VALUE
 _TRITON_MIN_DOT = block_sparse_gpu.TRITON_MIN_DOT
 # Widest head tile the Triton kernels take, as FlashAttention's GPU kernels.
 _GPU_MAX_HEAD_DIM = 256
-_TPU_SUBLANES = 8
 _BLOCK_NAMES = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
 
 
 def _is_power_of_two(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1 and x & (x - 1) == 0
-
-
-def _next_power_of_two(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +127,9 @@ class TpuBlockSizes:
       block_k_compute: keys computed at once inside a key block, a multiple of 8
         dividing block_k and block_k_bwd; None: 128 where the key block is a
         multiple of 128, else the whole block (`block_sparse_tpu.key_compute_block`).
-        Where fitting shortens a key block (a short sequence) so that it no
-        longer divides it, that kernel uses the None rule.
+        Where fitting shortens the key blocks (a sequence, or a BigBird tile,
+        shorter than them), it shortens with them, to at most the shorter key
+        block; one that then divides neither raises ValueError naming it.
     """
 
     block_q: int = 128
@@ -143,11 +141,11 @@ class TpuBlockSizes:
     def __post_init__(self):
         for name in _BLOCK_NAMES:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % _TPU_SUBLANES:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value % tpu_footprint.NUM_SUBLANES:
                 raise ValueError(f"TpuBlockSizes.{name} must be a positive multiple of 8, got {value!r}")
         compute = self.block_k_compute
         if compute is not None and (
-            not isinstance(compute, int) or isinstance(compute, bool) or compute < 1 or compute % _TPU_SUBLANES
+            not isinstance(compute, int) or isinstance(compute, bool) or compute < 1 or compute % tpu_footprint.NUM_SUBLANES
             or self.block_k % compute or self.block_k_bwd % compute
         ):
             raise ValueError(
@@ -225,10 +223,10 @@ def per_lowering(fn, *args, block_sizes: BlockSizes | None, interpret: bool):
 def allowed_block(length: int, block_sizes: BlockSizes, interpret: bool) -> int:
     """The smallest kernel block length the lowering allows that covers `length` positions."""
     if isinstance(block_sizes, TpuBlockSizes):
-        return common.round_up(length, _TPU_SUBLANES)
+        return common.round_up(length, tpu_footprint.NUM_SUBLANES)
     if interpret:
-        return _next_power_of_two(length)
-    return max(_TRITON_MIN_DOT, _next_power_of_two(length))
+        return common.next_power_of_two(length)
+    return max(_TRITON_MIN_DOT, common.next_power_of_two(length))
 
 
 class Pattern(Protocol):
@@ -270,9 +268,8 @@ class _Config:
     num_stages: int
     scale: float
     interpret: bool
-    # TPU: keys computed at once in a forward and a backward key block (None: the lowering's rule).
+    # TPU: keys computed at once in a key block, forward and backward (None: the lowering's rule).
     block_k_compute: int | None = None
-    block_k_compute_bwd: int | None = None
 
     @property
     def padded_len(self) -> int:
@@ -358,7 +355,8 @@ def _block_sparse_flash(block_sizes, q, k, v, key_valid, *, pattern, scale, inte
 
 @functools.lru_cache(maxsize=256)
 def _fitted_blocks(pattern, block_sizes: BlockSizes, interpret: bool, head_dim: int, dtype) -> dict[str, int]:
-    """The four block lengths of a call: given ones fitted to the pattern, GPU ones left None chosen.
+    """The block lengths of a call: given ones fitted to the pattern, GPU ones left None chosen
+    (and, for a TPU call that asks for one, its fitted `block_k_compute`).
 
     Cached: the choice builds a layout per candidate (~2 s for BigBird at 128K tokens and 16 heads),
     and every trace of the same call asks again. The result is shared: do not modify it.
@@ -370,7 +368,22 @@ def _fitted_blocks(pattern, block_sizes: BlockSizes, interpret: bool, head_dim: 
             pattern, fit, width=block_sparse_gpu.kernel_head_dim(head_dim, interpret),
             itemsize=jnp.dtype(dtype).itemsize, requested=requested,
         )
-    return {name: fit(name, length) for name, length in requested.items()}
+    fitted = {name: fit(name, length) for name, length in requested.items()}
+    compute = getattr(block_sizes, "block_k_compute", None)
+    if compute is not None:
+        fitted["block_k_compute"] = _fitted_compute(compute, fitted["block_k"], fitted["block_k_bwd"])
+    return fitted
+
+
+def _fitted_compute(requested: int, block_k: int, block_k_bwd: int) -> int:
+    """A requested compute block for the fitted key blocks: at most the shorter, dividing both."""
+    compute = min(requested, block_k, block_k_bwd)
+    if block_k % compute or block_k_bwd % compute:
+        raise ValueError(
+            f"TpuBlockSizes.block_k_compute={requested} does not fit the key blocks this pattern takes "
+            f"(block_k {block_k}, block_k_bwd {block_k_bwd}): pass a divisor of both, or None"
+        )
+    return compute
 
 
 def call_block_sizes(pattern: Pattern, block_sizes: BlockSizes, *, head_dim: int, dtype,
@@ -395,14 +408,10 @@ def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float
         small = {n: b for n, b in fitted.items() if b < _TRITON_MIN_DOT}
         if small:
             raise ValueError(f"compiled Triton needs blocks >= {_TRITON_MIN_DOT} (tl.dot), got {small}")
-    compute = getattr(block_sizes, "block_k_compute", None)
-    # A requested compute block that no longer divides a fitted (shortened) key block gives way to the rule.
-    compute_for = lambda block: compute if compute is not None and block % compute == 0 else None
     return _Config(
         pattern=pattern, **fitted, backend="gpu" if is_gpu else "tpu",
         num_warps=getattr(block_sizes, "num_warps", None), num_stages=getattr(block_sizes, "num_stages", 1),
         scale=float(scale), interpret=interpret,
-        block_k_compute=compute_for(fitted["block_k"]), block_k_compute_bwd=compute_for(fitted["block_k_bwd"]),
     )
 
 

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas import block_layout
+from kernels_pallas import block_layout, common
 from kernels_pallas import block_sparse_visit as visit
 from kernels_pallas.common import MASK_VALUE
 
@@ -37,13 +37,9 @@ from kernels_pallas.common import MASK_VALUE
 TRITON_MIN_DOT = 16
 
 
-def _next_power_of_two(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def kernel_head_dim(head_dim: int, interpret: bool) -> int:
     """The width of the kernels' head tiles: the next power of two (>= 16 when compiled, for `tl.dot`)."""
-    width = _next_power_of_two(head_dim)
+    width = common.next_power_of_two(head_dim)
     return width if interpret else max(TRITON_MIN_DOT, width)
 
 

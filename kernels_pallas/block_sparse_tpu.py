@@ -217,8 +217,8 @@ def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footpr
     dtype = jnp.dtype(dtype)
     for kind, layout, transposed, compute in (
         ("forward", config.forward_layout, False, config.block_k_compute),
-        ("dq", config.backward_layout, False, config.block_k_compute_bwd),
-        ("dkv", config.backward_layout, True, config.block_k_compute_bwd),
+        ("dq", config.backward_layout, False, config.block_k_compute),
+        ("dkv", config.backward_layout, True, config.block_k_compute),
     ):
         n_sub = layout.block_k // key_compute_block(layout.block_k, compute)
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
@@ -365,7 +365,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
     qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
     b, h, _, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
-    bkc = key_compute_block(bk, config.block_k_compute_bwd)
+    bkc = key_compute_block(bk, config.block_k_compute)
     lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,

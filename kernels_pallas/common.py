@@ -32,6 +32,11 @@ def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def next_power_of_two(x: int) -> int:
+    """The smallest power of two that is >= x (1 for x <= 1)."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
     """None means interpret mode on a CPU backend and the compiled lowering elsewhere."""
     if interpret is None:

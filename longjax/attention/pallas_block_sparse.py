@@ -19,10 +19,10 @@ kernels:
   result through its log-sum-exp (and written over at global queries).
 * BigBird's global blocks are not in the kernel's layout either (a global
   row or column would be one program visiting every block of the sequence):
-  every query attends their keys in a dense `[seq, global tokens]` pass,
+  every query attends their keys in a dense pass (by query chunks),
   merged through the log-sum-exp before the token-level globals, and their
-  queries attend every key in a dense `[global tokens, seq]` pass written over
-  last, as the XLA implementation does.
+  queries attend every key in a dense pass (by key chunks, merged by
+  log-sum-exp) written over last, as the XLA implementation does.
 * Padded queries come out as zeros.
 
 With `block_sizes=None` on a CPU host, compiled (an export), everything that

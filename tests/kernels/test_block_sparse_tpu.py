@@ -40,7 +40,6 @@ class _Call:
     backend: str = "tpu"
     interpret: bool = True
     block_k_compute: int | None = None
-    block_k_compute_bwd: int | None = None
 
 
 def _dense(q, k, v, allowed, scale):
@@ -95,7 +94,7 @@ def test_sub_blocks_match_dense(left, right, kinds):
 def _check_against_dense(config, q, k, v, valid, allowed, block_k_compute):
     """The lowering's forward and backward (as the custom VJP calls it) against dense attention over `allowed`."""
     scale = config.scale
-    config = dataclasses.replace(config, block_k_compute=block_k_compute, block_k_compute_bwd=block_k_compute)
+    config = dataclasses.replace(config, block_k_compute=block_k_compute)
     out, lse = block_sparse_tpu.forward(q, k, v, valid, config)
     ref_out, ref_lse = _dense(q, k, v, allowed, scale)
     tol = battery.tolerance(jnp.float32, jnp.float32)
@@ -154,12 +153,12 @@ def test_512_key_blocks_lower_for_tpu():
 
 def test_requested_compute_blocks_reach_each_kernel():
     # block_k_compute travels from TpuBlockSizes to the forward and backward kernels (their key-validity
-    # flags are per compute block, so the SMEM tables show it), and gives way to the rule where fitting
-    # shortens a key block below a multiple of it.
+    # flags are per compute block, so the SMEM tables show it); fitted key blocks shorten it with them,
+    # and call_block_sizes reports what runs.
     blocks = TpuBlockSizes(block_q=128, block_k=512, block_q_bwd=128, block_k_bwd=256, block_k_compute=64)
     long_band = BandPattern(seq_len=2048, left=256, right=256)
     config = block_sparse_flash._make_config(long_band, blocks, False, 1.0, 64, jnp.bfloat16)
-    assert (config.block_k_compute, config.block_k_compute_bwd) == (64, 64)
+    assert config.block_k_compute == 64
     fps = block_sparse_flash.tpu_footprints(long_band, batch=1, head_dim=64, dtype=jnp.bfloat16, block_sizes=blocks)
     default = block_sparse_flash.tpu_footprints(
         long_band, batch=1, head_dim=64, dtype=jnp.bfloat16, block_sizes=dataclasses.replace(blocks, block_k_compute=None)
@@ -167,6 +166,12 @@ def test_requested_compute_blocks_reach_each_kernel():
     # One int8 flag per (batch, key compute block): 2048 / 64 against 2048 / 128.
     for kind in ("forward", "dq", "dkv"):
         assert fps[kind].smem_bytes - default[kind].smem_bytes == 2048 // 64 - 2048 // 128, kind
-    short_band = BandPattern(seq_len=200, left=16, right=16)  # key blocks fitted to 200 positions
-    config = block_sparse_flash._make_config(short_band, blocks, False, 1.0, 64, jnp.bfloat16)
-    assert (config.block_k, config.block_k_compute, config.block_k_compute_bwd) == (200, None, None)
+    # Key blocks fitted to a 200-token sequence: a 256-key compute block becomes the whole block.
+    short_band = BandPattern(seq_len=200, left=16, right=16)
+    asked = dataclasses.replace(blocks, block_k_bwd=512, block_k_compute=256)
+    runs = block_sparse_flash.call_block_sizes(short_band, asked, head_dim=64, dtype=jnp.bfloat16)
+    assert (runs.block_k, runs.block_k_bwd, runs.block_k_compute) == (200, 200, 200)
+    assert block_sparse_flash._make_config(short_band, runs, False, 1.0, 64, jnp.bfloat16).block_k_compute == 200
+    # 64 divides neither 200-key block: refused, naming the field.
+    with pytest.raises(ValueError, match="block_k_compute=64 does not fit the key blocks"):
+        block_sparse_flash.call_block_sizes(short_band, blocks, head_dim=64, dtype=jnp.bfloat16)
