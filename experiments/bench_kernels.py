@@ -291,34 +291,45 @@ def table(rows) -> str:
     return bench_common.markdown_table(rows, TABLE)
 
 
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """One of the issue's targets: a measured row against another at the goal length."""
+
+    ours: str  # the op judged
+    theirs: str  # the op it is judged against
+    value: Callable[[dict, dict, str], float]  # (ours, theirs, 'fwd' | 'fwd_bwd') -> the figure
+    met: Callable[[float], bool]
+    text: Callable[[float], str]
+    verdict: tuple[str, str]  # (met, missed)
+    missing: str  # what the line says when either row is missing
+
+
+GOALS = (
+    Goal("pallas_sliding_window", "dense_flash", lambda ours, _, key: ours[f"{key}_of_dense"], lambda f: f >= 0.6,
+         lambda f: f"sliding-window kernel at {f:.0%} of dense flash TFLOP/s", ("meets >= 60%", "misses >= 60%"),
+         "sliding window vs dense flash"),
+    Goal("pallas_sliding_window_causal", "cudnn_sliding_window_causal",
+         lambda ours, theirs, key: theirs[f"{key}_ms"] / ours[f"{key}_ms"], lambda r: r > 1,
+         lambda r: f"causal kernel {r:.2f}x the speed of cuDNN's sliding window", ("beats it", "does not beat it"),
+         "causal window vs cuDNN's sliding window"),
+    Goal("pallas_favor_causal", "pallas_favor", lambda ours, theirs, key: ours[f"{key}_ms"] / theirs[f"{key}_ms"],
+         lambda r: r <= 1.5, lambda r: f"causal FAVOR+ kernel at {r:.2f}x bidirectional's time",
+         ("meets <= 1.5x", "misses <= 1.5x"), "causal vs bidirectional FAVOR+"),
+)
+
+
 def goal(rows, seq: int) -> str:
-    """The issue's target, judged on what was measured."""
+    """The issue's targets (`GOALS`), judged on what was measured."""
     at = {r["op"]: r for r in rows if r["seq"] == seq and r["fwd_bwd_ms"] == r["fwd_bwd_ms"]}
     lines = [f"goal at seq {seq}:"]
-    sw, dense = at.get("pallas_sliding_window"), at.get("dense_flash")
-    if sw and dense:
+    for target in GOALS:
+        ours, theirs = at.get(target.ours), at.get(target.theirs)
+        if not (ours and theirs):
+            lines.append(f"  {target.missing}: not measured")
+            continue
         for key in ("fwd", "fwd_bwd"):
-            fraction = sw[f"{key}_of_dense"]
-            lines.append(f"  {key}: sliding-window kernel at {fraction:.0%} of dense flash TFLOP/s "
-                         f"({'meets' if fraction >= 0.6 else 'misses'} >= 60%)")
-    else:
-        lines.append("  sliding window vs dense flash: not measured")
-    causal, cudnn = at.get("pallas_sliding_window_causal"), at.get("cudnn_sliding_window_causal")
-    if causal and cudnn:
-        for key in ("fwd", "fwd_bwd"):
-            ratio = cudnn[f"{key}_ms"] / causal[f"{key}_ms"]
-            lines.append(f"  {key}: causal kernel {ratio:.2f}x the speed of cuDNN's sliding window "
-                         f"({'beats' if ratio > 1 else 'does not beat'} it)")
-    else:
-        lines.append("  causal window vs cuDNN's sliding window: not measured")
-    favor, favor_causal = at.get("pallas_favor"), at.get("pallas_favor_causal")
-    if favor and favor_causal:
-        for key in ("fwd", "fwd_bwd"):
-            ratio = favor_causal[f"{key}_ms"] / favor[f"{key}_ms"]
-            lines.append(f"  {key}: causal FAVOR+ kernel at {ratio:.2f}x bidirectional's time "
-                         f"({'meets' if ratio <= 1.5 else 'misses'} <= 1.5x)")
-    else:
-        lines.append("  causal vs bidirectional FAVOR+: not measured")
+            value = target.value(ours, theirs, key)
+            lines.append(f"  {key}: {target.text(value)} ({target.verdict[0] if target.met(value) else target.verdict[1]})")
     return "\n".join(lines)
 
 
