@@ -93,9 +93,10 @@ def test_causal_output_ignores_the_future(implementation, chunk_size):
     seq, cut = 24, 13
     q, k, v = battery.random_inputs(21, (1, seq, 2, 8), jnp.float32, 3)
     projection = _projection(2, 64, 8)
-    run = lambda q, k, v: favor_attention(
+    # One compiled program for both inputs: op-by-op dispatch would compile every primitive.
+    run = jax.jit(lambda q, k, v: favor_attention(
         q, k, v, projection=projection, causal=True, chunk_size=chunk_size, impl=impl, **extra
-    )
+    ))
     base = run(q, k, v)
     future = jnp.arange(seq)[None, :, None, None] > cut
     q2, k2, v2 = (jnp.where(future, x * 40.0 + 3.0, x) for x in (q, k, v))
@@ -115,9 +116,9 @@ def test_bfloat16_finite_with_huge_scores(implementation, causal):
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     projection = _projection(3, 64, 16)
     fn = lambda q, k, v: favor_attention(q, k, v, projection=projection, causal=causal, chunk_size=8, impl=impl, **extra)
-    out = fn(q, k, v)
+    out = jax.jit(fn)(q, k, v)
     assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
-    grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2)))(q, k, v)
     assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
 
 
@@ -143,13 +144,19 @@ def test_under_jit_and_vmap(implementation):
 
 
 def _softmax_error(num_features, seed, *, orthogonal=True, causal=False, dtype=jnp.float32):
+    return float(_jitted_softmax_error(seed, num_features, orthogonal, causal, jnp.dtype(dtype)))
+
+
+# One compiled program per setting, run for every seed: the statistical tests take dozens of seeds.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _jitted_softmax_error(seed, num_features, orthogonal, causal, dtype):
     q, k, v = battery.random_inputs(100 + seed, (1, 32, 1, 16), dtype, 3)
     q, k = q * 0.5, k * 0.5
     projection = favor_projection(jax.random.key(seed), num_features, 16, orthogonal=orthogonal).astype(dtype)
     approx = favor_attention(q, k, v, projection=projection, causal=causal, impl="xla")
     mask = jnp.tril(jnp.ones((32, 32), bool)) if causal else jnp.ones((32, 32), bool)
     exact = dense_attention(q, k, v, mask[None, None])
-    return float(jnp.mean(jnp.abs(approx - exact)))
+    return jnp.mean(jnp.abs(approx - exact))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -27,5 +27,6 @@ def test_kernel_module_imports_nothing_of_longjax(module):
         "loaded = sorted(n for n in sys.modules if n == 'longjax' or n.startswith('longjax.'))\n"
         "print(','.join(loaded))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                            timeout=600)
     assert result.stdout.strip() == "", f"{module} loaded {result.stdout.strip()}"

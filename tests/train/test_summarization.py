@@ -116,7 +116,7 @@ def test_summarize_command_takes_decoding_flags(trained):
     done = subprocess.run(
         [sys.executable, "-m", "longjax.summarize", f"--workdir={workdir}", "--split=test",
          "--config.decode.num_beams=3", "--config.decode.early_stopping=never", "--config.decode.length_penalty=2.0"],
-        capture_output=True, text=True, cwd=REPO, check=False,
+        capture_output=True, text=True, cwd=REPO, check=False, timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rougeLsum" in done.stdout
@@ -125,7 +125,8 @@ def test_summarize_command_takes_decoding_flags(trained):
     assert written["overrides"] == {"decode": {"num_beams": 3, "early_stopping": "never", "length_penalty": 2.0}}
     assert len(pathlib.Path(written["predictions"]).read_text().splitlines()) == 2
     bad = subprocess.run([sys.executable, "-m", "longjax.summarize", f"--workdir={workdir}",
-                          "--config.decode.num_beams=0"], capture_output=True, text=True, cwd=REPO, check=False)
+                          "--config.decode.num_beams=0"], capture_output=True, text=True, cwd=REPO, check=False,
+                         timeout=600)
     assert bad.returncode == 1 and "decode.num_beams must be an int >= 1" in bad.stdout + bad.stderr
 
 
