@@ -34,3 +34,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+# The end-to-end directories first. With two workers a run ends when the last long test does:
+# started first, the long training tests overlap each other and the many short tests fill the
+# end, instead of one worker finishing a training test while the other idles.
+_LONG_FIRST = ("tests/train/", "tests/models/", "tests/hf/")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return next((i for i, prefix in enumerate(_LONG_FIRST) if item.nodeid.startswith(prefix)), len(_LONG_FIRST))
+
+    items.sort(key=rank)  # stable: a file's tests stay together, so its module fixtures are not set up again
