@@ -20,6 +20,7 @@ from longjax.attention import global_tokens
 from longjax.attention import pallas_block_sparse
 from longjax.attention import pallas_favor
 from longjax.attention import reference
+from longjax.attention import sequence_parallel
 from longjax.attention import sliding_window as sliding_window_lib
 from longjax.attention.arguments import Implementation
 from longjax.attention.specs import BlockSparseSpec
@@ -88,6 +89,54 @@ _SLIDING_WINDOW_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
 )
 
 
+def _not_sharded(name: str):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(f"impl={name!r} does not shard the sequence (sequence_axis)")
+
+    return refuse
+
+
+def _sliding_window_xla_sharded(q, k, v, *, block_size, **kwargs):
+    band = lambda *xs, spec, scale: sliding_window_lib.band_part(*xs, spec=spec, scale=scale, block_size=block_size)
+    return sequence_parallel.sliding_window_sharded(q, k, v, band=band, **kwargs)
+
+
+def _sliding_window_pallas_sharded(q, k, v, *, block_size, interpret, block_sizes, **kwargs):
+    if block_size is not None:
+        raise NotImplementedError(
+            "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
+        )
+
+    def band(*xs, spec, scale):
+        return pallas_block_sparse.band_part(
+            *xs, spec=spec, scale=scale, block_sizes=block_sizes, interpret=interpret
+        )
+
+    # The kernels' pallas_calls declare no per-axis variance of their outputs, which shard_map's
+    # check needs; see sliding_window_sharded on why the collectives stay exact without it.
+    return sequence_parallel.sliding_window_sharded(q, k, v, band=band, check_vma=False, **kwargs)
+
+
+# With sequence_axis: the sequence sharded over a mesh axis, each shard's band by one implementation.
+_SLIDING_WINDOW_SHARDED_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
+    {
+        "xla": _without_kernel_options(_with_global_slots(_sliding_window_xla_sharded)),
+        "pallas": _with_global_slots(_sliding_window_pallas_sharded),
+        "reference": _not_sharded("reference"),
+    }
+)
+
+
+def _sequence_table(table, sharded_table, sequence_axis, seq: int):
+    """The implementations and their extra arguments for a call with or without sequence_axis."""
+    if sequence_axis is None:
+        return table, {}
+    if not isinstance(sequence_axis, str):
+        raise ValueError(f"sequence_axis must be None or a mesh axis name (str), got {sequence_axis!r}")
+    sequence_parallel.check_sequence_axis(sequence_axis, seq)
+    return sharded_table, {"sequence_axis": sequence_axis}
+
+
 def sliding_window_attention(
     q,
     k,
@@ -105,6 +154,7 @@ def sliding_window_attention(
     interpret: bool | None = None,
     block_sizes=None,
     impl: Implementation | None = None,
+    sequence_axis: str | None = None,
 ):
     """Longformer attention: a (dilated) sliding window plus global tokens.
 
@@ -145,12 +195,18 @@ def sliding_window_attention(
         lowering (so `jax.export` from a CPU host works for 'cuda' and 'tpu');
         interpreted, the TPU kernels on a TPU host and the GPU kernels elsewhere.
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
+      sequence_axis: None, or the name of an axis of the mesh in context
+        (`jax.set_mesh`) that shards the sequence: every array is split along
+        seq over it (seq a multiple of its size), and each device exchanges
+        only the keys and values the window reaches with its neighbours
+        (`sequence_parallel.py`). 'xla' and 'pallas' shard; 'reference' does not.
 
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype.
     """
     arguments.check_qkv(q, k, v)
     batch, seq, heads, _ = q.shape
+    table, extra = _sequence_table(_SLIDING_WINDOW_IMPLS, _SLIDING_WINDOW_SHARDED_IMPLS, sequence_axis, seq)
     spec = arguments.parse_sliding_window(window, dilation, causal, heads)
     arguments.check_token_mask("global_mask", global_mask, batch, seq)
     arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
@@ -161,7 +217,7 @@ def sliding_window_attention(
     arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "sliding_window_attention",
-        _SLIDING_WINDOW_IMPLS,
+        table,
         impl,
         q, k, v,
         spec=spec,
@@ -173,6 +229,7 @@ def sliding_window_attention(
         block_size=block_size,
         interpret=interpret,
         block_sizes=block_sizes,
+        **extra,
     )
 
 
@@ -303,6 +360,23 @@ _FAVOR_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
 )
 
 
+def _favor_xla_sharded(q, k, v, **kwargs):
+    return sequence_parallel.favor_sharded(q, k, v, **kwargs)
+
+
+def _favor_pallas_sharded(q, k, v, **kwargs):
+    raise NotImplementedError("impl='pallas' FAVOR+ does not shard the sequence (sequence_axis); impl='xla' does")
+
+
+_FAVOR_SHARDED_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
+    {
+        "xla": _without_kernel_options(_favor_xla_sharded),
+        "pallas": _favor_pallas_sharded,
+        "reference": _not_sharded("reference"),
+    }
+)
+
+
 def favor_attention(
     q,
     k,
@@ -317,6 +391,7 @@ def favor_attention(
     interpret: bool | None = None,
     block_sizes=None,
     impl: Implementation | None = None,
+    sequence_axis: str | None = None,
 ):
     """Performer FAVOR+ attention, linear in sequence length.
 
@@ -344,19 +419,24 @@ def favor_attention(
         default backend's (GPU's on CPU) when interpreted.
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'
         (the dense product of the same features).
+      sequence_axis: None, or the name of an axis of the mesh in context
+        (`jax.set_mesh`) that shards the sequence: bidirectional attention sums
+        the `[features, head_dim]` states over it, causal attention takes the
+        exclusive prefix of the shards' states. impl='xla' only.
 
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype; computed in float32.
     """
     arguments.check_qkv(q, k, v)
     batch, seq, heads, head_dim = q.shape
+    table, extra = _sequence_table(_FAVOR_IMPLS, _FAVOR_SHARDED_IMPLS, sequence_axis, seq)
     arguments.check_favor(projection, feature_map, chunk_size, heads, head_dim)
     arguments.check_token_mask("padding_mask", padding_mask, batch, seq)
     arguments.check_scale(scale)
     arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "favor_attention",
-        _FAVOR_IMPLS,
+        table,
         impl,
         q, k, v,
         projection=projection,
@@ -367,4 +447,5 @@ def favor_attention(
         chunk_size=chunk_size,
         interpret=interpret,
         block_sizes=block_sizes,
+        **extra,
     )

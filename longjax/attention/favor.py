@@ -188,7 +188,56 @@ def _from_chunks(x, seq: int):
     return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :seq]
 
 
-def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk):
+def _key_sums(keys, values, valid, stabiliser, projection, feature_map, scale, combine):
+    """`phi(K)^T V` `[batch, heads, features, head_dim]` and `phi(K)^T 1` `[batch, heads, features]`
+    of chunked keys (`[chunks, batch, heads, chunk, ...]`), softmax features taken against one
+    stabiliser per batch and head (`[batch, heads]`)."""
+    b, h = keys.shape[1:3]
+
+    def key_step(carry, xs):
+        kv, normaliser = carry
+        kc, vc, valid_c = xs
+        kf = _chunk_key_features(kc, valid_c, stabiliser[..., None], projection, feature_map, scale)
+        return (kv + jnp.einsum("bhnm,bhnd->bhmd", kf, vc), normaliser + jnp.sum(kf, axis=2)), None
+
+    m, d = projection.shape[-2], values.shape[-1]
+    init = (jnp.zeros((b, h, m, d), keys.dtype), jnp.zeros((b, h, m), keys.dtype))
+    return jax.lax.scan(key_step, tuple(map(combine.own, init)), (keys, values, valid))[0]
+
+
+class SequenceCombine:
+    """How the FAVOR+ passes combine over the sequence: within one array (this class), or across
+    the shards of a sequence-parallel mesh axis (`sequence_parallel.py`).
+
+    `max` and `sum` take a stabiliser and the key sums of this sequence to those of the whole
+    sequence; `before` gives a causal pass the state of the keys before this sequence.
+    """
+
+    def max(self, x):
+        return x
+
+    def sum(self, x):
+        return x
+
+    def own(self, x):
+        """`x` as a value of this sequence's own (a shard's, under `shard_map`), e.g. a scan's initial carry."""
+        return x
+
+    def before(self, block_max, key_sums):
+        """(state, normaliser, running max) of the keys before this sequence: none.
+
+        block_max: `[batch, heads]`, the largest logit of this sequence's valid keys (stabiliser);
+        key_sums: `stabiliser -> (kv, normaliser)`, this sequence's key sums against a stabiliser.
+        """
+        kv, normaliser = jax.eval_shape(key_sums, block_max)
+        return (
+            jnp.zeros(kv.shape, kv.dtype),
+            jnp.zeros(normaliser.shape, normaliser.dtype),
+            jnp.full(block_max.shape, MASK_VALUE, block_max.dtype),
+        )
+
+
+def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk, combine: SequenceCombine):
     """Scans over key chunks (reducing `phi(K)^T V` and the normaliser), then query chunks.
 
     Same algebra as one big product; computing features inside the scans keeps
@@ -203,17 +252,10 @@ def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk):
     if feature_map == "relu":
         key_max = jnp.zeros((b, h), q.dtype)
     else:
-        key_max = jnp.max(_key_logit_max(keys, valid, projection, scale), axis=(0, 3))
+        key_max = combine.max(jnp.max(_key_logit_max(keys, valid, projection, scale), axis=(0, 3)))
 
-    def key_step(carry, xs):
-        kv, normaliser = carry
-        kc, vc, valid_c = xs
-        kf = _chunk_key_features(kc, valid_c, key_max[..., None], projection, feature_map, scale)
-        return (kv + jnp.einsum("bhnm,bhnd->bhmd", kf, vc), normaliser + jnp.sum(kf, axis=2)), None
-
-    m = projection.shape[-2]
-    init = (jnp.zeros((b, h, m, d), q.dtype), jnp.zeros((b, h, m), q.dtype))
-    (kv, normaliser), _ = jax.lax.scan(key_step, init, (keys, values, valid))
+    kv, normaliser = _key_sums(keys, values, valid, key_max, projection, feature_map, scale, combine)
+    kv, normaliser = combine.sum(kv), combine.sum(normaliser)
     normaliser = normaliser[:, :, None, :]
 
     def query_step(_, qc):
@@ -225,15 +267,23 @@ def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk):
     return _from_chunks(out, n)
 
 
-def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk):
+def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk, combine: SequenceCombine):
     b, h, n, d = q.shape
     valid = _to_chunks(key_valid[:, None, :], chunk)[:, :, 0]  # [chunks, batch, chunk]
-    keys = _to_chunks(k, chunk)
+    keys, values = _to_chunks(k, chunk), _to_chunks(v, chunk)
     if feature_map == "relu":
-        running_max = jnp.zeros((b, h, n), q.dtype)
+        position_max = combine.own(jnp.zeros((b, h, n), q.dtype))
+        block_max = combine.own(jnp.zeros((b, h), q.dtype))
+    else:
+        position_max = _from_chunks(_key_logit_max(keys, valid, projection, scale), n)
+        block_max = jnp.max(position_max, axis=2)
+    key_sums = lambda stabiliser: _key_sums(keys, values, valid, stabiliser, projection, feature_map, scale, combine)
+    init = combine.before(block_max, key_sums)
+    if feature_map == "relu":
+        running_max = position_max
     else:
         # The running max over valid keys up to each position: no later key enters.
-        running_max = jax.lax.cummax(_from_chunks(_key_logit_max(keys, valid, projection, scale), n), axis=2)
+        running_max = jax.lax.cummax(jnp.maximum(position_max, init[2][..., None]), axis=2)
 
     causal_mask = np.tril(np.ones((chunk, chunk), bool))
 
@@ -258,23 +308,19 @@ def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk):
         normaliser = normaliser * carry_decay[..., None] + jnp.sum(to_end, axis=2)
         return (state, normaliser, new_max), _safe_divide(num, den)
 
-    m = projection.shape[-2]
-    init = (
-        jnp.zeros((b, h, m, d), q.dtype),
-        jnp.zeros((b, h, m), q.dtype),
-        jnp.full((b, h), MASK_VALUE, q.dtype),
-    )
     # Padded positions hold no key; repeating the last running max keeps every decay <= 1.
-    xs = (_to_chunks(q, chunk), keys, _to_chunks(v, chunk), valid, _to_chunks(running_max, chunk, mode="edge"))
+    xs = (_to_chunks(q, chunk), keys, values, valid, _to_chunks(running_max, chunk, mode="edge"))
     _, out = jax.lax.scan(step, init, xs)
     return _from_chunks(out, n)
 
 
-def favor_xla(q, k, v, *, projection, feature_map, causal, padding_mask, scale, chunk_size):
+def favor_xla(q, k, v, *, projection, feature_map, causal, padding_mask, scale, chunk_size, combine=None):
     """FAVOR+ in pure JAX; arguments as `longjax.attention.favor_attention`.
 
     `projection` is `[features, head_dim]` (shared) or `[heads, features, head_dim]`.
+    `combine`: a `SequenceCombine` when q, k, v are one shard of a longer sequence.
     """
+    combine = SequenceCombine() if combine is None else combine
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # Features, states and sums in float32 at least (float64 inputs stay float64).
     compute_dtype = jnp.promote_types(q.dtype, jnp.float32)
@@ -282,10 +328,12 @@ def favor_xla(q, k, v, *, projection, feature_map, causal, padding_mask, scale, 
     qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
     key_valid = jnp.ones(q.shape[:2], bool) if padding_mask is None else padding_mask
     if causal:
-        out = _causal(qh, kh, vh, projection, key_valid, feature_map, scale, chunk_size or DEFAULT_CHUNK_SIZE)
+        out = _causal(
+            qh, kh, vh, projection, key_valid, feature_map, scale, chunk_size or DEFAULT_CHUNK_SIZE, combine
+        )
     else:
         chunk = min(BIDIRECTIONAL_CHUNK, q.shape[1])
-        out = _bidirectional(qh, kh, vh, projection, key_valid, feature_map, scale, chunk)
+        out = _bidirectional(qh, kh, vh, projection, key_valid, feature_map, scale, chunk, combine)
     out = to_bhnd(out)
     if padding_mask is not None:
         out = jnp.where(padding_mask[:, :, None, None], out, 0.0)

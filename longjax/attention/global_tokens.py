@@ -90,7 +90,7 @@ def local_key_valid(q, global_mask, padding_mask):
     return valid if global_mask is None else valid & ~global_mask
 
 
-def _global_slots(is_global, num_slots: int):
+def global_slots(is_global, num_slots: int):
     """Positions of the global tokens of each row, in order, padded to `num_slots`.
 
     Returns (positions int32 `[batch, slots]`, slot_used bool `[batch, slots]`,
@@ -185,7 +185,23 @@ def _to_global_keys(q, k, v, positions, used, causal, scale) -> PartialAttention
     `[seq, slots]` array is whole.
     """
     gather = lambda x: jnp.take_along_axis(x, positions[:, None, :, None], axis=2)
-    k_g, v_g = gather(k), gather(v)
+    return to_gathered_keys(q, gather(k), gather(v), positions, used, causal=causal, scale=scale)
+
+
+def to_gathered_keys(q, k_g, v_g, positions, used, *, causal: bool, scale: float) -> PartialAttention:
+    """Every query against global keys already gathered into slots.
+
+    Args:
+      q: `[batch, heads, rows, head_dim]`, row i at position i.
+      k_g, v_g: `[batch, heads, slots, head_dim]`.
+      positions: int32 `[batch, slots]`, the slots' positions in q's row numbering (for the causal
+        mask; they may lie outside `[0, rows)`, as a sequence shard's do).
+      used: bool `[batch, slots]`.
+
+    Returns:
+      float32 out `[batch, heads, rows, head_dim]` and lse `[batch, heads, rows]`, with queries in
+      chunks of `chunk_length` (and a backward by chunk) past one chunk.
+    """
     chunk = chunk_length(q.shape[2], positions.shape[1])
     if chunk >= q.shape[2]:
         return _keys_dense(q, 0, k_g, v_g, positions, used, causal, scale)
@@ -219,7 +235,7 @@ def _rows_dense(q_sel, k_keys, v_keys, key_valid, first_key, owns, positions, us
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _rows_chunked(q_sel, k, v, key_valid, positions, used, causal, scale, chunk):
-    """`_rows_dense` over every key, keys in chunks merged by log-sum-exp: float32 out."""
+    """`_rows_dense` over every key, keys in chunks merged by log-sum-exp: float32 (out, lse)."""
     return _rows_chunked_fwd(q_sel, k, v, key_valid, positions, used, causal, scale, chunk)[0]
 
 
@@ -235,14 +251,16 @@ def _rows_chunked_fwd(q_sel, k, v, key_valid, positions, used, causal, scale, ch
     b, h, g, d = q_sel.shape
     empty = PartialAttention(jnp.zeros((b, h, g, d), jnp.float32), jnp.full((b, h, g), MASK_VALUE, jnp.float32))
     part, _ = jax.lax.scan(step, empty, _chunk_starts(k.shape[2], chunk))
-    return part.out, (q_sel, k, v, key_valid, positions, used, part)
+    return part, (q_sel, k, v, key_valid, positions, used, part)
 
 
-def _rows_chunked_bwd(causal, scale, chunk, residuals, d_out):
+def _rows_chunked_bwd(causal, scale, chunk, residuals, d_part):
     """By key chunk, probabilities recomputed from the saved lse (FlashAttention's backward)."""
     q_sel, k, v, key_valid, positions, used, part = residuals
-    # The softmax backward's row term: sum_j p_j dp_j = d_out . out.
-    delta = jnp.sum(d_out * part.out, axis=-1, keepdims=True)
+    d_out, d_lse = d_part
+    # The softmax backward's row term, sum_j p_j dp_j = d_out . out; d lse / d score = prob, so
+    # the lse's cotangent joins it.
+    row_term = d_lse[..., None] - jnp.sum(d_out * part.out, axis=-1, keepdims=True)
     d_out = d_out.astype(v.dtype)
 
     def step(carry, xs):
@@ -254,7 +272,7 @@ def _rows_chunked_bwd(causal, scale, chunk, residuals, d_out):
         # where, not a product: a masked score may overflow exp, and an empty row's lse is MASK_VALUE.
         probs = jnp.where(mask, jnp.exp(scores - part.lse[..., None]), 0.0)
         d_probs = _dot("bhgd,bhnd->bhgn", d_out, v_c)
-        d_scores = probs * (d_probs - delta) * scale
+        d_scores = probs * (d_probs + row_term) * scale
         d_q = d_q + _dot("bhgn,bhnd->bhgd", d_scores.astype(k.dtype), k_c)
         d_k_c = _dot("bhgn,bhgd->bhnd", d_scores.astype(q_sel.dtype), q_sel)
         d_v_c = _dot("bhgn,bhgd->bhnd", probs.astype(v.dtype), d_out)
@@ -269,18 +287,33 @@ _rows_chunked.defvjp(_rows_chunked_fwd, _rows_chunked_bwd)
 
 
 def _from_global_queries(q, k, v, key_valid, positions, used, causal, scale):
-    """Global queries against every key: `[batch, heads, slots, head_dim]`, normalised.
-
-    Keys go in chunks of `chunk_length`, merged by log-sum-exp, with a backward by
-    chunk too, so no `[slots, seq]` array is whole.
-    """
-    n = q.shape[2]
+    """Global queries against every key: `[batch, heads, slots, head_dim]`, normalised."""
     q_sel = jnp.take_along_axis(q, positions[:, None, :, None], axis=2)
-    key_valid = jnp.ones((q.shape[0], n), bool) if key_valid is None else key_valid
+    return from_gathered_queries(q_sel, k, v, key_valid, positions, used, causal=causal, scale=scale).out
+
+
+def from_gathered_queries(q_sel, k, v, key_valid, positions, used, *, causal: bool, scale: float):
+    """Global queries already gathered into slots against every key `key_valid` allows.
+
+    Args:
+      q_sel: `[batch, heads, slots, head_dim]`.
+      k, v: `[batch, heads, keys, head_dim]`, key j at position j.
+      key_valid: bool `[batch, keys]`, or None for every key.
+      positions: int32 `[batch, slots]`, the queries' positions in the keys' numbering (for the
+        causal mask; they may lie outside `[0, keys)`, as a sequence shard's do).
+      used: bool `[batch, slots]`.
+
+    Returns:
+      float32 out `[batch, heads, slots, head_dim]` and lse `[batch, heads, slots]`. Keys go in
+      chunks of `chunk_length`, merged by log-sum-exp, with a backward by chunk too, so no
+      `[slots, seq]` array is whole.
+    """
+    n = k.shape[2]
+    key_valid = jnp.ones((k.shape[0], n), bool) if key_valid is None else key_valid
     chunk = chunk_length(n, positions.shape[1])
     if chunk >= n:
-        return _rows_dense(q_sel, k, v, key_valid, 0, 0, positions, used, causal, scale).out
-    return _rows_chunked(q_sel, k, v, key_valid, positions, used, causal, float(scale), chunk)
+        return _rows_dense(q_sel, k, v, key_valid, 0, 0, positions, used, causal, scale)
+    return PartialAttention(*_rows_chunked(q_sel, k, v, key_valid, positions, used, causal, float(scale), chunk))
 
 
 def add_global_tokens(
@@ -300,7 +333,7 @@ def add_global_tokens(
       float32 `[batch, heads, seq, head_dim]`.
     """
     is_global = global_mask if padding_mask is None else global_mask & padding_mask
-    positions, used, overflow = _global_slots(is_global, max_global_tokens)
+    positions, used, overflow = global_slots(is_global, max_global_tokens)
     out = partial_softmax.merge(part, _to_global_keys(q, k, v, positions, used, causal, scale)).out
     gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
     global_out = _from_global_queries(gq, gk, gv, padding_mask, positions, used, causal, scale)

@@ -105,6 +105,25 @@ def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes,
     return jnp.concatenate(outs, axis=2)[:, :, inverse], jnp.concatenate(lses, axis=1)[:, inverse]
 
 
+def band_part(q, k, v, key_valid, *, spec: SlidingWindowSpec, scale: float, block_sizes=None, interpret=None):
+    """The band of every head on the kernels, without global tokens, as a partial attention.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`.
+      key_valid: bool `[batch, seq]`, the keys the band may attend.
+
+    Returns:
+      float32 out `[batch, heads, seq, head_dim]` and lse `[batch, heads, seq]`.
+    """
+    block_sparse_kernels.check_block_sizes(block_sizes)
+    interpret = common.resolve_interpret(interpret)
+    out, lse = block_sparse_kernels.per_lowering(
+        lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
+        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+    )
+    return PartialAttention(jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse)
+
+
 def _complete(
     out, lse, q, k, v, *, global_mask, global_qkv, padding_mask, max_global_tokens, causal, scale,
     global_positions=None,

@@ -83,6 +83,20 @@ def _local(q, k, v, key_valid, spec: SlidingWindowSpec, block_size, scale) -> Pa
     )
 
 
+def band_part(q, k, v, key_valid, *, spec: SlidingWindowSpec, scale: float, block_size=None) -> PartialAttention:
+    """The band of every head, without global tokens, as a partial attention.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`.
+      key_valid: bool `[batch, seq]`, the keys the band may attend.
+
+    Returns:
+      float32 out `[batch, heads, seq, head_dim]` and lse `[batch, heads, seq]`.
+    """
+    to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
+    return _local(to_bhnd(q), to_bhnd(k), to_bhnd(v), key_valid, spec, block_size, scale)
+
+
 def sliding_window_xla(
     q, k, v, *, spec: SlidingWindowSpec, global_mask=None, global_qkv=None, padding_mask=None,
     scale=None, max_global_tokens=None, block_size=None,

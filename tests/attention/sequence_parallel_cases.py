@@ -1,0 +1,156 @@
+"""The sequence-parallel cases, run in a child process with 8 simulated CPU devices.
+
+`python -m tests.attention.sequence_parallel_cases OUT_DIR` writes, per case, `CASE.npz` with the
+output and the gradients of q, k, v (of `sum(out * cotangent)`) of the op unsharded (`want_*`) and
+sharded over the mesh's `sequence` axis (`got_*`), and `hlo_CASE.txt`, the compiled HLO of the
+sharded value-and-gradient, for the cases `HLO_CASES` names. `test_sequence_parallel.py` compares
+them. The device count has to be set before JAX starts, hence the child process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+
+from longjax.attention import api  # noqa: E402
+
+BATCH, SEQ, HEADS, HEAD_DIM = 2, 64, 2, 8
+# Two meshes of the 8 devices: the sequence over all of them (shards of 8 positions), or over 4
+# with the batch over the other 2 (shards of 16), which the op leaves to the compiler.
+MESHES = {"seq8": (1, 8), "data2_seq4": (2, 4)}
+
+
+def _masks():
+    globals_ = np.zeros((BATCH, SEQ), bool)
+    globals_[0, [0, 21, 40]] = True  # in shards 0, 2 and 5 of 8
+    globals_[1, [33]] = True
+    padding = np.ones((BATCH, SEQ), bool)
+    padding[1, 45:] = False  # row 1 ends inside a shard; its last shards are all padding
+    return jnp.asarray(globals_), jnp.asarray(padding)
+
+
+def _cases():
+    """name -> (mesh name, op(q, k, v, sequence_axis=...) -> out)."""
+    globals_, padding = _masks()
+    projection = jax.random.normal(jax.random.key(7), (16, HEAD_DIM), jnp.float32)
+    head_projection = jax.random.normal(jax.random.key(8), (HEADS, 12, HEAD_DIM), jnp.float32)
+    sw = functools.partial(api.sliding_window_attention, impl="xla")
+    favor = functools.partial(api.favor_attention, impl="xla")
+    return {
+        # Sliding window: within one shard, one hop each way.
+        "window_inside_shard": ("seq8", lambda q, k, v, **kw: sw(q, k, v, window=3, **kw)),
+        # Wider than a shard: two hops each way.
+        "window_two_shards": ("seq8", lambda q, k, v, **kw: sw(q, k, v, window=13, **kw)),
+        # Asymmetric and dilated per head: reaches 40 positions back (5 shards), 8 ahead.
+        "asymmetric_dilated": (
+            "seq8", lambda q, k, v, **kw: sw(q, k, v, window=(20, 4), dilation=(1, 2), **kw),
+        ),
+        # Beyond the sequence: every shard reaches every other.
+        "window_beyond_sequence": ("data2_seq4", lambda q, k, v, **kw: sw(q, k, v, window=100, **kw)),
+        "window_zero": ("seq8", lambda q, k, v, **kw: sw(q, k, v, window=0, **kw)),
+        "padding": ("data2_seq4", lambda q, k, v, **kw: sw(q, k, v, window=5, padding_mask=padding, **kw)),
+        "globals_padding": (
+            "seq8",
+            lambda q, k, v, **kw: sw(q, k, v, window=5, global_mask=globals_, padding_mask=padding, **kw),
+        ),
+        "causal_globals_padding": (
+            "seq8",
+            lambda q, k, v, **kw: sw(
+                q, k, v, window=10, causal=True, global_mask=globals_, padding_mask=padding, **kw
+            ),
+        ),
+        "global_projections": (
+            "data2_seq4",
+            lambda q, k, v, **kw: sw(
+                q, k, v, window=6, dilation=(2, 1), global_mask=globals_, padding_mask=padding,
+                global_qkv=(0.5 * q, jnp.flip(k, axis=1), 2.0 * v), **kw,
+            ),
+        ),
+        # A band on the kernels (interpreted here), the globals as above.
+        "pallas_globals": (
+            "data2_seq4",
+            lambda q, k, v, **kw: api.sliding_window_attention(
+                q, k, v, window=9, global_mask=globals_, padding_mask=padding, impl="pallas", interpret=True, **kw
+            ),
+        ),
+        # FAVOR+.
+        "favor_bidirectional": ("seq8", lambda q, k, v, **kw: favor(q, k, v, projection=projection, padding_mask=padding, **kw)),
+        "favor_bidirectional_relu_heads": (
+            "data2_seq4",
+            lambda q, k, v, **kw: favor(q, k, v, projection=head_projection, feature_map="relu", **kw),
+        ),
+        # Chunks shorter than a shard, and longer (the shard is one padded chunk).
+        "favor_causal_short_chunks": (
+            "seq8",
+            lambda q, k, v, **kw: favor(q, k, v, projection=projection, causal=True, chunk_size=4, padding_mask=padding, **kw),
+        ),
+        "favor_causal_long_chunks": (
+            "data2_seq4",
+            lambda q, k, v, **kw: favor(q, k, v, projection=projection, causal=True, chunk_size=32, **kw),
+        ),
+        "favor_causal_relu": (
+            "seq8",
+            lambda q, k, v, **kw: favor(q, k, v, projection=projection, causal=True, feature_map="relu", chunk_size=8, **kw),
+        ),
+    }
+
+
+HLO_CASES = ("window_two_shards", "globals_padding")
+
+
+def _mesh(name: str):
+    data, sequence = MESHES[name]
+    return jax.make_mesh((data, sequence), ("data", "sequence"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _value_and_grads(op, arrays, cotangent):
+    def loss(q, k, v):
+        out = op(q, k, v)
+        return jnp.sum(out * cotangent), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(*arrays)
+    return out, grads
+
+
+def main(out_dir: str) -> None:
+    keys = jax.random.split(jax.random.key(0), 4)
+    shape = (BATCH, SEQ, HEADS, HEAD_DIM)
+    q, k, v, cotangent = (jax.random.normal(key, shape, jnp.float32) for key in keys)
+    for name, (mesh_name, op) in _cases().items():
+        results = {}
+        with jax.set_mesh(_mesh(mesh_name)):
+            for label, axis in (("want", None), ("got", "sequence")):
+                run = jax.jit(functools.partial(_value_and_grads, functools.partial(op, sequence_axis=axis)))
+                out, grads = run((q, k, v), cotangent)
+                results[f"{label}_out"] = np.asarray(out)
+                for grad_name, grad in zip(("q", "k", "v"), grads):
+                    results[f"{label}_d{grad_name}"] = np.asarray(grad)
+                if axis is not None and name in HLO_CASES:
+                    hlo = run.lower((q, k, v), cotangent).compile().as_text()
+                    with open(os.path.join(out_dir, f"hlo_{name}.txt"), "w") as f:
+                        f.write(hlo)
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **results)
+    # No future leak, sharded: changing the last shard's keys and values (and queries) leaves every
+    # earlier position's output bitwise unchanged.
+    changed = [x.at[:, SEQ - 8:].multiply(-3.0) for x in (q, k, v)]
+    leaks = {}
+    for name in ("causal_globals_padding", "favor_causal_short_chunks", "favor_causal_relu"):
+        mesh_name, op = _cases()[name]
+        with jax.set_mesh(_mesh(mesh_name)):
+            run = jax.jit(functools.partial(op, sequence_axis="sequence"))
+            leaks[f"{name}_before"] = np.asarray(run(q, k, v))
+            leaks[f"{name}_after"] = np.asarray(run(*changed))
+    np.savez(os.path.join(out_dir, "future.npz"), **leaks)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
