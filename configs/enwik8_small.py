@@ -91,8 +91,15 @@ def get_config():
     config.checkpoint.async_save = True  # write in the background
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # devices on the data axis (-1: all)
+    config.mesh.data = -1  # devices on the data axis (-1: all that fsdp and sequence leave)
+    config.mesh.fsdp = 1  # devices sharding parameters and optimizer state (and the batch)
+    config.mesh.sequence = 1  # devices sharding each sequence (sliding-window and Performer layers)
     config.mesh.distributed = False  # jax.distributed.initialize() first, for multi-host runs
+    # With distributed: the coordinator's host:port, the process count and this process's index,
+    # or None (all three) where JAX finds them itself (Cloud TPU, SLURM, Open MPI, Kubernetes).
+    config.mesh.coordinator_address = config_dict.placeholder(str)
+    config.mesh.num_processes = config_dict.placeholder(int)
+    config.mesh.process_id = config_dict.placeholder(int)
 
     config.log_every_steps = 100  # console, TensorBoard and metrics.jsonl
     config.allow_config_change = False  # resume even if the saved config differs

@@ -55,8 +55,15 @@ def common_sections(config, *, eval_batch_size=8):
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # all devices on the data axis
+    config.mesh.data = -1  # devices on the data axis (-1: all that fsdp and sequence leave)
+    config.mesh.fsdp = 1  # devices sharding parameters and optimizer state (and the batch)
+    config.mesh.sequence = 1  # devices sharding each sequence (sliding-window and Performer layers)
     config.mesh.distributed = False  # True on multi-host pods
+    # With distributed: the coordinator's host:port, the process count and this process's index,
+    # or None (all three) where JAX finds them itself (Cloud TPU, SLURM, Open MPI, Kubernetes).
+    config.mesh.coordinator_address = config_dict.placeholder(str)
+    config.mesh.num_processes = config_dict.placeholder(int)
+    config.mesh.process_id = config_dict.placeholder(int)
     config.log_every_steps = 50
     config.allow_config_change = False
     config.eval = ml_collections.ConfigDict()

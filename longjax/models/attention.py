@@ -188,6 +188,7 @@ class MultiHeadAttention(nn.Module):
                 max_global_tokens=attention.max_global_tokens,
                 block_size=attention.block_size,
                 impl=attention.impl,
+                sequence_axis=cfg.sequence_axis,
             )
         if isinstance(attention, BlockSparseAttention):
             return ops.block_sparse_attention(
@@ -224,6 +225,7 @@ class MultiHeadAttention(nn.Module):
                 scale=scale,
                 chunk_size=attention.chunk_size,
                 impl=attention.impl,
+                sequence_axis=cfg.sequence_axis,
             )
         raise TypeError(f"unknown attention config {attention!r}")
 

@@ -109,6 +109,10 @@ ATTENTION_TYPES: Mapping[str, type] = {
     "performer": PerformerAttention,
 }
 AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention | PerformerAttention
+# The layer types whose ops shard the sequence, and the implementations of each that do.
+SEQUENCE_PARALLEL_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
+    {SlidingWindowAttention: (None, "xla", "pallas"), PerformerAttention: (None, "xla")}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +138,10 @@ class TransformerConfig:
       dtype: computation dtype; param_dtype: parameter dtype.
       remat: rematerialise each block in the backward pass.
       seed: seeds the BigBird layouts and Performer projections (not the parameters).
+      sequence_axis: None, or the mesh axis that shards the sequence (sequence parallelism): the
+        attention layers run their ops with it, and the blocks keep their activations sharded
+        along it. Set by the training run from `mesh.sequence`, not by experiment configs; only
+        sliding-window and Performer layers support it.
     """
 
     vocab_size: int
@@ -156,6 +164,7 @@ class TransformerConfig:
     param_dtype: str = "float32"
     remat: bool = False
     seed: int = 0
+    sequence_axis: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff"):
@@ -190,6 +199,17 @@ class TransformerConfig:
                     f"model.attention[{layer}] must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}"
                 )
             _check_attention(attention, _layer_field_name(layer), self.num_heads)
+        if self.sequence_axis is not None:
+            unsharded = [
+                f"layer {layer}: {type(a).__name__}(impl={a.impl!r})"
+                for layer, a in enumerate(self.attention)
+                if a.impl not in SEQUENCE_PARALLEL_IMPLS.get(type(a), ())
+            ]
+            if unsharded:
+                raise ValueError(
+                    "sequence parallelism (mesh.sequence > 1) needs sliding-window attention (impl None, 'xla' "
+                    f"or 'pallas') or performer attention (impl None or 'xla') in every layer; {', '.join(unsharded)}"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -353,7 +373,8 @@ def transformer_config(model: Mapping[str, Any]) -> TransformerConfig:
         fields.pop("attention"), fields.pop("attention_per_layer", None), num_layers,
         num_heads=num_heads if arguments.is_int(num_heads) and num_heads >= 1 else None,
     )
-    allowed = {f.name for f in dataclasses.fields(TransformerConfig)} - {"attention"}
+    # sequence_axis is the run's (from mesh.sequence), not the experiment's.
+    allowed = {f.name for f in dataclasses.fields(TransformerConfig)} - {"attention", "sequence_axis"}
     unknown = sorted(set(fields) - allowed)
     if unknown:
         raise ValueError(f"model: unknown field(s) {unknown}; the fields are {sorted(allowed)}")

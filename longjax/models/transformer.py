@@ -7,6 +7,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from longjax.models.attention import MultiHeadAttention
 from longjax.models.config import TransformerConfig
@@ -50,6 +51,15 @@ class MLP(nn.Module):
         return dense(cfg.d_model, name="wo")(h)
 
 
+def keep_sequence_sharded(config: TransformerConfig, x):
+    """`x` `[batch, seq, ...]` held sharded along seq over `config.sequence_axis` (when set): the
+    residual stream and the position-wise layers stay split like the attention's shards, the
+    batch axis left to the compiler."""
+    if config.sequence_axis is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(PartitionSpec.UNCONSTRAINED, config.sequence_axis))
+
+
 class TransformerBlock(nn.Module):
     """Attention and MLP sublayers with residuals, dropout and LayerNorm.
 
@@ -71,7 +81,7 @@ class TransformerBlock(nn.Module):
         )
         mlp = MLP(cfg, self.deterministic, name="mlp")
         dropout = nn.Dropout(rate=cfg.dropout)
-        x = x.astype(jnp.float32)
+        x = keep_sequence_sharded(cfg, x.astype(jnp.float32))
 
         def attend(h):
             return attention(h, padding_mask=padding_mask, global_mask=global_mask, step=step)
@@ -79,11 +89,13 @@ class TransformerBlock(nn.Module):
         if cfg.layer_norm == "pre":
             x = x + dropout(attend(layer_norm(cfg, "attention_norm")(x)), deterministic=self.deterministic)
             x = x + dropout(mlp(layer_norm(cfg, "mlp_norm")(x)), deterministic=self.deterministic)
-            return x
+            return keep_sequence_sharded(cfg, x)
         x = layer_norm(cfg, "attention_norm")(
             x + dropout(attend(x), deterministic=self.deterministic)
         )
-        return layer_norm(cfg, "mlp_norm")(x + dropout(mlp(x), deterministic=self.deterministic))
+        return keep_sequence_sharded(
+            cfg, layer_norm(cfg, "mlp_norm")(x + dropout(mlp(x), deterministic=self.deterministic))
+        )
 
 
 class TransformerStack(nn.Module):

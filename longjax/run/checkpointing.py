@@ -33,7 +33,11 @@ from longjax.run.errors import CheckpointError, InitFromError, brief
 CHECKPOINT_DIR = "checkpoints"
 UNREADABLE_DIR = "checkpoints_unreadable"
 # Fields that say where to find things, not what the experiment is.
-_RESUME_IGNORED_FIELDS = ("allow_config_change", "data.dir", "data.download")
+# The mesh says where the run is placed: a checkpoint restores onto any mesh shape.
+_RESUME_IGNORED_FIELDS = (
+    "allow_config_change", "data.dir", "data.download", "mesh.data", "mesh.fsdp", "mesh.sequence",
+    "mesh.distributed", "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id",
+)
 
 
 class Restored:
@@ -321,5 +325,10 @@ def config_differences(saved_json: str, config_json: str) -> list[str]:
 
 
 def abstract(tree: Any, sharding) -> Any:
-    """ShapeDtypeStructs of `tree` placed with `sharding`, for restoring onto."""
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """ShapeDtypeStructs of `tree` placed with `sharding` (one for every leaf, or a tree like `tree`),
+    for restoring onto."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
+    )

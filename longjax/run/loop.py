@@ -102,8 +102,8 @@ def run_phase(run: Run, phase: Phase, log: tracking.MetricsLog, hooks) -> hooks_
             grad_accumulation=plan.optimizer.grad_accumulation, loss_weight=task.loss_weight,
             end_step=phase.end_step, decay=plan.optimizer.decay, decay_power=plan.optimizer.decay_power,
         ),
-        in_shardings=(run.replicated, run.batch_sharding),
-        out_shardings=(run.replicated, run.replicated),
+        in_shardings=(run.state_sharding, run.batch_sharding),
+        out_shardings=(run.state_sharding, run.replicated),
         donate_argnums=0,
     )
     batches = task.train_batches(plan, run.data, phase, seed=data_seed(plan.seed, phase.index))

@@ -16,8 +16,9 @@ has these top-level fields; `parse(config)` turns it into an `ExperimentPlan`:
                          warmup_fraction, max_warmup_steps, decay, decay_power,
                          grad_accumulation
     checkpoint           every_steps, keep, async_save
-    mesh                 data (devices on the data axis, -1 = all), distributed
-                         (call jax.distributed.initialize() first: multi-host)
+    mesh                 data, fsdp, sequence (devices on each axis; data -1 = the rest),
+                         distributed (call jax.distributed.initialize() first: multi-host),
+                         coordinator_address, num_processes, process_id (None: found by JAX)
     log_every_steps      console / TensorBoard / JSONL interval
     allow_config_change  resume even if the saved config differs
     (the task's own)     sections a task declares in `Task.extra_sections`
@@ -44,6 +45,10 @@ TOP_LEVEL = (
     "task", "seed", "init_from", "model", "data", "eval", "phases", "optimizer", "checkpoint", "mesh",
     "log_every_steps", "allow_config_change",
 )
+
+
+# The mesh's axis names, in order: batches split over the first two, the sequence over the last.
+MESH_AXES = ("data", "fsdp", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +118,73 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """The device mesh: today one `data` axis (data parallelism).
+    """The device mesh: axes `data`, `fsdp` and `sequence` (`MESH_AXES`), their sizes' product the device count.
 
     Attributes:
-      data: devices on the data axis; -1 takes them all.
+      data: devices on the data axis (batches split over it); -1 takes every device the other
+        axes leave.
+      fsdp: devices on the fsdp axis: batches split over it too, and parameters and optimizer
+        state sharded over it (each array along one dimension it divides), gathered by the
+        compiler where a step uses them (MaxText's FSDP).
+      sequence: devices on the sequence axis: each sequence split over it, the attention ops
+        exchanging only what their pattern needs (sliding-window and Performer layers only).
       distributed: call `jax.distributed.initialize()` before touching devices (multi-host runs).
+      coordinator_address, num_processes, process_id: passed to `jax.distributed.initialize`
+        when given (all three or none); None lets JAX find them, as it does on Cloud TPU pod
+        slices, SLURM, Open MPI and Kubernetes. Each process gets its own `process_id`
+        (`--config.mesh.process_id=1`).
     """
 
     data: int = -1
+    fsdp: int = 1
+    sequence: int = 1
     distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
-        sections.require(self.data == -1 or self.data >= 1, "mesh.data", self.data, "-1 (all devices) or >= 1")
+        sections.require(self.data == -1 or self.data >= 1, "mesh.data", self.data, "-1 (all devices left) or >= 1")
+        sections.positive_int("mesh.fsdp", self.fsdp)
+        sections.positive_int("mesh.sequence", self.sequence)
+        explicit = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(x is not None for x in explicit):
+            sections.require(
+                all(x is not None for x in explicit) and self.distributed, "mesh.coordinator_address",
+                self.coordinator_address, "given with mesh.num_processes and mesh.process_id, and mesh.distributed=True",
+            )
+            sections.positive_int("mesh.num_processes", self.num_processes)
+            sections.require(
+                0 <= self.process_id < self.num_processes, "mesh.process_id", self.process_id,
+                f"in [0, mesh.num_processes = {self.num_processes})",
+            )
+
+    def initialize_distributed(self) -> None:
+        """`jax.distributed.initialize` with this section's settings (JAX's detection where None)."""
+        import jax  # parsing a plan touches no backend; this runs only when a run starts
+
+        if self.coordinator_address is None:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(
+                coordinator_address=self.coordinator_address, num_processes=self.num_processes,
+                process_id=self.process_id,
+            )
+
+    def shape(self, device_count: int) -> tuple[int, int, int]:
+        """The sizes of `MESH_AXES` on `device_count` devices.
+
+        Raises:
+          ValueError: naming the fields when their product is not the device count.
+        """
+        others = self.fsdp * self.sequence
+        data = device_count // others if self.data == -1 else self.data
+        if data < 1 or data * others != device_count:
+            raise ValueError(
+                f"mesh.data ({self.data}) x mesh.fsdp ({self.fsdp}) x mesh.sequence ({self.sequence}) must be "
+                f"the number of devices ({device_count}); mesh.data = -1 takes what the other axes leave"
+            )
+        return data, self.fsdp, self.sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +280,7 @@ def parse(config) -> ExperimentPlan:
             raise
         raise ConfigError(str(e)) from e
     optimizer = sections.parse_section(OptimizerSection, fields["optimizer"], "optimizer")
+    mesh = sections.parse_section(MeshSection, fields["mesh"], "mesh")
     plan = ExperimentPlan(
         task=fields["task"],
         seed=fields["seed"],
@@ -227,10 +288,10 @@ def parse(config) -> ExperimentPlan:
         model=model,
         data=sections.parse_section(task.data_section, fields["data"], "data"),
         eval=sections.parse_section(task.eval_section, fields["eval"], "eval"),
-        phases=_phases(fields["phases"], optimizer, model, task),
+        phases=_phases(fields["phases"], optimizer, model, task, mesh),
         optimizer=optimizer,
         checkpoint=sections.parse_section(CheckpointSection, fields["checkpoint"], "checkpoint"),
-        mesh=sections.parse_section(MeshSection, fields["mesh"], "mesh"),
+        mesh=mesh,
         log_every_steps=fields["log_every_steps"],
         allow_config_change=fields["allow_config_change"],
         config_json=config_json(config),
@@ -254,7 +315,7 @@ def config_json(config) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def _phases(section, optimizer: OptimizerSection, model, task) -> tuple[Phase, ...]:
+def _phases(section, optimizer: OptimizerSection, model, task, mesh: MeshSection) -> tuple[Phase, ...]:
     if not isinstance(section, dict):
         raise ConfigError(f"phases must be a section of per-phase lists, got {section!r}")
     unknown = sorted(set(section) - set(PHASE_FIELDS))
@@ -282,6 +343,9 @@ def _phases(section, optimizer: OptimizerSection, model, task) -> tuple[Phase, .
                 f"optimizer.grad_accumulation ({optimizer.grad_accumulation})"
             )
         steps, seq_len, scale = lists["steps"][p], lists["seq_len"][p], lists["window_scale"][p]
+        phase_model = task.phase_model(model, window_scale=scale, seq_len=seq_len)
+        if mesh.sequence > 1:
+            phase_model = _sequence_parallel(phase_model, mesh, seq_len, p)
         phases.append(
             Phase(
                 index=p,
@@ -292,8 +356,25 @@ def _phases(section, optimizer: OptimizerSection, model, task) -> tuple[Phase, .
                 learning_rate=float(lists["learning_rate"][p]),
                 warmup_steps=min(int(optimizer.warmup_fraction * steps), optimizer.max_warmup_steps),
                 window_scale=scale,
-                model=task.phase_model(model, window_scale=scale, seq_len=seq_len),
+                model=phase_model,
             )
         )
         start += steps
     return tuple(phases)
+
+
+def _sequence_parallel(model, mesh: MeshSection, seq_len: int, phase: int):
+    """A phase's model config with its sequence sharded over the mesh's `sequence` axis."""
+    if seq_len % mesh.sequence:
+        raise ConfigError(
+            f"phases.seq_len[{phase}] ({seq_len}) must be a multiple of mesh.sequence ({mesh.sequence})"
+        )
+    if not any(f.name == "sequence_axis" for f in dataclasses.fields(model)):
+        raise ConfigError(
+            f"mesh.sequence ({mesh.sequence}) > 1 needs a model that shards its sequence; "
+            f"{type(model).__name__} does not (only the char LM and the long encoders do)"
+        )
+    try:
+        return dataclasses.replace(model, sequence_axis=MESH_AXES[2])
+    except ValueError as e:
+        raise ConfigError(f"mesh.sequence ({mesh.sequence}): {e}") from e

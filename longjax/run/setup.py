@@ -30,9 +30,11 @@ from longjax import tasks
 from longjax.hf import checkpoint_files
 from longjax.run import checkpointing, steps
 from longjax.run.errors import ConfigChangedError, DeviceError, InitFromError
-from longjax.run.plan import ExperimentPlan
+from longjax.run.plan import MESH_AXES, ExperimentPlan
 
-DATA_AXIS = "data"
+# Batches are split over both; the data axis alone keeps whole parameter copies.
+BATCH_AXES = MESH_AXES[:2]
+FSDP_AXIS = MESH_AXES[1]
 
 
 @dataclasses.dataclass
@@ -42,12 +44,16 @@ class Run:
     Attributes:
       plan, task: the experiment and its task.
       workdir: the run's directory.
-      mesh: the device mesh; `replicated` and `batch_sharding` (leading axis
-        over `data`) are its shardings.
+      mesh: the device mesh (axes `MESH_AXES`); `replicated`, `batch_sharding`
+        (leading axis over `data` and `fsdp`) and `state_sharding` (a tree
+        like the train state: each array sharded over `fsdp` along one
+        dimension, `fsdp_spec`) are its shardings. Entering the run makes the
+        mesh the context's (`jax.set_mesh`), which sequence-parallel
+        attention needs.
       tx: the optimizer.
       data: the task's data (`task.load_data`).
       checkpointer: the workdir's checkpoints.
-      state: the train state to start from, placed with `replicated`.
+      state: the train state to start from, placed with `state_sharding`.
       step: its step.
       restored: the checkpoint it came from when resumed (None otherwise).
       origin: 'resumed', 'init_from' or 'scratch'.
@@ -60,6 +66,7 @@ class Run:
     mesh: Mesh
     replicated: NamedSharding
     batch_sharding: NamedSharding
+    state_sharding: Any
     tx: Any
     data: Any
     checkpointer: checkpointing.Checkpointer
@@ -73,39 +80,83 @@ class Run:
         self.checkpointer.close()
 
     def __enter__(self) -> Run:
+        self._mesh_context = jax.set_mesh(self.mesh)
+        self._mesh_context.__enter__()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._mesh_context.__exit__(*exc_info)
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
+    """Where an array of `shape` is split over the fsdp axis of size `fsdp`: its largest dimension
+    that `fsdp` divides (the last of equals), or nowhere (replicated) when none does."""
+    if fsdp == 1:
+        return PartitionSpec()
+    divisible = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+    if not divisible:
+        return PartitionSpec()
+    axis = max(divisible)[1]
+    return PartitionSpec(*([None] * axis + [FSDP_AXIS]))
+
+
+def placement_note(mesh: Mesh, state) -> str:
+    """A line on the mesh and what the train state costs each device."""
+    leaves = jax.tree_util.tree_leaves(state)
+    whole = sum(x.size * x.dtype.itemsize for x in leaves)
+    # Every device holds the same amount: its shard of each split array, a copy of the others.
+    per_device = sum(
+        int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in leaves
+    )
+    axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+    return (
+        f"mesh {axes}: parameters and optimizer state {per_device / 2**20:.2f} MiB per device "
+        f"of {whole / 2**20:.2f} MiB"
+    )
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """A tree like `abstract_state` of its leaves' shardings over the fsdp axis (`fsdp_spec`)."""
+    fsdp = mesh.shape[FSDP_AXIS]
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), abstract_state)
 
 
 def make_mesh(plan: ExperimentPlan) -> Mesh:
-    """The data-parallel mesh over every device, after checking that the phases' batches divide over it.
+    """The mesh `plan.mesh` describes over every device, after checking that the phases' batches divide over it.
 
     Raises:
       DeviceError: naming the field that does not fit the devices.
     """
     devices = np.array(jax.devices())
-    if plan.mesh.data not in (-1, devices.size):
+    try:
+        shape = plan.mesh.shape(devices.size)
+    except ValueError as e:
+        raise DeviceError(str(e)) from e
+    batch_split = shape[0] * shape[1]
+    if jax.process_count() > 1 and jax.local_device_count() % shape[2]:
+        # Each process loads its own rows of a batch; a sequence split across processes would need
+        # the same rows on several of them.
         raise DeviceError(
-            f"mesh.data ({plan.mesh.data}) must be -1 or the number of devices ({devices.size}): "
-            "the data axis spans them all"
+            f"mesh.sequence ({shape[2]}) must divide the {jax.local_device_count()} devices of each process"
         )
     for phase in plan.phases:
-        for count, what in ((devices.size, "devices"), (jax.process_count(), "processes")):
+        for count, what in ((batch_split, "devices of mesh.data x mesh.fsdp"), (jax.process_count(), "processes")):
             if phase.batch_size % count:
                 raise DeviceError(
                     f"phases.batch_size[{phase.index}] ({phase.batch_size}) must be a multiple of the "
                     f"{count} {what}"
                 )
         accumulation = plan.optimizer.grad_accumulation
-        if accumulation > 1 and phase.batch_size % (devices.size * accumulation):
+        if accumulation > 1 and phase.batch_size % (batch_split * accumulation):
             raise DeviceError(
-                f"phases.batch_size[{phase.index}] ({phase.batch_size}) must be a multiple of the {devices.size} "
-                f"devices times optimizer.grad_accumulation ({accumulation}), so that every micro-batch "
-                "splits evenly over the devices"
+                f"phases.batch_size[{phase.index}] ({phase.batch_size}) must be a multiple of the {batch_split} "
+                f"devices of mesh.data x mesh.fsdp times optimizer.grad_accumulation ({accumulation}), so that "
+                "every micro-batch splits evenly over them"
             )
-    return Mesh(devices, (DATA_AXIS,))
+    return Mesh(devices.reshape(shape), MESH_AXES)
 
 
 def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | None = None) -> Run:
@@ -121,7 +172,7 @@ def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | 
       DeviceError, data errors of the task, ConfigChangedError, CheckpointError, InitFromError.
     """
     if plan.mesh.distributed:
-        jax.distributed.initialize()
+        plan.mesh.initialize_distributed()
     task = tasks.get(plan.task)
     mesh = make_mesh(plan)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -132,11 +183,15 @@ def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | 
     def fresh_state():
         return steps.init_state(task.init_params(model, jax.random.key(plan.seed)), tx)
 
-    abstract_state = checkpointing.abstract(jax.eval_shape(fresh_state), replicated)
+    with jax.set_mesh(mesh):
+        shapes = jax.eval_shape(fresh_state)
+    state_sharding = state_shardings(shapes, mesh)
+    abstract_state = checkpointing.abstract(shapes, state_sharding)
     workdir = Path(workdir)
     parts = dict(
         plan=plan, task=task, workdir=workdir, mesh=mesh, replicated=replicated,
-        batch_sharding=NamedSharding(mesh, PartitionSpec(DATA_AXIS)), tx=tx, data=data,
+        batch_sharding=NamedSharding(mesh, PartitionSpec(BATCH_AXES)), state_sharding=state_sharding,
+        tx=tx, data=data,
     )
     if evaluate:
         return _evaluation_run(parts, abstract_state, step)
@@ -157,13 +212,17 @@ def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | 
             if plan.init_from:
                 notes.append(f"init_from ({plan.init_from}) not used: the run's own checkpoint comes first")
         else:
-            state = jax.jit(fresh_state, out_shardings=replicated)()
+            with jax.set_mesh(mesh):
+                state = jax.jit(fresh_state, out_shardings=state_sharding)()
             start_step, origin = 0, "scratch"
             if plan.init_from:
+                # Read whole, then placed like the fresh parameters.
                 params, note = _params_from(plan, task, state.params, replicated)
-                state = state.replace(params=params)
+                state = state.replace(params=jax.device_put(params, state_sharding.params))
                 origin = "init_from"
                 notes.append(note)
+        if mesh.size > 1:
+            notes.insert(0, placement_note(mesh, state))
         if checkpointer is None:
             checkpointer = _checkpointer(plan, workdir)
     except BaseException:
