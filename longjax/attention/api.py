@@ -247,6 +247,23 @@ _BLOCK_SPARSE_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
 )
 
 
+def _block_sparse_xla_sharded(q, k, v, **kwargs):
+    return sequence_parallel.block_sparse_sharded(q, k, v, **kwargs)
+
+
+def _block_sparse_pallas_sharded(q, k, v, **kwargs):
+    raise NotImplementedError("impl='pallas' BigBird does not shard the sequence (sequence_axis); impl='xla' does")
+
+
+_BLOCK_SPARSE_SHARDED_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
+    {
+        "xla": _without_kernel_options(_with_global_slots(_block_sparse_xla_sharded)),
+        "pallas": _block_sparse_pallas_sharded,
+        "reference": _not_sharded("reference"),
+    }
+)
+
+
 def block_sparse_attention(
     q,
     k,
@@ -266,6 +283,7 @@ def block_sparse_attention(
     interpret: bool | None = None,
     block_sizes=None,
     impl: Implementation | None = None,
+    sequence_axis: str | None = None,
 ):
     """BigBird attention: window, global and random key blocks.
 
@@ -302,12 +320,18 @@ def block_sparse_attention(
         blocks allow (power of two on GPU, multiple of 8 on TPU); its block
         lengths must divide that slot.
       impl: None (best for the backend), 'xla', 'pallas' or 'reference'.
+      sequence_axis: None, or the name of an axis of the mesh in context
+        (`jax.set_mesh`) that shards the sequence (seq a multiple of
+        block_size times its size): each device fetches only the key blocks
+        its rows attend that others hold (window, random and global blocks).
+        impl='xla' only.
 
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype.
     """
     arguments.check_qkv(q, k, v)
     batch, seq, heads, _ = q.shape
+    table, extra = _sequence_table(_BLOCK_SPARSE_IMPLS, _BLOCK_SPARSE_SHARDED_IMPLS, sequence_axis, seq)
     arguments.check_int(block_size, name="block_size")
     arguments.check_num_window_blocks(num_window_blocks)
     arguments.check_int(num_random_blocks, name="num_random_blocks", minimum=0)
@@ -333,7 +357,7 @@ def block_sparse_attention(
     arguments.check_kernel_options(interpret, block_sizes)
     return _dispatch(
         "block_sparse_attention",
-        _BLOCK_SPARSE_IMPLS,
+        table,
         impl,
         q, k, v,
         spec=spec,
@@ -343,6 +367,7 @@ def block_sparse_attention(
         max_global_tokens=max_global_tokens,
         interpret=interpret,
         block_sizes=block_sizes,
+        **extra,
     )
 
 

@@ -26,16 +26,20 @@ Layout: `[batch, seq, heads, head_dim]`, as the public ops.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from kernels_pallas.common import MASK_VALUE
+from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import favor as favor_lib
 from longjax.attention import global_tokens, partial_softmax
 from longjax.attention.partial_softmax import PartialAttention
-from longjax.attention.specs import SlidingWindowSpec
+from longjax.attention.specs import BlockSparseSpec, SlidingWindowSpec
 
 
 def check_sequence_axis(sequence_axis: str, seq: int) -> int:
@@ -110,7 +114,6 @@ def _sliding_window_shard(
 ):
     """One shard's Longformer attention; q, k, v `[batch, L, heads, head_dim]`, masks `[batch, L]`."""
     n = lax.axis_size(axis_name)
-    shard = lax.axis_index(axis_name)
     length = q.shape[1]
     left, right = _reaches(spec, length, n)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
@@ -123,28 +126,56 @@ def _sliding_window_shard(
     if global_mask is None:
         return global_tokens.finish(to_bhnd(part.out), padding_mask, q.dtype)
 
-    is_global = global_mask if padding_mask is None else global_mask & padding_mask
+    out = _add_global_tokens(
+        part, to_bhnd(q), to_bhnd(k), to_bhnd(v), global_mask=global_mask,
+        global_qkv=None if global_qkv is None else tuple(map(to_bhnd, global_qkv)),
+        padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
+        axis_name=axis_name,
+    )
+    return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)
+
+
+def _global_slots_here(is_global, max_global_tokens, axis_name):
+    """The global slots of the whole sequence, from this shard's `[batch, L]` mask: positions relative
+    to this shard (`[batch, slots]`), used, owned here, and each row's overflow."""
+    length = is_global.shape[1]
     # The masks are [batch, seq] booleans, not keys or values: every shard sees every global's position.
     everywhere = lax.all_gather(is_global, axis_name, axis=1, tiled=True)
     positions, used, overflow = global_tokens.global_slots(everywhere, max_global_tokens)
-    local_positions = positions - shard * length
+    local_positions = positions - lax.axis_index(axis_name) * length
     owned = used & (local_positions >= 0) & (local_positions < length)
+    return local_positions, used, owned, overflow
 
-    qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
-    k_g, v_g = (_gather_slots(x, local_positions, owned, axis_name) for x in (kh, vh))
-    part = partial_softmax.merge(
-        part, global_tokens.to_gathered_keys(qh, k_g, v_g, local_positions, used, causal=spec.causal, scale=scale)
-    )
-    gq, gk, gv = (qh, kh, vh) if global_qkv is None else tuple(map(to_bhnd, global_qkv))
+
+def _rows_of_global_queries(out, q_sel, k, v, padding_mask, local_positions, used, owned, *, causal, scale, axis_name):
+    """`out` with the rows of the global queries `q_sel` (gathered into slots) that this shard owns
+    replaced by their attention over every key of every shard."""
     rows = global_tokens.from_gathered_queries(
-        _gather_slots(gq, local_positions, owned, axis_name), gk, gv, padding_mask, local_positions, used,
-        causal=spec.causal, scale=scale,
+        q_sel, k, v, padding_mask, local_positions, used, causal=causal, scale=scale,
     )
     rows = _merge_across(rows, axis_name)
-    target = jnp.where(owned, local_positions, length)  # slots owned elsewhere scatter out of bounds: dropped
-    out = jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(part.out, target, rows)
-    out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
-    return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)
+    target = jnp.where(owned, local_positions, out.shape[2])  # slots owned elsewhere scatter out of bounds: dropped
+    return jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, target, rows)
+
+
+def _add_global_tokens(
+    part, qh, kh, vh, *, global_mask, global_qkv, padding_mask, max_global_tokens, causal, scale, axis_name,
+):
+    """`global_tokens.add_global_tokens` on one shard (`[batch, heads, L, head_dim]`): every query
+    against the gathered global keys, merged with `part`; the global queries' rows merged across
+    shards. float32 `[batch, heads, L, head_dim]`."""
+    is_global = global_mask if padding_mask is None else global_mask & padding_mask
+    local_positions, used, owned, overflow = _global_slots_here(is_global, max_global_tokens, axis_name)
+    k_g, v_g = (_gather_slots(x, local_positions, owned, axis_name) for x in (kh, vh))
+    part = partial_softmax.merge(
+        part, global_tokens.to_gathered_keys(qh, k_g, v_g, local_positions, used, causal=causal, scale=scale)
+    )
+    gq, gk, gv = (qh, kh, vh) if global_qkv is None else global_qkv
+    out = _rows_of_global_queries(
+        part.out, _gather_slots(gq, local_positions, owned, axis_name), gk, gv, padding_mask, local_positions,
+        used, owned, causal=causal, scale=scale, axis_name=axis_name,
+    )
+    return jnp.where(overflow[:, None, None, None], jnp.nan, out)
 
 
 def _shard_map(fn, axis_name: str, arrays: dict, replicated: dict | None = None, *, check_vma: bool = True):
@@ -194,6 +225,153 @@ def sliding_window_sharded(
 
     arrays = dict(q=q, k=k, v=v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask)
     return _shard_map(fn, sequence_axis, arrays, check_vma=check_vma)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockFetch:
+    """Which key blocks each shard of a BigBird pattern fetches, and its layout over what it holds.
+
+    Shard s keeps, in order: one zero block (where padded rows write), the blocks it fetches, by
+    hop (`hops[i]`: from shard s - hops[i]; `send[i][t]`: the local indices of the blocks shard t
+    sends), then its own blocks. Its sparse rows (`query_blocks[s]`, `key_blocks[s]`,
+    `key_used[s]`, as `block_sparse.key_block_lists` but numbered in that layout, padded with
+    rows that attend nothing) then run as one unsharded pattern over it. A causal pattern fetches
+    only blocks of earlier shards, which sit before its own, so position order is kept.
+    """
+
+    hops: tuple[int, ...]
+    send: tuple[np.ndarray, ...]  # per hop: int32 [shards, fetched]
+    held_blocks: int  # blocks before the shard's own: 1 + everything fetched
+    query_blocks: np.ndarray  # int32 [shards, rows]
+    key_blocks: np.ndarray  # int32 [shards, heads, rows, keys_per_row]
+    key_used: np.ndarray  # bool, the same shape
+
+
+def _block_fetch(spec: BlockSparseSpec, shards: int) -> _BlockFetch:
+    """The static fetch plan of `spec` over `shards` shards of `num_blocks / shards` blocks."""
+    local = spec.num_blocks // shards
+    query_blocks, key_blocks, key_used = block_sparse_lib.key_block_lists(spec)
+    rows = [np.nonzero(query_blocks // local == s)[0] for s in range(shards)]
+    needs = []  # per shard: {hop: sorted global block ids fetched from shard s - hop}
+    for s in range(shards):
+        wanted = set(key_blocks[:, rows[s]][key_used[:, rows[s]]].tolist())
+        by_hop: dict[int, list[int]] = {}
+        for block in sorted(wanted):
+            if block // local != s:
+                by_hop.setdefault(s - block // local, []).append(block)
+        needs.append(by_hop)
+    hops = tuple(sorted({hop for by_hop in needs for hop in by_hop}))
+    counts = {hop: max(len(by_hop.get(hop, ())) for by_hop in needs) for hop in hops}
+    send = []
+    for hop in hops:
+        table = np.zeros((shards, counts[hop]), np.int32)
+        for t in range(shards):
+            if 0 <= t + hop < shards:
+                blocks = needs[t + hop].get(hop, [])
+                table[t, :len(blocks)] = np.asarray(blocks, np.int32) - t * local
+        send.append(table)
+    held = 1 + sum(counts.values())
+    heads, _, per_row = key_blocks.shape
+    most_rows = max(1, max(len(r) for r in rows))
+    q_table = np.zeros((shards, most_rows), np.int32)  # padded rows: the zero block
+    k_table = np.zeros((shards, heads, most_rows, per_row), np.int32)
+    used_table = np.zeros((shards, heads, most_rows, per_row), bool)
+    for s in range(shards):
+        where = {}
+        start = 1
+        for hop in hops:
+            for i, block in enumerate(needs[s].get(hop, [])):
+                where[block] = start + i
+            start += counts[hop]
+        for block in range(s * local, (s + 1) * local):
+            where[block] = held + block - s * local
+        r = rows[s]
+        used = key_used[:, r]
+        q_table[s, :len(r)] = held + query_blocks[r] - s * local
+        k_table[s, :, :len(r)] = np.where(used, np.vectorize(lambda b: where.get(int(b), 0), otypes=[np.int32])(key_blocks[:, r]), 0)
+        used_table[s, :, :len(r)] = used
+    return _BlockFetch(hops, tuple(send), held, q_table, k_table, used_table)
+
+
+def _bigbird_shard(q, k, v, global_mask, padding_mask, *, spec, scale, max_global_tokens, fetch, axis_name):
+    """One shard's BigBird attention; q, k, v `[batch, L, heads, head_dim]`, masks `[batch, L]`."""
+    n = lax.axis_size(axis_name)
+    shard = lax.axis_index(axis_name)
+    size = spec.block_size
+    length = q.shape[1]
+    to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
+    qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
+    key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
+
+    def held(x, axis: int):
+        """`x` blocked along `axis` (`[..., L / block, block, ...]`): the zero block, the fetched blocks, its own."""
+        pieces = [jnp.zeros_like(jnp.take(x, np.asarray([0]), axis=axis))]
+        for hop, table in zip(fetch.hops, fetch.send):
+            piece = jnp.take(x, jnp.asarray(table)[shard], axis=axis)
+            perm = [(t, t + hop) for t in range(n) if 0 <= t + hop < n]
+            pieces.append(lax.ppermute(piece, axis_name, perm))
+        pieces.append(x)
+        joined = jnp.concatenate(pieces, axis=axis)
+        return joined.reshape(joined.shape[:axis] + (-1,) + joined.shape[axis + 2:])
+
+    blocked = lambda x, axis: x.reshape(x.shape[:axis] + (-1, size) + x.shape[axis + 1:])
+    k_held, v_held = held(blocked(kh, 2), 2), held(blocked(vh, 2), 2)
+    valid_held = held(blocked(key_valid, 1), 1)
+    before = fetch.held_blocks * size
+    q_held = jnp.pad((qh * scale).astype(qh.dtype), [(0, 0), (0, 0), (before, 0), (0, 0)])
+    out, lse = block_sparse_lib._sparse(
+        q_held, k_held, v_held, valid_held,
+        *(jnp.asarray(table)[shard] for table in (fetch.query_blocks, fetch.key_blocks, fetch.key_used)),
+        size, spec.causal,
+    )
+    part = PartialAttention(out[:, :, before:], lse[:, :, before:])
+    if global_mask is not None:
+        out = _add_global_tokens(
+            part, qh, kh, vh, global_mask=global_mask, global_qkv=None, padding_mask=padding_mask,
+            max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale, axis_name=axis_name,
+        )
+    else:
+        out = part.out
+    positions = block_sparse_lib.global_block_positions(spec, n * length)
+    if positions is not None:
+        # The global blocks' queries attend every key: gathered, scored here, merged across shards.
+        local_positions = jnp.broadcast_to(jnp.asarray(positions) - shard * length, (q.shape[0], len(positions)))
+        owned = (local_positions >= 0) & (local_positions < length)
+        used = jnp.ones(local_positions.shape, bool)
+        out = _rows_of_global_queries(
+            out, _gather_slots(qh, local_positions, owned, axis_name), kh, vh, padding_mask, local_positions,
+            used, owned, causal=spec.causal, scale=scale, axis_name=axis_name,
+        )
+    return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)
+
+
+def block_sparse_sharded(
+    q, k, v, *, spec: BlockSparseSpec, global_mask, padding_mask, scale, max_global_tokens, sequence_axis: str,
+):
+    """`block_sparse_attention`'s XLA implementation with the sequence sharded over `sequence_axis`.
+
+    Every key block a shard's rows attend that another shard holds (window neighbours, random
+    blocks, global blocks) comes by one `ppermute` per shard distance, carrying only those
+    blocks; the global blocks' rows are merged across shards. Needs seq a multiple of
+    `block_size` times the axis size. Returns `[batch, seq, heads, head_dim]`, sharded like q.
+    """
+    shards = check_sequence_axis(sequence_axis, q.shape[1])
+    if q.shape[1] % (spec.block_size * shards):
+        raise ValueError(
+            f"sequence_axis={sequence_axis!r}: the sequence length ({q.shape[1]}) must be a multiple of "
+            f"block_size ({spec.block_size}) times the axis size ({shards}), so that shards hold whole blocks"
+        )
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
+    fetch = _block_fetch(spec, shards)
+
+    def fn(q, k, v, global_mask, padding_mask):
+        return _bigbird_shard(
+            q, k, v, global_mask, padding_mask, spec=spec, scale=scale, max_global_tokens=max_global_tokens,
+            fetch=fetch, axis_name=sequence_axis,
+        )
+
+    arrays = dict(q=q, k=k, v=v, global_mask=global_mask, padding_mask=padding_mask)
+    return _shard_map(fn, sequence_axis, arrays)
 
 
 class _AcrossShards(favor_lib.SequenceCombine):

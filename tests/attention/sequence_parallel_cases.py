@@ -45,6 +45,7 @@ def _cases():
     head_projection = jax.random.normal(jax.random.key(8), (HEADS, 12, HEAD_DIM), jnp.float32)
     sw = functools.partial(api.sliding_window_attention, impl="xla")
     favor = functools.partial(api.favor_attention, impl="xla")
+    bigbird = functools.partial(api.block_sparse_attention, impl="xla")
     return {
         # Sliding window: within one shard, one hop each way.
         "window_inside_shard": ("seq8", lambda q, k, v, **kw: sw(q, k, v, window=3, **kw)),
@@ -82,6 +83,18 @@ def _cases():
                 q, k, v, window=9, global_mask=globals_, padding_mask=padding, impl="pallas", interpret=True, **kw
             ),
         ),
+        # BigBird: window, random and global blocks fetched from the shards holding them.
+        "bigbird": ("seq8", lambda q, k, v, **kw: bigbird(q, k, v, block_size=4, **kw)),
+        "bigbird_causal_padding": (
+            "seq8", lambda q, k, v, **kw: bigbird(q, k, v, block_size=4, causal=True, padding_mask=padding, **kw),
+        ),
+        "bigbird_globals": (
+            "data2_seq4",
+            lambda q, k, v, **kw: bigbird(
+                q, k, v, block_size=4, num_window_blocks=5, global_blocks=(0, 5, -1), global_mask=globals_,
+                padding_mask=padding, **kw,
+            ),
+        ),
         # FAVOR+.
         "favor_bidirectional": ("seq8", lambda q, k, v, **kw: favor(q, k, v, projection=projection, padding_mask=padding, **kw)),
         "favor_bidirectional_relu_heads": (
@@ -104,7 +117,7 @@ def _cases():
     }
 
 
-HLO_CASES = ("window_two_shards", "globals_padding")
+HLO_CASES = ("window_two_shards", "globals_padding", "bigbird")
 
 
 def _mesh(name: str):
@@ -143,7 +156,7 @@ def main(out_dir: str) -> None:
     # earlier position's output bitwise unchanged.
     changed = [x.at[:, SEQ - 8:].multiply(-3.0) for x in (q, k, v)]
     leaks = {}
-    for name in ("causal_globals_padding", "favor_causal_short_chunks", "favor_causal_relu"):
+    for name in ("causal_globals_padding", "bigbird_causal_padding", "favor_causal_short_chunks", "favor_causal_relu"):
         mesh_name, op = _cases()[name]
         with jax.set_mesh(_mesh(mesh_name)):
             run = jax.jit(functools.partial(op, sequence_axis="sequence"))

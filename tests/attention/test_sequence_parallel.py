@@ -28,6 +28,7 @@ TOL = battery.tolerance(jnp.float32)
 CASE_NAMES = (
     "window_inside_shard", "window_two_shards", "asymmetric_dilated", "window_beyond_sequence", "window_zero",
     "padding", "globals_padding", "causal_globals_padding", "global_projections", "pallas_globals",
+    "bigbird", "bigbird_causal_padding", "bigbird_globals",
     "favor_bidirectional", "favor_bidirectional_relu_heads", "favor_causal_short_chunks",
     "favor_causal_long_chunks", "favor_causal_relu",
 )
@@ -57,7 +58,9 @@ def test_sharded_equals_unsharded(results, name):
         chex.assert_trees_all_close(got, want, **TOL, custom_message=f"{name}: {part}")
 
 
-@pytest.mark.parametrize("name", ["causal_globals_padding", "favor_causal_short_chunks", "favor_causal_relu"])
+@pytest.mark.parametrize(
+    "name", ["causal_globals_padding", "bigbird_causal_padding", "favor_causal_short_chunks", "favor_causal_relu"]
+)
 def test_sharded_causal_ops_do_not_leak_the_last_shard(results, name):
     saved = np.load(results / "future.npz")
     before, after = saved[f"{name}_before"], saved[f"{name}_after"]
@@ -75,6 +78,36 @@ def test_the_window_moves_keys_by_collective_permute_and_gathers_nothing(results
     hlo = (results / "hlo_window_two_shards.txt").read_text()
     assert "collective-permute" in hlo
     assert _gathers(hlo) == []
+
+
+def test_bigbird_moves_key_blocks_by_collective_permute_and_gathers_nothing(results):
+    hlo = (results / "hlo_bigbird.txt").read_text()
+    assert "collective-permute" in hlo
+    assert _gathers(hlo) == []
+
+
+def test_a_bigbird_shard_fetches_exactly_the_blocks_its_rows_attend_elsewhere():
+    from longjax.attention import block_sparse, sequence_parallel
+    from longjax.attention.specs import BlockSparseSpec
+
+    num_blocks, shards, local = 16, 4, 4
+    layout = block_sparse.bigbird_random_layout(num_blocks, 2, 2, seed=3)
+    spec = BlockSparseSpec(block_size=4, num_blocks=num_blocks, window_radius=1, global_blocks=(0, 15),
+                           random_layout=layout, causal=False)
+    fetch = sequence_parallel._block_fetch(spec, shards)
+    query_blocks, key_blocks, key_used = block_sparse.key_block_lists(spec)
+    for s in range(shards):
+        rows = query_blocks // local == s
+        attended = set(key_blocks[:, rows][key_used[:, rows]].tolist())
+        fetched = set()
+        for hop, table in zip(fetch.hops, fetch.send):
+            sender = s - hop
+            if 0 <= sender < shards:
+                fetched |= {sender * local + int(b) for b in table[sender]}
+        # Padding slots repeat a sender's block 0, which may not be attended; every other one is.
+        wanted_elsewhere = {b for b in attended if b // local != s}
+        assert wanted_elsewhere <= fetched
+        assert fetched - wanted_elsewhere <= {t * local for t in range(shards)}
 
 
 def test_with_globals_only_the_token_masks_are_gathered(results):
