@@ -57,7 +57,7 @@ def common_sections(config, *, eval_batch_size=8):
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # devices on the data axis (-1: all that fsdp and sequence leave)
     config.mesh.fsdp = 1  # devices sharding parameters and optimizer state (and the batch)
-    config.mesh.sequence = 1  # devices sharding each sequence (sliding-window and Performer layers)
+    config.mesh.sequence = 1  # devices sharding each sequence (sparse and Performer layers, not full)
     config.mesh.distributed = False  # True on multi-host pods
     # With distributed: the coordinator's host:port, the process count and this process's index,
     # or None (all three) where JAX finds them itself (Cloud TPU, SLURM, Open MPI, Kubernetes).

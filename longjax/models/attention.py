@@ -204,6 +204,7 @@ class MultiHeadAttention(nn.Module):
                 scale=scale,
                 max_global_tokens=attention.max_global_tokens,
                 impl=attention.impl,
+                sequence_axis=cfg.sequence_axis,
             )
         if isinstance(attention, PerformerAttention):
             if global_mask is not None:

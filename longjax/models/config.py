@@ -111,7 +111,7 @@ ATTENTION_TYPES: Mapping[str, type] = {
 AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention | PerformerAttention
 # The layer types whose ops shard the sequence, and the implementations of each that do.
 SEQUENCE_PARALLEL_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
-    {SlidingWindowAttention: (None, "xla", "pallas"), PerformerAttention: (None, "xla")}
+    {SlidingWindowAttention: (None, "xla", "pallas"), BlockSparseAttention: (None, "xla"), PerformerAttention: (None, "xla")}
 )
 
 
@@ -140,8 +140,8 @@ class TransformerConfig:
       seed: seeds the BigBird layouts and Performer projections (not the parameters).
       sequence_axis: None, or the mesh axis that shards the sequence (sequence parallelism): the
         attention layers run their ops with it, and the blocks keep their activations sharded
-        along it. Set by the training run from `mesh.sequence`, not by experiment configs; only
-        sliding-window and Performer layers support it.
+        along it. Set by the training run from `mesh.sequence`, not by experiment configs; full
+        (dense) layers do not support it.
     """
 
     vocab_size: int
@@ -208,7 +208,8 @@ class TransformerConfig:
             if unsharded:
                 raise ValueError(
                     "sequence parallelism (mesh.sequence > 1) needs sliding-window attention (impl None, 'xla' "
-                    f"or 'pallas') or performer attention (impl None or 'xla') in every layer; {', '.join(unsharded)}"
+                    "or 'pallas'), block-sparse or performer attention (impl None or 'xla') in every layer; "
+                    f"{', '.join(unsharded)}"
                 )
 
     @property

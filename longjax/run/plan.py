@@ -127,7 +127,8 @@ class MeshSection:
         state sharded over it (each array along one dimension it divides), gathered by the
         compiler where a step uses them (MaxText's FSDP).
       sequence: devices on the sequence axis: each sequence split over it, the attention ops
-        exchanging only what their pattern needs (sliding-window and Performer layers only).
+        exchanging only what their pattern needs (sliding-window, block-sparse and Performer
+        layers; not full attention).
       distributed: call `jax.distributed.initialize()` before touching devices (multi-host runs).
       coordinator_address, num_processes, process_id: passed to `jax.distributed.initialize`
         when given (all three or none); None lets JAX find them, as it does on Cloud TPU pod

@@ -39,10 +39,10 @@ def test_a_length_the_sequence_axis_does_not_divide_is_refused():
 
 def test_layers_that_do_not_shard_the_sequence_are_named():
     config = _config(sequence=2)
-    config.model.attention = ml_collections.ConfigDict(dict(type="block_sparse", block_size=4))
+    config.model.attention = ml_collections.ConfigDict(dict(type="full"))
     del config.model["attention_per_layer"]
     config.phases.window_scale = (1, 1)
-    with pytest.raises(run.ConfigError, match=r"mesh.sequence \(2\).*layer 0: BlockSparseAttention\(impl=None\)"):
+    with pytest.raises(run.ConfigError, match=r"mesh.sequence \(2\).*layer 0: FullAttention\(impl=None\)"):
         run.parse(config)
     config = _config(sequence=2)
     config.model.attention.impl = "reference"

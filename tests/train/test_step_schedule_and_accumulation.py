@@ -70,7 +70,7 @@ def test_a_batch_that_does_not_split_is_refused_naming_the_fields():
     with pytest.raises(ConfigError, match=r"phases.batch_size\[0\] \(6\) must be a multiple of optimizer.grad_accumulation \(4\)"):
         plan_lib._phases(
             {"seq_len": (8,), "batch_size": (6,), "steps": (1,), "learning_rate": (1e-3,), "window_scale": (1,)},
-            plan_lib.OptimizerSection(grad_accumulation=4), None, _NoTask(),
+            plan_lib.OptimizerSection(grad_accumulation=4), None, _NoTask(), plan_lib.MeshSection(),
         )
     with pytest.raises(ConfigError, match="optimizer.grad_accumulation"):
         plan_lib.OptimizerSection(grad_accumulation=0)
