@@ -13,6 +13,11 @@ holds positions `[s L, (s + 1) L)`, `L = seq / n`. What crosses devices:
   own; every shard scores the global queries against its keys, and the partial rows are
   merged across shards by log-sum-exp (`partial_softmax`), then written by the shard owning
   each global token.
+* BigBird: the shards' rows attend a static list of key blocks, so each shard fetches exactly
+  the blocks it needs from the others (window neighbours, random blocks, global blocks), one
+  `ppermute` per shard distance, each sender choosing its blocks from a static table by its
+  axis index. Its rows then run as one unsharded pattern over the blocks it holds
+  (`block_sparse`'s own scan); the global blocks' rows are merged across shards as above.
 * FAVOR+, bidirectional: the key stabiliser by `pmax` and the `[features, head_dim]` state and
   normaliser by `psum`. Causal: an exclusive prefix over the shards of their states (all-gathered,
   n states per shard, masked to the shards before), each rescaled to the running maximum before
@@ -30,8 +35,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 from jax.sharding import PartitionSpec
 
 from kernels_pallas.common import MASK_VALUE
@@ -69,7 +74,8 @@ def halo(x, axis_name: str, *, left: int, right: int):
     length = x.shape[1]
 
     def from_shard(hop: int, piece):
-        """`piece` of the shard `hop` positions on (negative: before) in the sequence."""
+        """`piece` as the shard `hop` shards before this one holds it (negative `hop`: after); zeros
+        where there is no such shard."""
         if abs(hop) >= n:
             return jnp.zeros_like(piece)
         perm = [(i, i + hop) for i in range(n) if 0 <= i + hop < n]

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from longjax import tasks
 from longjax.hf import checkpoint_files
@@ -156,7 +156,8 @@ def make_mesh(plan: ExperimentPlan) -> Mesh:
                 f"devices of mesh.data x mesh.fsdp times optimizer.grad_accumulation ({accumulation}), so that "
                 "every micro-batch splits evenly over them"
             )
-    return Mesh(devices.reshape(shape), MESH_AXES)
+    # Auto axes: the compiler places what the run does not pin (the ops shard_map their own axis).
+    return Mesh(devices.reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def setup(plan: ExperimentPlan, workdir, *, evaluate: bool = False, step: int | None = None) -> Run:
