@@ -15,8 +15,8 @@ n > 1, and records:
   not a speed-up measurement: it shows what the exchange and the halo recomputation cost.
 
 Then, from a linear fit of memory per device against length for each n, the longest sequence
-whose per-device plan fits `--device-gb` (default 24/8 GB: one 24 GB machine cut into 8), and
-the longest one device of the whole 24 GB fits. Prints a table and writes CSV and PNG.
+whose per-device plan fits `--host-gb / n` (default 24 GB: one 24 GB machine cut into n
+simulated devices; n = 1 is the whole machine). Prints a table and writes CSV and PNG.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def measure(devices: int, seq: int, repeats: int) -> dict:
     model = _model("sequence" if devices > 1 else None)
     tokens_shape = (1, seq + 1)
     with jax.set_mesh(mesh):
-        # Tokens split along the sequence; the extra target position sits on the last shard.
+        # Tokens come whole (they are small); the model's blocks keep the activations split along seq.
         tokens = jnp.zeros(tokens_shape, jnp.int32)
         params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1])
         step = jax.jit(

@@ -219,6 +219,16 @@ def _sparse_bwd(block, causal, residuals, cotangents):
 _sparse.defvjp(_sparse_fwd, _sparse_bwd)
 
 
+def sparse_part(q, k, v, key_valid, query_blocks, key_blocks, key_used, block: int, causal: bool):
+    """The sparse rows of a block layout, as (out, lse) `[batch, heads, seq(, head_dim)]`.
+
+    q (already multiplied by the score scale), k, v: `[batch, heads, seq, head_dim]`, seq a whole
+    number of blocks; key_valid bool `[batch, seq]`; the layout as `key_block_lists` gives it (any
+    key-block numbering over this k, v). Rows not in `query_blocks` come out 0, lse `MASK_VALUE`.
+    """
+    return _sparse(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal)
+
+
 def global_block_positions(spec: BlockSparseSpec, seq_len: int) -> np.ndarray | None:
     """int32 NumPy `[g]`: the token positions of the global blocks, in order (None when there are none)."""
     if not spec.global_blocks:

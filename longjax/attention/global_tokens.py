@@ -137,8 +137,9 @@ def _keys_chunked_fwd(q, k_g, v_g, positions, used, causal, scale, chunk):
         return PartialAttention(*(jax.lax.dynamic_update_slice_in_dim(x, c, read, axis=2)
                                   for x, c in zip(part, chunk_part))), None
 
-    b, h, n, d = q.shape
-    empty = PartialAttention(jnp.zeros((b, h, n, d), jnp.float32), jnp.zeros((b, h, n), jnp.float32))
+    n = q.shape[2]
+    # Carries made like q (zeros_like keeps a shard_map value's per-shard type, jnp.zeros would not).
+    empty = PartialAttention(jnp.zeros_like(q, jnp.float32), jnp.zeros_like(q, jnp.float32, shape=q.shape[:3]))
     part, _ = jax.lax.scan(step, empty, _chunk_starts(n, chunk))
     return part, (q, k_g, v_g, positions, used, part)
 
@@ -170,7 +171,7 @@ def _keys_chunked_bwd(causal, scale, chunk, residuals, d_part):
         d_q_c = _dot("bhng,bhgd->bhnd", d_scores.astype(k_g.dtype), k_g)
         return (_add_at(d_q, d_q_c, read), d_kg, d_vg), None
 
-    zeros = (jnp.zeros_like(q), jnp.zeros(k_g.shape, jnp.float32), jnp.zeros(v_g.shape, jnp.float32))
+    zeros = (jnp.zeros_like(q), jnp.zeros_like(k_g, jnp.float32), jnp.zeros_like(v_g, jnp.float32))
     (d_q, d_kg, d_vg), _ = jax.lax.scan(step, zeros, _chunk_starts(q.shape[2], chunk))
     return d_q, d_kg.astype(k_g.dtype), d_vg.astype(v_g.dtype), None, None
 
@@ -200,7 +201,9 @@ def to_gathered_keys(q, k_g, v_g, positions, used, *, causal: bool, scale: float
 
     Returns:
       float32 out `[batch, heads, rows, head_dim]` and lse `[batch, heads, rows]`, with queries in
-      chunks of `chunk_length` (and a backward by chunk) past one chunk.
+      chunks of `chunk_length` (and a backward by chunk) past one chunk. Under `shard_map` the
+      inputs must all be per-shard values (`lax.pcast(..., to='varying')`): the chunked pass's
+      custom gradient returns per-shard cotangents.
     """
     chunk = chunk_length(q.shape[2], positions.shape[1])
     if chunk >= q.shape[2]:
@@ -248,8 +251,9 @@ def _rows_chunked_fwd(q_sel, k, v, key_valid, positions, used, causal, scale, ch
         )
         return partial_softmax.merge(part, chunk_part), None
 
-    b, h, g, d = q_sel.shape
-    empty = PartialAttention(jnp.zeros((b, h, g, d), jnp.float32), jnp.full((b, h, g), MASK_VALUE, jnp.float32))
+    empty = PartialAttention(
+        jnp.zeros_like(q_sel, jnp.float32), jnp.full_like(q_sel, MASK_VALUE, jnp.float32, shape=q_sel.shape[:3])
+    )
     part, _ = jax.lax.scan(step, empty, _chunk_starts(k.shape[2], chunk))
     return part, (q_sel, k, v, key_valid, positions, used, part)
 
@@ -278,7 +282,7 @@ def _rows_chunked_bwd(causal, scale, chunk, residuals, d_part):
         d_v_c = _dot("bhgn,bhgd->bhnd", probs.astype(v.dtype), d_out)
         return (d_q, _add_at(d_k, d_k_c, read), _add_at(d_v, d_v_c, read)), None
 
-    zeros = (jnp.zeros(q_sel.shape, jnp.float32), jnp.zeros_like(k), jnp.zeros_like(v))
+    zeros = (jnp.zeros_like(q_sel, jnp.float32), jnp.zeros_like(k), jnp.zeros_like(v))
     (d_q, d_k, d_v), _ = jax.lax.scan(step, zeros, _chunk_starts(k.shape[2], chunk))
     return d_q.astype(q_sel.dtype), d_k, d_v, None, None, None
 
@@ -306,7 +310,8 @@ def from_gathered_queries(q_sel, k, v, key_valid, positions, used, *, causal: bo
     Returns:
       float32 out `[batch, heads, slots, head_dim]` and lse `[batch, heads, slots]`. Keys go in
       chunks of `chunk_length`, merged by log-sum-exp, with a backward by chunk too, so no
-      `[slots, seq]` array is whole.
+      `[slots, seq]` array is whole. Under `shard_map` the inputs must all be per-shard values,
+      as for `to_gathered_keys`.
     """
     n = k.shape[2]
     key_valid = jnp.ones((k.shape[0], n), bool) if key_valid is None else key_valid

@@ -100,10 +100,15 @@ def _reaches(spec: SlidingWindowSpec, length: int, n: int) -> tuple[int, int]:
 
 
 def _gather_slots(x, local_positions, owned, axis_name):
-    """`x` `[batch, heads, L, head_dim]` at the global slots, from the shards owning them: `[batch, heads, slots, head_dim]`."""
+    """`x` `[batch, heads, L, head_dim]` at the global slots, from the shards owning them: `[batch, heads, slots, head_dim]`.
+
+    The result is the same on every shard, but is typed per-shard (`pcast`): the global passes'
+    custom gradients return per-shard cotangents, which the cast's transpose (a `psum`) adds up.
+    """
     index = jnp.clip(local_positions, 0, x.shape[2] - 1)[:, None, :, None]
     mine = jnp.where(owned[:, None, :, None], jnp.take_along_axis(x, index, axis=2), 0)
-    return lax.psum(mine, axis_name)
+    gathered = lax.psum(mine, axis_name)
+    return lax.pcast(gathered, axis_name, to="varying")
 
 
 def _merge_across(part: PartialAttention, axis_name) -> jax.Array:
@@ -294,7 +299,10 @@ def _block_fetch(spec: BlockSparseSpec, shards: int) -> _BlockFetch:
         r = rows[s]
         used = key_used[:, r]
         q_table[s, :len(r)] = held + query_blocks[r] - s * local
-        k_table[s, :, :len(r)] = np.where(used, np.vectorize(lambda b: where.get(int(b), 0), otypes=[np.int32])(key_blocks[:, r]), 0)
+        # Every attended block is held (KeyError otherwise); unattended entries point at the zero block.
+        k_table[s, :, :len(r)] = np.vectorize(lambda b, u: where[int(b)] if u else 0, otypes=[np.int32])(
+            key_blocks[:, r], used
+        )
         used_table[s, :, :len(r)] = used
     return _BlockFetch(hops, tuple(send), held, q_table, k_table, used_table)
 
@@ -325,7 +333,7 @@ def _bigbird_shard(q, k, v, global_mask, padding_mask, *, spec, scale, max_globa
     valid_held = held(blocked(key_valid, 1), 1)
     before = fetch.held_blocks * size
     q_held = jnp.pad((qh * scale).astype(qh.dtype), [(0, 0), (0, 0), (before, 0), (0, 0)])
-    out, lse = block_sparse_lib._sparse(
+    out, lse = block_sparse_lib.sparse_part(
         q_held, k_held, v_held, valid_held,
         *(jnp.asarray(table)[shard] for table in (fetch.query_blocks, fetch.key_blocks, fetch.key_used)),
         size, spec.causal,

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from longjax import sections, tasks
+from longjax import models, sections, tasks
 from longjax.sections import ConfigError
 
 PHASE_FIELDS = ("seq_len", "batch_size", "steps", "learning_rate", "window_scale")
@@ -298,6 +299,11 @@ def parse(config) -> ExperimentPlan:
         config_json=config_json(config),
         extra={name: _extra_section(cls, fields.get(name, {}), name) for name, cls in task.extra_sections.items()},
     )
+    eval_len = getattr(plan.eval, "seq_len", None)
+    if mesh.sequence > 1 and isinstance(eval_len, int):
+        multiple, why = _shard_multiple(model, mesh)
+        if eval_len % multiple:
+            raise ConfigError(f"eval.seq_len ({eval_len}) must be a multiple of {why}: evaluation shards it too")
     task.check(plan)
     return plan
 
@@ -364,12 +370,20 @@ def _phases(section, optimizer: OptimizerSection, model, task, mesh: MeshSection
     return tuple(phases)
 
 
+def _shard_multiple(model, mesh: MeshSection) -> tuple[int, str]:
+    """What a sequence length must be a multiple of to shard over `mesh.sequence`, and why."""
+    blocks = sorted({a.block_size for a in getattr(model, "attention", ()) if isinstance(a, models.BlockSparseAttention)})
+    if not blocks:
+        return mesh.sequence, f"mesh.sequence ({mesh.sequence})"
+    multiple = mesh.sequence * math.lcm(*blocks)
+    return multiple, f"mesh.sequence ({mesh.sequence}) x the block-sparse block_size ({math.lcm(*blocks)})"
+
+
 def _sequence_parallel(model, mesh: MeshSection, seq_len: int, phase: int):
     """A phase's model config with its sequence sharded over the mesh's `sequence` axis."""
-    if seq_len % mesh.sequence:
-        raise ConfigError(
-            f"phases.seq_len[{phase}] ({seq_len}) must be a multiple of mesh.sequence ({mesh.sequence})"
-        )
+    multiple, why = _shard_multiple(model, mesh)
+    if seq_len % multiple:
+        raise ConfigError(f"phases.seq_len[{phase}] ({seq_len}) must be a multiple of {why}")
     if not any(f.name == "sequence_axis" for f in dataclasses.fields(model)):
         raise ConfigError(
             f"mesh.sequence ({mesh.sequence}) > 1 needs a model that shards its sequence; "

@@ -29,7 +29,24 @@ from typing import Any, Protocol
 
 import jax
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from longjax import models, sections
+
+# The mesh axes a batch splits over, as the training run names them (`run.plan.MESH_AXES[:2]`).
+BATCH_AXES = ("data", "fsdp")
+
+
+def eval_rows_sharding(mesh, batch_size: int) -> NamedSharding:
+    """Where an evaluation batch of `batch_size` rows goes: split over the mesh's batch axes when
+    they divide it, else whole on every device."""
+    axes = tuple(name for name in BATCH_AXES if name in mesh.axis_names)
+    split = 1
+    for name in axes:
+        split *= mesh.shape[name]
+    if axes and batch_size % split == 0:
+        return NamedSharding(mesh, PartitionSpec(axes))
+    return NamedSharding(mesh, PartitionSpec())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

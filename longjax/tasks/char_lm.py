@@ -97,8 +97,8 @@ class BpcEvaluator:
 
     The jitted log-probability function is built once per phase and reused by
     every evaluation of that phase. Every process plans the same windows; a
-    batch of them is split over the mesh's devices when `eval.batch_size` is a
-    multiple of the device count (else each device scores the whole batch), and
+    batch of them is split over the mesh's batch axes when `eval.batch_size` is a
+    multiple of their devices (else each device scores the whole batch), and
     the scores come back replicated, so every process computes the same BPC.
     """
 
@@ -110,8 +110,7 @@ class BpcEvaluator:
         # attention spans the model never saw.
         self.model_config = phase.model
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        split = eval_section.batch_size % mesh.devices.size == 0
-        self._windows = NamedSharding(mesh, PartitionSpec("data")) if split else self._replicated
+        self._windows = base.eval_rows_sharding(mesh, eval_section.batch_size)
         self._log_probs = jax.jit(log_prob_fn(models.CharLM(phase.model)), out_shardings=self._replicated)
 
     def __call__(self, params, split: str, *, trained_steps: int, limit: int | None = None) -> dict[str, float]:

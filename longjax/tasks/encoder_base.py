@@ -272,14 +272,13 @@ class BatchedOutputs:
 
     The table is cut into batches of `batch_size` rows (the last padded by
     repeating its first row and trimmed after); a batch is split over the
-    mesh's devices when `batch_size` is a multiple of the device count. Every
+    mesh's batch axes when `batch_size` is a multiple of their devices. Every
     process computes the same outputs.
     """
 
     def __init__(self, fn: Callable, mesh, batch_size: int):
         replicated = NamedSharding(mesh, PartitionSpec())
-        split = batch_size % mesh.devices.size == 0
-        self._rows = NamedSharding(mesh, PartitionSpec("data")) if split else replicated
+        self._rows = base.eval_rows_sharding(mesh, batch_size)
         self._fn = jax.jit(fn, out_shardings=replicated)
         self._batch_size = batch_size
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
-from longjax.attention import api  # noqa: E402
+from longjax.attention import api, global_tokens  # noqa: E402
 
 BATCH, SEQ, HEADS, HEAD_DIM = 2, 64, 2, 8
 # Two meshes of the 8 devices: the sequence over all of them (shards of 8 positions), or over 4
@@ -39,6 +39,21 @@ def _masks():
     padding = np.ones((BATCH, SEQ), bool)
     padding[1, 45:] = False  # row 1 ends inside a shard; its last shards are all padding
     return jnp.asarray(globals_), jnp.asarray(padding)
+
+
+def _chunked(op):
+    """`op` with the global-token passes cut into chunks of 2 positions: their long-shard path
+    (`global_tokens.chunk_length`), which short test shards would not reach."""
+
+    def run(q, k, v, **kwargs):
+        saved = global_tokens.CHUNK_SCORES, global_tokens.MIN_CHUNK
+        global_tokens.CHUNK_SCORES, global_tokens.MIN_CHUNK = 4, 2
+        try:
+            return op(q, k, v, **kwargs)
+        finally:
+            global_tokens.CHUNK_SCORES, global_tokens.MIN_CHUNK = saved
+
+    return run
 
 
 def _cases():
@@ -79,6 +94,12 @@ def _cases():
                 global_qkv=(0.5 * q, jnp.flip(k, axis=1), 2.0 * v), **kw,
             ),
         ),
+        "causal_globals_padding_chunked": (
+            "seq8",
+            _chunked(lambda q, k, v, **kw: sw(
+                q, k, v, window=10, causal=True, global_mask=globals_, padding_mask=padding, **kw
+            )),
+        ),
         # A band on the kernels (interpreted here), the globals as above.
         "pallas_globals": (
             "data2_seq4",
@@ -97,6 +118,12 @@ def _cases():
                 q, k, v, block_size=4, num_window_blocks=5, global_blocks=(0, 5, -1), global_mask=globals_,
                 padding_mask=padding, **kw,
             ),
+        ),
+        "bigbird_globals_chunked": (
+            "data2_seq4",
+            _chunked(lambda q, k, v, **kw: bigbird(
+                q, k, v, block_size=4, global_mask=globals_, padding_mask=padding, **kw,
+            )),
         ),
         # FAVOR+.
         "favor_bidirectional": ("seq8", lambda q, k, v, **kw: favor(q, k, v, projection=projection, padding_mask=padding, **kw)),

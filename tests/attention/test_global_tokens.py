@@ -110,6 +110,30 @@ def test_from_queries_at_matches_dense(options):
     _assert_values_and_grads(fn, oracle, arrays, seed=2)
 
 
+@pytest.mark.parametrize("options", OPTIONS[1:])
+def test_the_global_rows_log_sum_exp_has_its_gradient(options):
+    """The rows pass's lse, which the sequence-parallel merge differentiates, against the dense one."""
+    causal = options["causal"]
+    arrays, positions, key_valid = _problem(**options)
+    scale = HEAD_DIM**-0.5
+    slots = jnp.broadcast_to(jnp.asarray(positions), (BATCH, GLOBALS))
+    used = jnp.ones(slots.shape, bool)
+
+    def fn(q, k, v):
+        return tuple(global_tokens.from_gathered_queries(
+            q[:, :, positions], k, v, key_valid, slots, used, causal=causal, scale=scale
+        ))
+
+    def oracle(q, k, v):
+        mask = key_valid[:, None, None, :]
+        if causal:
+            mask = mask & jnp.asarray(np.arange(SEQ)[None, :] <= positions[:, None])
+        return _dense(q[:, :, positions], k, v, mask, scale)
+
+    assert global_tokens.chunk_length(SEQ, GLOBALS) < SEQ  # the chunked pass, with its custom gradient
+    _assert_values_and_grads(fn, oracle, arrays, seed=4)
+
+
 def _global_mask():
     """bool `[batch, seq]`: GLOBALS - 20 random globals in row 0, GLOBALS (every slot) in row 1."""
     rng = np.random.default_rng(3)

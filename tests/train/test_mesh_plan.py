@@ -37,6 +37,32 @@ def test_a_length_the_sequence_axis_does_not_divide_is_refused():
         run.parse(_config(sequence=3))
 
 
+def test_the_evaluation_length_must_shard_too():
+    config = _config(sequence=2)
+    config.eval.seq_len = 33
+    with pytest.raises(run.ConfigError, match=r"eval.seq_len \(33\) must be a multiple of mesh.sequence \(2\)"):
+        run.parse(config)
+
+
+def test_block_sparse_lengths_must_be_whole_blocks_per_shard():
+    config = _config(sequence=2)
+    config.model.attention = ml_collections.ConfigDict(dict(type="block_sparse", block_size=4))
+    del config.model["attention_per_layer"]
+    config.phases.update(dict(seq_len=(16, 36), window_scale=(1, 1)))
+    with pytest.raises(run.ConfigError, match=r"phases.seq_len\[1\] \(36\) must be a multiple of "
+                                              r"mesh.sequence \(2\) x the block-sparse block_size \(4\)"):
+        run.parse(config)
+    config.phases.seq_len = (16, 32)
+    assert [p.model.sequence_axis for p in run.parse(config).phases] == ["sequence", "sequence"]
+
+
+def test_the_batch_axes_are_the_runs():
+    from longjax.run.plan import MESH_AXES
+    from longjax.tasks import base
+
+    assert base.BATCH_AXES == MESH_AXES[:2]
+
+
 def test_layers_that_do_not_shard_the_sequence_are_named():
     config = _config(sequence=2)
     config.model.attention = ml_collections.ConfigDict(dict(type="full"))
