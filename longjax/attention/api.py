@@ -89,9 +89,11 @@ _SLIDING_WINDOW_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
 )
 
 
-def _not_sharded(name: str):
+def _not_sharded(message: str):
+    """An implementation that refuses `sequence_axis`, saying `message`."""
+
     def refuse(*args, **kwargs):
-        raise NotImplementedError(f"impl={name!r} does not shard the sequence (sequence_axis)")
+        raise NotImplementedError(message)
 
     return refuse
 
@@ -102,10 +104,7 @@ def _sliding_window_xla_sharded(q, k, v, *, block_size, **kwargs):
 
 
 def _sliding_window_pallas_sharded(q, k, v, *, block_size, interpret, block_sizes, **kwargs):
-    if block_size is not None:
-        raise NotImplementedError(
-            "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
-        )
+    pallas_block_sparse.refuse_block_size(block_size)
 
     def band(*xs, spec, scale):
         return pallas_block_sparse.band_part(
@@ -122,7 +121,7 @@ _SLIDING_WINDOW_SHARDED_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
         "xla": _without_kernel_options(_with_global_slots(_sliding_window_xla_sharded)),
         "pallas": _with_global_slots(_sliding_window_pallas_sharded),
-        "reference": _not_sharded("reference"),
+        "reference": _not_sharded("impl='reference' does not shard the sequence (sequence_axis)"),
     }
 )
 
@@ -251,15 +250,11 @@ def _block_sparse_xla_sharded(q, k, v, **kwargs):
     return sequence_parallel.block_sparse_sharded(q, k, v, **kwargs)
 
 
-def _block_sparse_pallas_sharded(q, k, v, **kwargs):
-    raise NotImplementedError("impl='pallas' BigBird does not shard the sequence (sequence_axis); impl='xla' does")
-
-
 _BLOCK_SPARSE_SHARDED_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
         "xla": _without_kernel_options(_with_global_slots(_block_sparse_xla_sharded)),
-        "pallas": _block_sparse_pallas_sharded,
-        "reference": _not_sharded("reference"),
+        "pallas": _not_sharded("impl='pallas' BigBird does not shard the sequence (sequence_axis); impl='xla' does"),
+        "reference": _not_sharded("impl='reference' does not shard the sequence (sequence_axis)"),
     }
 )
 
@@ -389,15 +384,11 @@ def _favor_xla_sharded(q, k, v, **kwargs):
     return sequence_parallel.favor_sharded(q, k, v, **kwargs)
 
 
-def _favor_pallas_sharded(q, k, v, **kwargs):
-    raise NotImplementedError("impl='pallas' FAVOR+ does not shard the sequence (sequence_axis); impl='xla' does")
-
-
 _FAVOR_SHARDED_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
     {
         "xla": _without_kernel_options(_favor_xla_sharded),
-        "pallas": _favor_pallas_sharded,
-        "reference": _not_sharded("reference"),
+        "pallas": _not_sharded("impl='pallas' FAVOR+ does not shard the sequence (sequence_axis); impl='xla' does"),
+        "reference": _not_sharded("impl='reference' does not shard the sequence (sequence_axis)"),
     }
 )
 

@@ -342,9 +342,15 @@ def add_global_tokens(
     out = partial_softmax.merge(part, _to_global_keys(q, k, v, positions, used, causal, scale)).out
     gq, gk, gv = (q, k, v) if global_qkv is None else global_qkv
     global_out = _from_global_queries(gq, gk, gv, padding_mask, positions, used, causal, scale)
-    slot_target = jnp.where(used, positions, q.shape[2])  # unused slots scatter out of bounds: dropped
-    out = jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, slot_target, global_out)
+    out = set_rows(out, positions, used, global_out)
     return jnp.where(overflow[:, None, None, None], jnp.nan, out)
+
+
+def set_rows(out, positions, keep, rows):
+    """`out` `[batch, heads, seq, head_dim]` with `rows` `[batch, heads, slots, head_dim]` written at
+    `positions` `[batch, slots]` where `keep` (bool, same shape); other slots write nothing."""
+    target = jnp.where(keep, positions, out.shape[2])  # out of bounds: dropped
+    return jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, target, rows)
 
 
 def to_keys_at(q, k, v, positions, key_valid, *, causal: bool, scale: float) -> PartialAttention:

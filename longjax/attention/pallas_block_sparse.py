@@ -115,13 +115,26 @@ def band_part(q, k, v, key_valid, *, spec: SlidingWindowSpec, scale: float, bloc
     Returns:
       float32 out `[batch, heads, seq, head_dim]` and lse `[batch, heads, seq]`.
     """
+    out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret)
+    return PartialAttention(jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse)
+
+
+def refuse_block_size(block_size) -> None:
+    """impl='pallas' has no `block_size` option (its tiling is `block_sizes`): refused, not ignored."""
+    if block_size is not None:
+        raise NotImplementedError(
+            "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
+        )
+
+
+def _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret):
+    """(out `[b, n, h, d]`, lse `[b, h, n]`) of the band on the lowering's kernels."""
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
-    out, lse = block_sparse_kernels.per_lowering(
+    return block_sparse_kernels.per_lowering(
         lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
         q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
     )
-    return PartialAttention(jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse)
 
 
 def _complete(
@@ -169,18 +182,10 @@ def sliding_window_pallas(
 
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
-    if block_size is not None:
-        raise NotImplementedError(
-            "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
-        )
-    block_sparse_kernels.check_block_sizes(block_sizes)
-    interpret = common.resolve_interpret(interpret)
+    refuse_block_size(block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
-    out, lse = block_sparse_kernels.per_lowering(
-        lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
-        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
-    )
+    out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret)
     return _complete(
         out, lse, q, k, v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
         max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,

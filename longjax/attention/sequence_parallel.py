@@ -164,9 +164,7 @@ def _rows_of_global_queries(out, q_sel, k, v, padding_mask, local_positions, use
     rows = global_tokens.from_gathered_queries(
         q_sel, k, v, padding_mask, local_positions, used, causal=causal, scale=scale,
     )
-    rows = _merge_across(rows, axis_name)
-    target = jnp.where(owned, local_positions, out.shape[2])  # slots owned elsewhere scatter out of bounds: dropped
-    return jax.vmap(lambda o, t, g: o.at[:, t].set(g, mode="drop"))(out, target, rows)
+    return global_tokens.set_rows(out, local_positions, owned, _merge_across(rows, axis_name))
 
 
 def _add_global_tokens(

@@ -108,15 +108,14 @@ def sliding_window_xla(
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
-    qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
-
-    part = _local(
-        qh, kh, vh, global_tokens.local_key_valid(q, global_mask, padding_mask), spec, block_size, scale
+    part = band_part(
+        q, k, v, global_tokens.local_key_valid(q, global_mask, padding_mask), spec=spec, scale=scale,
+        block_size=block_size,
     )
     if global_mask is not None:
         global_qkv = None if global_qkv is None else tuple(map(to_bhnd, global_qkv))
         out = global_tokens.add_global_tokens(
-            part, qh, kh, vh, global_mask=global_mask, global_qkv=global_qkv,
+            part, to_bhnd(q), to_bhnd(k), to_bhnd(v), global_mask=global_mask, global_qkv=global_qkv,
             padding_mask=padding_mask, max_global_tokens=max_global_tokens,
             causal=spec.causal, scale=scale,
         )

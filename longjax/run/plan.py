@@ -40,6 +40,7 @@ from typing import Any
 
 from longjax import models, sections, tasks
 from longjax.sections import ConfigError
+from longjax.tasks import base as tasks_base
 
 PHASE_FIELDS = ("seq_len", "batch_size", "steps", "learning_rate", "window_scale")
 TOP_LEVEL = (
@@ -48,8 +49,9 @@ TOP_LEVEL = (
 )
 
 
-# The mesh's axis names, in order: batches split over the first two, the sequence over the last.
-MESH_AXES = ("data", "fsdp", "sequence")
+# The mesh's axis names, in order: batches split over the first two (the tasks' evaluators split
+# theirs the same way), the sequence over the last.
+MESH_AXES = (*tasks_base.BATCH_AXES, "sequence")
 
 
 @dataclasses.dataclass(frozen=True)

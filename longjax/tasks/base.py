@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from longjax import models, sections
 
-# The mesh axes a batch splits over, as the training run names them (`run.plan.MESH_AXES[:2]`).
+# The mesh axes a batch splits over; the training run's mesh (`run.plan.MESH_AXES`) starts with them.
 BATCH_AXES = ("data", "fsdp")
 
 

@@ -56,13 +56,6 @@ def test_block_sparse_lengths_must_be_whole_blocks_per_shard():
     assert [p.model.sequence_axis for p in run.parse(config).phases] == ["sequence", "sequence"]
 
 
-def test_the_batch_axes_are_the_runs():
-    from longjax.run.plan import MESH_AXES
-    from longjax.tasks import base
-
-    assert base.BATCH_AXES == MESH_AXES[:2]
-
-
 def test_layers_that_do_not_shard_the_sequence_are_named():
     config = _config(sequence=2)
     config.model.attention = ml_collections.ConfigDict(dict(type="full"))
