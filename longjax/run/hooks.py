@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 import signal
 import sys
 import threading
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from longjax import tracking
@@ -106,8 +108,31 @@ class StopOnNonFiniteLoss(Hook):
         raise NonFiniteLossError(message)
 
 
+def peak_memory_bytes() -> tuple[int, str]:
+    """(bytes, source): the most memory this process has held so far.
+
+    On GPU/TPU the largest `peak_bytes_in_use` of this process's devices
+    (source 'device'); where devices keep no statistics (the CPU) the
+    process's peak resident set size (source 'host_rss'), which also counts
+    the data and the Python heap.
+    """
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    if peaks:
+        return int(max(peaks)), "device"
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "host_rss"
+
+
 class TrainLog(Hook):
-    """Logs the phase start and, every `every_steps` and at the phase end, the interval's training metrics."""
+    """Logs the phase start and, every `every_steps` and at the phase end, the interval's training metrics.
+
+    Besides the task's metrics each record has `tokens_per_second` and
+    `steps_per_second` over the interval, and `peak_memory_mib` so far
+    (`peak_memory_bytes`: device memory on accelerators, the process's
+    resident memory on the CPU, as `peak_memory_on_device` 1 or 0 says).
+    """
 
     name = "train_log"
 
@@ -118,6 +143,7 @@ class TrainLog(Hook):
     def _reset(self):
         self._values: dict[str, list] = {}
         self._tokens = 0
+        self._steps = 0
         self._start = time.perf_counter()
 
     def phase_start(self, ctx):
@@ -133,6 +159,7 @@ class TrainLog(Hook):
         for name, value in ctx.metrics.items():
             self._values.setdefault(name, []).append(ctx.loss if name == "loss" else value)
         self._tokens += ctx.run.task.tokens_per_batch(ctx.phase)
+        self._steps += 1
         if ctx.step % self.every_steps and not ctx.at_phase_end:
             return
         elapsed = time.perf_counter() - self._start
@@ -141,6 +168,10 @@ class TrainLog(Hook):
             for name, values in self._values.items()
         }
         record["tokens_per_second"] = self._tokens / max(elapsed, 1e-9)
+        record["steps_per_second"] = self._steps / max(elapsed, 1e-9)
+        peak, source = peak_memory_bytes()
+        record["peak_memory_mib"] = peak / 2**20
+        record["peak_memory_on_device"] = int(source == "device")
         ctx.log.train(ctx.step, ctx.phase.index + 1, record)
         self._reset()
 

@@ -54,6 +54,10 @@ TOP_LEVEL = (
 MESH_AXES = (*tasks_base.BATCH_AXES, "sequence")
 
 
+# The learning-rate shapes after the warmup (`optimizer.decay`, `longjax.run.steps.learning_rate`).
+DECAYS = ("constant", "polynomial", "cosine", "rsqrt")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSection:
     """AdamW after global-norm clipping; a linear warmup restarts at every phase, then a constant or decaying rate.
@@ -66,7 +70,9 @@ class OptimizerSection:
         min(warmup_fraction * its steps, max_warmup_steps) steps.
       decay, decay_power: after the warmup the rate stays constant
         ('constant'), or decays to 0 at the phase's end as
-        (steps left / decay steps) ** decay_power ('polynomial'; power 1 is linear).
+        (steps left / decay steps) ** decay_power ('polynomial'; power 1 is linear)
+        or as a half cosine ('cosine'), or falls as the inverse square root of the
+        steps since the phase start ('rsqrt'; `longjax.run.steps.learning_rate`).
       grad_accumulation: micro-batches per optimizer step: each phase's
         global batch is split into this many, their gradients accumulated
         (weighted by the task's `loss_weight`) before one update, so a paper's
@@ -100,7 +106,7 @@ class OptimizerSection:
             0 <= self.warmup_fraction <= 1, "optimizer.warmup_fraction", self.warmup_fraction, "in [0, 1]"
         )
         sections.non_negative_int("optimizer.max_warmup_steps", self.max_warmup_steps)
-        sections.one_of("optimizer.decay", self.decay, ("constant", "polynomial"))
+        sections.one_of("optimizer.decay", self.decay, DECAYS)
         sections.positive_number("optimizer.decay_power", self.decay_power)
         sections.positive_int("optimizer.grad_accumulation", self.grad_accumulation)
         sections.positive_number("optimizer.head_learning_rate_scale", self.head_learning_rate_scale)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from longjax.run.plan import OptimizerSection
+from longjax.run.plan import DECAYS, OptimizerSection
 
 # Separates the dropout stream from the other uses of the run seed.
 _DROPOUT_STREAM = 1
@@ -82,20 +82,28 @@ def learning_rate(step, *, peak: float, start_step: int, warmup_steps: int, end_
     (`decay='constant'`), or decaying to 0 at `end_step` as
     `peak * (steps left / decay steps) ** decay_power` (`'polynomial'`:
     power 1 is the linear decay of BERT fine-tuning, power 3 the Longformer
-    paper's MLM pretraining).
+    paper's MLM pretraining), or as a half cosine (`'cosine'`, LRA's image
+    tasks), or as `peak * sqrt(warmup_steps / steps since the phase start)`
+    (`'rsqrt'`, the Transformer's inverse square root that LRA's text tasks use).
     """
     step = jnp.asarray(step, jnp.float32)
     warm = (jnp.asarray(1.0, jnp.float32) if warmup_steps == 0
             else jnp.clip((step - start_step + 1.0) / warmup_steps, 0.0, 1.0))
     if decay == "constant":
         return peak * warm
-    if decay != "polynomial":
-        raise ValueError(f"decay must be 'constant' or 'polynomial', got {decay!r}")
+    if decay not in DECAYS:
+        raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+    in_warmup = step - start_step < warmup_steps
+    if decay == "rsqrt":
+        since_start = jnp.maximum(step - start_step + 1.0, 1.0)
+        return peak * jnp.where(in_warmup, warm, jnp.sqrt(max(warmup_steps, 1) / since_start))
     if end_step is None:
-        raise ValueError("decay='polynomial' needs end_step, the phase's end")
+        raise ValueError(f"decay={decay!r} needs end_step, the phase's end")
     decay_steps = max(end_step - start_step - warmup_steps, 1)
     left = jnp.clip((end_step - step) / decay_steps, 0.0, 1.0)
-    return peak * jnp.where(step - start_step < warmup_steps, warm, left**decay_power)
+    if decay == "cosine":
+        return peak * jnp.where(in_warmup, warm, 0.5 * (1.0 + jnp.cos(jnp.pi * (1.0 - left))))
+    return peak * jnp.where(in_warmup, warm, left**decay_power)
 
 
 def dropout_key(seed: int, step):

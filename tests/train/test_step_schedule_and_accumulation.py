@@ -91,6 +91,25 @@ def test_polynomial_decay_warms_up_then_falls_to_zero_at_the_phase_end():
     assert float(steps.learning_rate(25, peak=2.0, start_step=10, warmup_steps=4)) == 2.0
 
 
+def test_rsqrt_decay_is_the_inverse_square_root_after_the_warmup():
+    lr = lambda s: float(steps.learning_rate(s, peak=2.0, start_step=10, warmup_steps=4, decay="rsqrt"))
+    assert [lr(s) for s in (10, 11, 12, 13)] == [0.5, 1.0, 1.5, 2.0]
+    # LRA's `c / sqrt(max(step, warmup))` with c = peak * sqrt(warmup): 16 steps in, half the peak.
+    np.testing.assert_allclose([lr(13), lr(25), lr(10 + 63)], [2.0, 1.0, 0.5], rtol=1e-6)
+
+
+def test_cosine_decay_falls_as_a_half_cosine_to_zero_at_the_phase_end():
+    lr = lambda s: float(steps.learning_rate(s, peak=1.0, start_step=10, warmup_steps=4, end_step=30,
+                                             decay="cosine"))
+    assert [lr(s) for s in (10, 11, 12, 13)] == [0.25, 0.5, 0.75, 1.0]
+    np.testing.assert_allclose([lr(14), lr(22), lr(26), lr(30)], [1.0, 0.5, 0.5 - 0.5 * np.sqrt(0.5), 0.0],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="needs end_step"):
+        steps.learning_rate(20, peak=1.0, start_step=10, warmup_steps=4, decay="cosine")
+    with pytest.raises(ConfigError, match="optimizer.decay"):
+        plan_lib.OptimizerSection(decay="linear")
+
+
 def test_head_learning_rate_scale_scales_only_the_head_updates():
     def loss(params, batch, *, step, dropout_key):
         p = params["params"]
