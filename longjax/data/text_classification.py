@@ -19,9 +19,12 @@ import os
 import pathlib
 import re
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from longjax.data import tfds_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,15 @@ class ReadResult:
 
 
 # --- IMDB -------------------------------------------------------------------------------------
+
+
+def held_out(record_id: str, fraction: float) -> bool:
+    """Whether a training record goes to the validation split that IMDB lacks: `crc32(id) / 2**32 < fraction`.
+
+    A function of the id alone, so the split does not depend on file order,
+    and the `imdb` classification task and LRA's Text task hold out the same reviews.
+    """
+    return zlib.crc32(record_id.encode()) / 2**32 < fraction
 
 
 def read_imdb_directory(directory: str | os.PathLike) -> dict[str, list[LabeledText]]:
@@ -111,7 +123,7 @@ def read_imdb_directory(directory: str | os.PathLike) -> dict[str, list[LabeledT
 def read_imdb_tfds(data_dir: str | os.PathLike) -> dict[str, list[LabeledText]]:
     """Reads `imdb_reviews` as prepared by tensorflow-datasets, without TensorFlow.
 
-    Uses `tfds.builder('imdb_reviews', data_dir=data_dir).as_data_source(split)`,
+    Uses `tfds.builder('imdb_reviews', data_dir=data_dir).as_data_source(split)` (`tfds_prepared`),
     which needs the dataset prepared in the `array_record` (or `parquet`) file
     format; nothing is downloaded.
 
@@ -130,18 +142,7 @@ def read_imdb_tfds(data_dir: str | os.PathLike) -> dict[str, list[LabeledText]]:
         with the command that prepares it.
       ValueError if it is prepared in a format without random access (tfrecord).
     """
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-    build = f"`tfds build imdb_reviews --data_dir={data_dir} --file_format=array_record` on a machine with network"
-    builder = tfds.builder("imdb_reviews", data_dir=os.fspath(data_dir))
-    if not builder.is_prepared():
-        raise FileNotFoundError(f"{data_dir}: imdb_reviews is not prepared in this tfds data_dir; prepare it with {build}")
-    file_format = builder.info.file_format
-    if file_format not in (tfds.core.FileFormat.ARRAY_RECORD, tfds.core.FileFormat.PARQUET):
-        raise ValueError(
-            f"{data_dir}: imdb_reviews is prepared as {file_format.value}, which tfds cannot read without TensorFlow; "
-            f"rebuild it with {build}"
-        )
+    builder = tfds_prepared.builder("imdb_reviews", data_dir)
     splits = {}
     for split in IMDB_SPLITS:
         source = builder.as_data_source(split)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import zlib
 from pathlib import Path
 
 import jax
@@ -98,10 +97,6 @@ class ClassificationData:
         return self.tables[split]
 
 
-def _held_out(record_id: str, fraction: float) -> bool:
-    return zlib.crc32(record_id.encode()) / 2**32 < fraction
-
-
 def read_splits(section: DataSection) -> dict[str, list]:
     """The dataset's documents (`LabeledText`) per split, as the data section describes."""
     root = encoder_base.data_directory(section.dir, "aclImdb" if section.name == "imdb" else "hyperpartisan")
@@ -110,8 +105,8 @@ def read_splits(section: DataSection) -> dict[str, list]:
         splits = read(root)
         train = splits["train"]
         return {
-            "train": [r for r in train if not _held_out(r.id, section.validation_fraction)],
-            "validation": [r for r in train if _held_out(r.id, section.validation_fraction)],
+            "train": [r for r in train if not texts.held_out(r.id, section.validation_fraction)],
+            "validation": [r for r in train if texts.held_out(r.id, section.validation_fraction)],
             "test": splits["test"],
         }
     records = texts.read_hyperpartisan_jsonl(root / section.file, skip_malformed=section.skip_malformed)
