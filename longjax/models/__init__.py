@@ -22,6 +22,7 @@ from longjax.models.encoder import LongEncoder
 from longjax.models.encoder_decoder import EncoderDecoderConfig, LongEncoderDecoder
 from longjax.models.generation import generate
 from longjax.models.heads import EncoderWithHead
+from longjax.models.lra import LRAClassifier, LRAConfig
 from longjax.models.transformer import TransformerBlock, TransformerStack
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "EncoderWithHead",
     "FullAttention",
     "GenerationSettings",
+    "LRAClassifier",
+    "LRAConfig",
     "LongEncoder",
     "LongEncoderDecoder",
     "MultiHeadAttention",

@@ -1,6 +1,5 @@
 """Every field of every config can be overridden from the command line, None-valued ones and `=None` included."""
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -10,7 +9,8 @@ from ml_collections import config_flags
 from longjax import cli, run
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
-CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# Files starting with "_" are helpers the configs import (configs/_lra.py), not configs.
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
 def _parse(path, *overrides):

@@ -14,7 +14,8 @@ from longjax.tasks import char_lm
 from tests.train import tiny_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
-CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+# Files starting with "_" are helpers the configs import (configs/_lra.py), not configs.
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
 # The paper's dilated layers (appendix A), by its dilation d: heads 6-7 of these layers use d + 1 here.
 PAPER_DILATION_LAYERS = {
     "small": {1: range(6, 8), 2: range(8, 10), 3: range(10, 12)},
