@@ -7,8 +7,9 @@
 sliding_window). LRA's cifar10 configs: batch 256, 200 epochs of 45,000
 images, Adam without weight decay, rate 5e-4 with one epoch of warmup then a
 cosine decay, dropout 0.3 (attention 0.2); the model differs per attention
-(`MODELS`, LRA's per-model files). LRA computes q/k/v at 64 wide in these
-128-wide models; here they are 128 wide (longjax's heads split d_model).
+(`MODELS`, LRA's per-model files), with learned positions
+(`learn_pos_emb`). LRA computes q/k/v at 64 wide in these 128-wide models;
+here they are 128 wide (longjax's heads split d_model).
 """
 
 from configs import _lra
@@ -34,5 +35,5 @@ def get_config(attention="sliding_window"):
         "lra_image", attention, vocab_size=257, num_labels=10, seq_len=1024, num_layers=layers, num_heads=heads,
         d_model=width, d_ff=mlp, classifier_dim=mlp, pooling=pooling, dropout=0.3, attention_dropout=0.2,
         batch_size=BATCH, steps=EPOCHS * epoch, learning_rate=5e-4, warmup_steps=epoch, decay="cosine",
-        weight_decay=0.0, eval_batch_size=256,
+        weight_decay=0.0, position="learned", eval_batch_size=256,
     )

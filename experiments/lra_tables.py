@@ -15,13 +15,18 @@
   per second and peak memory (from its metrics.jsonl). ListOps and
   Pathfinder need their generated files (`python -m longjax.data.lra_listops
   --out=...`, `python -m longjax.data.lra_pathfinder --out=...`); Text,
-  Retrieval and Image need the real data (see the configs).
+  Retrieval and Image need the real data (see the configs). A scaled run
+  keeps LRA's warmup in steps (up to the run's length): for ListOps and Text
+  (rsqrt decay) it is the first steps of LRA's run; Retrieval's warmup and the
+  image tasks' cosine are compressed to the shorter run. A run that fails
+  is a row saying why; the others go on.
 * `efficiency` is LRA's Table 2: the Text task's model (4 layers, 256 wide,
   batch 32) trained for `--steps` steps at each length, for each attention;
   median steps per second and peak memory, and both relative to full
   attention. The data only has to have the right shape, so it trains on
-  ListOps examples generated into `<root>/data` (padded to each length),
-  which needs no download.
+  ListOps examples generated into `<root>/data` (cut or padded to each
+  length), which needs no download. LRA's own Table 2 was measured on TPU
+  v3 chips; compare ratios, not steps per second.
 * `--smoke` runs both (validation accuracy, lengths 128 and 256) on a 1-layer
   16-wide model and generated ListOps of at most 256 tokens, 4 and 3 steps a run.
 
@@ -34,8 +39,8 @@ Writes `lra_accuracy.csv` / `lra_efficiency.csv` and a PNG beside them under `--
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -54,8 +59,6 @@ PAPER_ACCURACY = {
     "block_sparse": {"listops": 36.05, "text": 64.02, "retrieval": 59.29, "image": 40.83, "pathfinder": 74.87},
     "performer": {"listops": 18.01, "text": 65.40, "retrieval": 53.82, "image": 42.77, "pathfinder": 77.05},
 }
-# LRA's step counts per task (configs/lra_<task>.py), for --scale.
-FULL_STEPS = {"listops": 5000, "text": 20_000, "retrieval": 5000, "image": 35_000, "pathfinder": 62_500}
 # The smoke mode's model: small enough for seconds per run, every pattern still sparse at its length.
 SMOKE_MODEL = [
     "--config.model.num_layers=1", "--config.model.num_heads=2", "--config.model.d_model=16",
@@ -66,14 +69,45 @@ SMOKE_ATTENTION = {
     "full": [],
     "sliding_window": ["--config.model.attention.window=16"],
     "block_sparse": ["--config.model.attention.block_size=16"],
-    "performer": ["--config.model.attention.num_features=16"],
+    "performer": [],
 }
 
 
-def _train(config: str, workdir: pathlib.Path, overrides: list[str]) -> None:
-    command = [sys.executable, "-m", "longjax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+def task_config(task: str, attention: str):
+    """`configs/lra_<task>.py:<attention>`'s config, as the runs get it."""
+    path = REPO / "configs" / f"lra_{task}.py"
+    spec = importlib.util.spec_from_file_location(f"lra_{task}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(attention)
+
+
+def merged_overrides(flags: list[str]) -> list[str]:
+    """`--config.<field>=<value>` flags with one per field, the last given winning.
+
+    ml_collections does not let a repeated override replace the first (a
+    repeated tuple field is refused), so later layers of overrides (the smoke
+    model's, the user's) replace earlier ones here.
+    """
+    by_field = {}
+    for flag in flags:
+        field = flag.split("=", 1)[0]
+        by_field.pop(field, None)
+        by_field[field] = flag
+    return list(by_field.values())
+
+
+def _train(config: str, workdir: pathlib.Path, overrides: list[str]) -> str | None:
+    """Runs (or resumes) one training run; None when it finished, else why it failed (its last output line)."""
+    command = [sys.executable, "-m", "longjax.train", f"--config={config}", f"--workdir={workdir}",
+               *merged_overrides(overrides)]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=REPO)
+    finished = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(finished.stdout, end="", flush=True)
+    if finished.returncode == 0:
+        return None
+    lines = [line for line in finished.stdout.splitlines() if line.strip()]
+    return f"failed (exit {finished.returncode}): {lines[-1] if lines else 'no output'}"
 
 
 def _evaluate(workdir: pathlib.Path, split: str) -> dict:
@@ -111,9 +145,15 @@ def accuracy(args) -> list[dict]:
     for task in args.tasks:
         for attention in args.attentions:
             workdir = args.workdir_root / task / attention
-            steps = max(1, round(FULL_STEPS[task] * args.scale))
+            steps = max(1, round(task_config(task, attention).phases.steps[0] * args.scale))
             overrides = [f"--config.phases.steps=({steps},)", *args.override, *args.attention_override[attention]]
-            _train(f"configs/lra_{task}.py:{attention}", workdir, overrides)
+            failure = _train(f"configs/lra_{task}.py:{attention}", workdir, overrides)
+            if failure is not None:
+                rows.append({"task": task, "attention": attention, "steps": steps, "split": args.split,
+                             "accuracy": float("nan"), "paper_accuracy": PAPER_ACCURACY[attention][task],
+                             "steps_per_second": float("nan"), "peak_memory_mib": float("nan"),
+                             "memory_source": "", "status": failure})
+                continue
             if args.split == "validation":
                 _, evals = training_records(workdir)
                 result = {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
@@ -122,46 +162,70 @@ def accuracy(args) -> list[dict]:
             speed, memory, source = speed_and_memory(workdir)
             rows.append({"task": task, "attention": attention, "steps": steps, "split": args.split,
                          "accuracy": 100 * result["accuracy"], "paper_accuracy": PAPER_ACCURACY[attention][task],
-                         "steps_per_second": speed, "peak_memory_mib": memory, "memory_source": source})
+                         "steps_per_second": speed, "peak_memory_mib": memory, "memory_source": source,
+                         "status": "ok"})
     return rows
 
 
 def accuracy_table(rows: list[dict], tasks, attentions) -> str:
     """LRA's Table 1 layout: a row per model, a column per task, 'ours (paper)' accuracy."""
-    by = {(r["task"], r["attention"]): r for r in rows}
-    steps = ", ".join(f"{t} {by[(t, attentions[0])]['steps']}" for t in tasks if (t, attentions[0]) in by)
+    by = {(r["task"], r["attention"]): r for r in rows if r["status"] == "ok"}
+    steps = ", ".join(f"{t} {r['steps']}" for t, r in {r["task"]: r for r in rows}.items())
     lines = [f"Accuracy (%) on {rows[0]['split']}, ours (LRA paper); steps trained: {steps}", "",
              "| Model | " + " | ".join(tasks) + " | Avg |", "|---" * (len(tasks) + 2) + "|"]
     for attention in attentions:
         ours = [by[(t, attention)]["accuracy"] for t in tasks if (t, attention) in by]
         cells = [f"{by[(t, attention)]['accuracy']:.2f} ({PAPER_ACCURACY[attention][t]:.2f})" if (t, attention) in by
-                 else "-" for t in tasks]
+                 else "failed" if any(r["task"] == t and r["attention"] == attention for r in rows) else "-"
+                 for t in tasks]
         paper_avg = statistics.mean(PAPER_ACCURACY[attention][t] for t in tasks)
         avg = f"{statistics.mean(ours):.2f} ({paper_avg:.2f})" if ours else "-"
         lines.append(f"| {NAMES[attention]} | " + " | ".join(cells) + f" | {avg} |")
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['task']} / {row['attention']}: {row['status']}")
     return "\n".join(lines)
 
 
-def efficiency(args, data_dir: pathlib.Path) -> list[dict]:
-    """Trains the Text model `args.steps` steps per length and attention; returns the rows of the CSV."""
-    from longjax.data import lra_listops
+def text_model_overrides(attention: str) -> list[str]:
+    """Flags that give a ListOps run the Text task's model (`configs/lra_text.py`) for `attention`."""
+    model = task_config("text", attention).model
+    flags = [f"--config.model.{name}={getattr(model, name)}"
+             for name in ("num_layers", "num_heads", "d_model", "d_ff", "classifier_dim", "dropout",
+                          "attention_dropout", "position", "pooling", "global_first_token")]
+    if attention == "performer":
+        flags += [f"--config.model.attention.{name}={model.attention[name]}"
+                  for name in ("num_features", "feature_map", "orthogonal", "random_features")]
+    return flags
 
+
+def efficiency(args, data_dir: pathlib.Path) -> list[dict]:
+    """Trains the Text model `args.steps` steps per length and attention; returns the rows of the CSV.
+
+    The runs are `configs/lra_listops.py:<attention>` with the Text task's
+    model (`text_model_overrides`) and batch, on the generated ListOps
+    examples in `data_dir` cut or padded to each length: the speed and
+    memory of a step do not depend on what the tokens say.
+    """
+    text_batch = task_config("text", "full").phases.batch_size[0]
     rows = []
     for length in args.lengths:
         for attention in args.attentions:
             workdir = args.workdir_root / f"{length}" / attention
             overrides = [
-                "--config.task=lra_listops", f"--config.data.dir={data_dir}",
-                f"--config.model.vocab_size={lra_listops.VOCAB_SIZE}",
-                f"--config.model.num_labels={lra_listops.NUM_LABELS}",
-                f"--config.phases.seq_len=({length},)", f"--config.model.max_positions={length + 1}",
+                *text_model_overrides(attention), f"--config.phases.batch_size=({text_batch},)",
+                f"--config.data.dir={data_dir}", f"--config.phases.seq_len=({length},)",
                 f"--config.phases.steps=({args.steps},)", "--config.log_every_steps=1",
                 "--config.eval.max_examples=32", *args.override, *args.attention_override[attention],
             ]
-            _train(f"configs/lra_text.py:{attention}", workdir, overrides)
-            speed, memory, source = speed_and_memory(workdir)
-            rows.append({"seq_len": length, "attention": attention, "steps": args.steps,
-                         "steps_per_second": speed, "peak_memory_mib": memory, "memory_source": source})
+            failure = _train(f"configs/lra_listops.py:{attention}", workdir, overrides)
+            row = {"seq_len": length, "attention": attention, "steps": args.steps, "status": failure or "ok"}
+            if failure is None:
+                speed, memory, source = speed_and_memory(workdir)
+                row.update(steps_per_second=speed, peak_memory_mib=memory, memory_source=source)
+            else:
+                row.update(steps_per_second=float("nan"), peak_memory_mib=float("nan"), memory_source="")
+            rows.append(row)
     full = {r["seq_len"]: r for r in rows if r["attention"] == "full"}
     for row in rows:
         base = full.get(row["seq_len"])
@@ -173,17 +237,18 @@ def efficiency(args, data_dir: pathlib.Path) -> list[dict]:
 def efficiency_table(rows: list[dict], lengths, attentions) -> str:
     """LRA's Table 2 layout: steps per second and peak memory per length, then both relative to full attention."""
     by = {(r["seq_len"], r["attention"]): r for r in rows}
+    source = next((r["memory_source"] for r in rows if r["status"] == "ok"), "none measured")
     head = " | ".join([f"steps/s @{n}" for n in lengths] + [f"MiB @{n}" for n in lengths])
-    lines = [f"Training steps per second and peak memory (MiB, {rows[0]['memory_source']}), "
+    lines = [f"Training steps per second and peak memory (MiB, {source}), "
              f"{rows[0]['steps']} steps per run; x: relative to full attention", "",
              f"| Model | {head} |", "|---" * (2 * len(lengths) + 1) + "|"]
     for attention in attentions:
         speed, memory = [], []
         for n in lengths:
             row = by.get((n, attention))
-            if row is None:
-                speed.append("-")
-                memory.append("-")
+            if row is None or row["status"] != "ok":
+                speed.append("-" if row is None else "failed")
+                memory.append("-" if row is None else "failed")
             elif attention == "full" or "full" not in attentions:
                 speed.append(f"{row['steps_per_second']:.2f}")
                 memory.append(f"{row['peak_memory_mib']:.0f}")
@@ -191,6 +256,9 @@ def efficiency_table(rows: list[dict], lengths, attentions) -> str:
                 speed.append(f"{row['steps_per_second']:.2f} ({row['speed_vs_full']:.2f}x)")
                 memory.append(f"{row['peak_memory_mib']:.0f} ({row['memory_vs_full']:.2f}x)")
         lines.append(f"| {NAMES[attention]} | " + " | ".join(speed) + " | " + " | ".join(memory) + " |")
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['seq_len']} / {row['attention']}: {row['status']}")
     return "\n".join(lines)
 
 
@@ -229,7 +297,14 @@ def main(argv=None):
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.attentions = [a for a in args.attentions.split(",") if a]
     lengths = args.lengths or ("128,256" if args.smoke else "1024,2048,3072,4096")
-    args.lengths = [int(n) for n in lengths.split(",") if n]
+    try:
+        args.lengths = [int(n) for n in lengths.split(",") if n]
+    except ValueError:
+        parser.error(f"--lengths must be comma-separated positive ints, got {lengths!r}")
+    if not args.lengths or min(args.lengths) < 1:
+        parser.error(f"--lengths must be comma-separated positive ints, got {lengths!r}")
+    if args.steps < 2:
+        parser.error(f"--steps must be >= 2 (the first step's time holds the compilation), got {args.steps}")
     for name, values, allowed in (("--tasks", args.tasks, TASKS), ("--attentions", args.attentions, ATTENTIONS)):
         unknown = sorted(set(values) - set(allowed))
         if unknown or not values:
@@ -237,7 +312,6 @@ def main(argv=None):
     if not 0 < args.scale <= 1:
         parser.error(f"--scale must be in (0, 1], got {args.scale}")
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PYTHONPATH", str(REPO))
 
     args.attention_override = {attention: [] for attention in ATTENTIONS}
     if args.smoke:
@@ -246,15 +320,17 @@ def main(argv=None):
         _generate_listops(data, max_length=256, train=64, validation=32, test=32)
         root = args.workdir_root
         args.attention_override = SMOKE_ATTENTION
-        args.tasks, args.split, args.scale = ["listops"], "validation", 4 / FULL_STEPS["listops"]
+        args.tasks, args.split = ["listops"], "validation"
+        args.scale = 4 / task_config("listops", "full").phases.steps[0]
         args.workdir_root = root / "accuracy"
-        args.override = [*SMOKE_MODEL, f"--config.data.dir={data}", "--config.phases.seq_len=(256,)",
-                         "--config.model.max_positions=257", *args.override]
+        args.override = [*SMOKE_MODEL, f"--config.data.dir={data}", "--config.phases.seq_len=(256,)", *args.override]
         rows = accuracy(args)
         print(accuracy_table(rows, args.tasks, args.attentions), flush=True)
         bench_common.write_csv(str(args.out / "lra_accuracy_smoke.csv"), rows)
         args.workdir_root, args.steps = root / "efficiency", 3
         args.override = SMOKE_MODEL
+        # The Text model's Performer has the head's own features: the smoke model's heads are 8 wide.
+        args.attention_override = {**SMOKE_ATTENTION, "performer": ["--config.model.attention.num_features=8"]}
         rows = efficiency(args, data)
         print(efficiency_table(rows, args.lengths, args.attentions), flush=True)
         bench_common.write_csv(str(args.out / "lra_efficiency_smoke.csv"), rows)

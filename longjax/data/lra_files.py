@@ -23,8 +23,9 @@ What LRA's own input pipelines (google-research/long-range-arena) do, and where 
 * Image (CIFAR-10): tfds `cifar10`, 'train[:90%]' train, 'train[90%:]'
   validation, 'test' test; `tf.image.rgb_to_grayscale` then a cast to int32,
   flattened row-major to 1,024 pixels. LRA feeds the pixel values 0..255 with a
-  vocabulary of 256 (no padding id); here ids are pixel + 1 so that 0 stays
-  padding as in every other table, hence 257 ids.
+  vocabulary of 256, and its encoder masks every id 0 as padding, black pixels
+  included; here ids are pixel + 1 so that 0 is only padding, as in every
+  other table, hence 257 ids.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ IMAGE_VOCAB_SIZE = 257
 TEXT_NUM_LABELS = 2
 RETRIEVAL_NUM_LABELS = 2
 IMAGE_NUM_LABELS = 10
-NUM_LABELS = {"text": TEXT_NUM_LABELS, "retrieval": RETRIEVAL_NUM_LABELS, "image": IMAGE_NUM_LABELS}
 
 RETRIEVAL_FILES = {
     "train": "new_aan_pairs.train.tsv",

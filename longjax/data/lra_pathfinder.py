@@ -61,7 +61,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-VOCAB_SIZE = 257  # pixel values 0..255 as ids 1..256; 0 is padding
+# Pixel values 0..255 as ids 1..256; 0 is padding. (LRA feeds raw pixels, and its encoder masks every
+# id 0 as padding: the black background, most of each image, attends to nothing there.)
+VOCAB_SIZE = 257
 NUM_LABELS = 2
 MARKER_VALUE = 255
 SPLITS = ("train", "validation", "test")

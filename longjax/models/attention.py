@@ -37,7 +37,11 @@ def performer_projection(model_seed: int, layer: int, step, attention: Performer
 
     A pure function of (model seed, layer, step // redraw_interval), so
     training, evaluation and a resumed run agree on it without hidden state.
+    With `attention.random_features=False` it is the identity: the features
+    are `relu` of the head itself (the generalized attention's deterministic features).
     """
+    if not attention.random_features:
+        return jnp.eye(head_dim, dtype=jnp.float32)
     key = jax.random.fold_in(jax.random.key(model_seed), layer)
     if attention.redraw_interval is not None:
         key = jax.random.fold_in(key, jnp.asarray(step, jnp.int32) // attention.redraw_interval)

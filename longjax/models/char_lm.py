@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from longjax.models import positions as positions_lib
 from longjax.models.config import TransformerConfig
 from longjax.models.transformer import TransformerStack
 
@@ -50,6 +51,8 @@ class CharLM(nn.Module):
             x = x + nn.Embed(
                 cfg.max_positions, cfg.d_model, param_dtype=cfg.parameter_dtype, name="position_embed"
             )(jnp.arange(tokens.shape[1]))[None]
+        elif cfg.position == "sinusoidal":
+            x = x + positions_lib.absolute_sinusoid(jnp.arange(tokens.shape[1]), cfg.d_model)[None]
         x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
         x = TransformerStack(cfg, causal=True, deterministic=deterministic, name="transformer")(
             x, padding_mask=padding_mask, step=step

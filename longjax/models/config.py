@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from longjax import sections
 from longjax.attention import arguments
 
-POSITIONS = ("txl_relative", "rope", "learned", "none")
+POSITIONS = ("txl_relative", "rope", "learned", "sinusoidal", "none")
 LAYER_NORMS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,11 +92,17 @@ class PerformerAttention:
     The projection of layer l at training step s is a pure function of
     (model seed, l, s // redraw_interval); redraw_interval None keeps the
     projection of step 0 forever.
+
+    `random_features=False` is the Performer's generalized attention with
+    deterministic features (LRA's default Performer): no random projection,
+    the features are `relu(x)` of the head itself, so it needs
+    `feature_map='relu'` and `num_features` equal to the head dimension.
     """
 
     num_features: int = 256
     feature_map: str = "softmax"
     orthogonal: bool = True
+    random_features: bool = True
     redraw_interval: int | None = None
     chunk_size: int | None = None
     impl: str | None = None
@@ -124,7 +130,9 @@ class TransformerConfig:
       num_layers, num_heads, d_model, d_ff: transformer shape; head_dim = d_model / num_heads.
       attention: one attention config per layer.
       position: 'txl_relative' (Transformer-XL relative sinusoids with learned
-        biases u, v), 'rope', 'learned' (absolute, `max_positions` rows) or 'none'.
+        biases u, v), 'rope', 'learned' (absolute, `max_positions` rows),
+        'sinusoidal' (the Transformer's fixed absolute sines and cosines, added
+        to the embeddings; position t of each sequence) or 'none'.
       max_positions: rows of the learned position table.
       position_offset: RoBERTa's padding offset: the first real token gets
         position `position_offset + 1` (learned positions only).
@@ -186,6 +194,8 @@ class TransformerConfig:
                 raise ValueError(f"model.{name} must be a number in [0, 1), got {rate!r}")
         if self.position == "learned":
             sections.positive_int("model.max_positions", self.max_positions)
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"model.position='sinusoidal' needs an even model.d_model, got {self.d_model}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"model.position='rope' needs an even head_dim, got {self.head_dim}")
         if not isinstance(self.attention, tuple) or len(self.attention) != self.num_layers:
@@ -199,6 +209,12 @@ class TransformerConfig:
                     f"model.attention[{layer}] must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}"
                 )
             _check_attention(attention, _layer_field_name(layer), self.num_heads)
+            if isinstance(attention, PerformerAttention) and not attention.random_features:
+                if self.position == "txl_relative":
+                    # Those positions widen q and k by d_model features, which relu(x) would take as its own.
+                    raise ValueError(f"{_layer_field_name(layer)('random_features')}=False needs a position "
+                                     "scheme that keeps the heads' width, not model.position='txl_relative'")
+                _check_deterministic_features(attention, _layer_field_name(layer), self.head_dim)
         if self.sequence_axis is not None:
             unsharded = [
                 f"layer {layer}: {type(a).__name__}(impl={a.impl!r})"
@@ -258,11 +274,26 @@ _OPTION_RULES: Mapping[type, Mapping[str, Callable]] = types.MappingProxyType({
         "num_features": _rule(arguments.check_int),
         "feature_map": _rule(arguments.check_feature_map),
         "orthogonal": _rule(arguments.check_bool),
+        "random_features": _rule(arguments.check_bool),
         "redraw_interval": _rule(arguments.check_int, optional=True),
         "chunk_size": _rule(arguments.check_int, optional=True),
         "impl": _rule(arguments.check_impl),
     },
 })
+
+
+def _check_deterministic_features(attention: PerformerAttention, field_name: Callable[[str], str], head_dim: int):
+    """`random_features=False` (features `relu(x)`, no projection): the options it fixes must agree."""
+    if attention.feature_map != "relu":
+        raise ValueError(f"{field_name('random_features')}=False (deterministic features, relu(x)) needs "
+                         f"{field_name('feature_map')}='relu', got {attention.feature_map!r}")
+    if attention.num_features != head_dim:
+        raise ValueError(f"{field_name('random_features')}=False: the features are the head's own, so "
+                         f"{field_name('num_features')} must be the head dimension ({head_dim}), got "
+                         f"{attention.num_features}")
+    if attention.redraw_interval is not None:
+        raise ValueError(f"{field_name('random_features')}=False draws no projection to redraw: "
+                         f"{field_name('redraw_interval')} must be None, got {attention.redraw_interval}")
 
 
 def _layer_field_name(layer: int) -> Callable[[str], str]:

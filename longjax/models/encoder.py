@@ -63,6 +63,8 @@ class LongEncoder(nn.Module):
             x = x + embed(cfg.max_positions, "position_embed")(position_ids)
         elif position_ids is not None:
             raise ValueError(f"position_ids given but model.position is {cfg.position!r}, not 'learned'")
+        elif cfg.position == "sinusoidal":
+            x = x + positions_lib.absolute_sinusoid(jnp.arange(seq), cfg.d_model)[None]
         if cfg.type_vocab_size:
             types = jnp.zeros((batch, seq), jnp.int32) if token_type_ids is None else token_type_ids
             x = x + embed(cfg.type_vocab_size, "token_type_embed")(types)

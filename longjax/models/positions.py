@@ -27,6 +27,17 @@ def sinusoid_frequencies(d_model: int):
     return 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
 
 
+def absolute_sinusoid(positions, d_model: int):
+    """The Transformer's fixed absolute position embedding: float32 `[..., d_model]` for int positions `[...]`.
+
+    Sines and cosines interleaved, `[sin(p w_0), cos(p w_0), sin(p w_1), ...]`
+    with the frequencies of `sinusoid_frequencies` (Vaswani et al. 2017; LRA's
+    `AddPositionEmbs` without a learned table). `d_model` must be even.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * sinusoid_frequencies(d_model)
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], d_model)
+
+
 def relative_sinusoid(offsets, d_model: int):
     """Transformer-XL's `R(t) = [sin(t w), cos(t w)]` for offsets `[n]`: float32 `[n, d_model]`."""
     angles = offsets.astype(jnp.float32)[:, None] * sinusoid_frequencies(d_model)[None, :]

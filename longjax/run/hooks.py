@@ -131,7 +131,9 @@ class TrainLog(Hook):
     Besides the task's metrics each record has `tokens_per_second` and
     `steps_per_second` over the interval, and `peak_memory_mib` so far
     (`peak_memory_bytes`: device memory on accelerators, the process's
-    resident memory on the CPU, as `peak_memory_on_device` 1 or 0 says).
+    resident memory on the CPU, as `peak_memory_on_device` 1 or 0 says). An
+    interval's time is wall time: it includes the compilation in a phase's
+    first interval (and after a resume), and evaluations and checkpoints in it.
     """
 
     name = "train_log"

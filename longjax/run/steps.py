@@ -83,7 +83,7 @@ def learning_rate(step, *, peak: float, start_step: int, warmup_steps: int, end_
     `peak * (steps left / decay steps) ** decay_power` (`'polynomial'`:
     power 1 is the linear decay of BERT fine-tuning, power 3 the Longformer
     paper's MLM pretraining), or as a half cosine (`'cosine'`, LRA's image
-    tasks), or as `peak * sqrt(warmup_steps / steps since the phase start)`
+    tasks), or as `peak * sqrt(max(warmup_steps, 1) / steps since the phase start)`
     (`'rsqrt'`, the Transformer's inverse square root that LRA's text tasks use).
     """
     step = jnp.asarray(step, jnp.float32)

@@ -21,11 +21,14 @@ these tasks run its experiments on longjax's sparse ops.
 Config sections:
 
     data.dir                  the task's files ('' = $LONGJAX_DATA_DIR/<task's directory>)
-    data.validation_fraction  Text only: IMDB has no validation split; this fraction of train, by id
+    data.validation_fraction  lra_text only: IMDB has no validation split; this fraction of train, by id
     model.num_labels          must be the task's classes
     model.pooling             'cls' | 'mean'
     model.classifier_dim      the classifier's hidden width (LRA's mlp_dim)
     model.global_first_token  global attention on the first (pooled) token
+
+With CLS pooling the model prepends its CLS token, so the encoder sees
+`phases.seq_len + 1` positions (LRA's `max_len += 1`).
 """
 
 from __future__ import annotations
@@ -53,14 +56,9 @@ SPLITS = ("train", "validation", "test")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSection:
-    """`config.data` of the LRA tasks (see the module docstring)."""
+    """`config.data` of the LRA tasks: `dir`, the task's files (see the module docstring)."""
 
     dir: str = ""
-    validation_fraction: float = 0.1
-
-    def __post_init__(self):
-        sections.require(0 < self.validation_fraction < 1, "data.validation_fraction", self.validation_fraction,
-                         "in (0, 1)")
 
 
 @dataclasses.dataclass
@@ -160,12 +158,14 @@ class LRATask(base.Task):
             raise sections.ConfigError(f"model.num_labels must be {self.num_labels} for {plan.task}, "
                                        f"got {model.num_labels}")
         if model.position == "txl_relative":
-            raise sections.ConfigError("model.position: LRA's encoders take 'learned', 'rope' or 'none' positions, "
-                                       "not 'txl_relative'")
-        if model.position == "learned" and lengths[0] + model.position_offset >= model.max_positions:
+            raise sections.ConfigError("model.position: LRA's encoders take 'sinusoidal', 'learned', 'rope' or "
+                                       "'none' positions, not 'txl_relative'")
+        length = lengths[0] + (1 if LRAClassifier(model).adds_cls_token else 0)
+        if model.position == "learned" and length + model.position_offset >= model.max_positions:
             raise sections.ConfigError(
-                f"phases.seq_len ({lengths[0]}) plus model.position_offset ({model.position_offset}) must be below "
-                f"model.max_positions ({model.max_positions})"
+                f"model.max_positions ({model.max_positions}) must exceed the encoder's length ({length}: "
+                f"phases.seq_len {lengths[0]}, plus 1 for the CLS token with CLS pooling) plus "
+                f"model.position_offset ({model.position_offset})"
             )
 
     # --- model ----------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ class LRATask(base.Task):
                 blocks = attention.num_window_blocks + len(attention.global_blocks) + attention.num_random_blocks
                 length = max(length, attention.block_size * blocks)
         if cfg.position == "learned":
-            length = min(length, cfg.max_positions - 1 - cfg.position_offset)
+            length = min(length, cfg.max_positions - 1 - cfg.position_offset - int(model.adds_cls_token))
         shape = (1, 2, length) if cfg.pair else (1, length)
         return model.init(key, jnp.ones(shape, jnp.int32))
 

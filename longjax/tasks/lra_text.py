@@ -9,11 +9,26 @@ Configs: `configs/lra_text.py:<attention>`. See `longjax.tasks.lra_base` and
 
 from __future__ import annotations
 
+import dataclasses
+
+from longjax import sections
 from longjax.data import lra_files
 from longjax.tasks import lra_base
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSection(lra_base.DataSection):
+    """`config.data` of lra_text: the tfds data directory, and the training reviews held out for validation."""
+
+    validation_fraction: float = 0.1
+
+    def __post_init__(self):
+        sections.require(0 < self.validation_fraction < 1, "data.validation_fraction", self.validation_fraction,
+                         "in (0, 1)")
+
+
 class TextTask(lra_base.LRATask):
+    data_section = DataSection
     directory_name = "tensorflow_datasets"
     vocab_size = lra_files.TEXT_VOCAB_SIZE
     num_labels = lra_files.TEXT_NUM_LABELS

@@ -244,8 +244,3 @@ def test_image_refuses_a_tfrecord_preparation_and_an_empty_directory(tmp_path):
     _as_tfrecord(copy, "cifar10")
     with pytest.raises(ValueError, match="prepared as tfrecord.*--file_format=array_record"):
         lra_files.load_image(copy)
-
-
-def test_constants():
-    assert lra_files.NUM_LABELS == {"text": 2, "retrieval": 2, "image": 10}
-    assert lra_files.TEXT_VOCAB_SIZE == lra_files.IMAGE_VOCAB_SIZE == lra_files.RETRIEVAL_VOCAB_SIZE == 257

@@ -22,11 +22,23 @@ def test_smoke_mode_trains_scores_and_tabulates(tmp_path):
     with (out / "lra_accuracy_smoke.csv").open() as f:
         accuracy = list(csv.DictReader(f))
     assert [r["attention"] for r in accuracy] == ["full", "sliding_window"]
+    assert {r["status"] for r in accuracy} == {"ok"}
     for row in accuracy:
         assert 0 <= float(row["accuracy"]) <= 100 and int(row["steps"]) == 4
         assert float(row["steps_per_second"]) > 0 and float(row["peak_memory_mib"]) > 0
     with (out / "lra_efficiency_smoke.csv").open() as f:
         efficiency = {r["attention"]: r for r in csv.DictReader(f)}
+    assert {r["status"] for r in efficiency.values()} == {"ok"}
     assert float(efficiency["full"]["speed_vs_full"]) == 1.0
     assert math.isfinite(float(efficiency["sliding_window"]["memory_vs_full"]))
     assert (out / "lra_efficiency_smoke.png").stat().st_size > 0
+
+
+def test_later_overrides_replace_earlier_ones():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import lra_tables
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    flags = ["--config.phases.batch_size=(32,)", "--config.model.d_model=256", "--config.phases.batch_size=(8,)"]
+    assert lra_tables.merged_overrides(flags) == ["--config.model.d_model=256", "--config.phases.batch_size=(8,)"]

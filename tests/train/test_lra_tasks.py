@@ -52,6 +52,12 @@ def test_the_published_sizes():
     assert retrieval.warmup_steps == 5000
     image = run.parse(_config("image", "sliding_window")).phases[0]
     assert (image.model.num_layers, image.model.pooling, image.batch_size) == (4, "mean", 256)
+    assert image.model.position == "learned" and listops.phases[0].model.position == "sinusoidal"
+    # LRA's Performers: deterministic ReLU features (its default), softmax with 2 features on ListOps.
+    performer = run.parse(_config("text", "performer")).phases[0].model.attention[0]
+    assert (performer.feature_map, performer.random_features, performer.num_features) == ("relu", False, 64)
+    performer = run.parse(_config("listops", "performer")).phases[0].model.attention[0]
+    assert (performer.feature_map, performer.random_features, performer.num_features) == ("softmax", True, 2)
     pathfinder = run.parse(_config("pathfinder", "full")).phases[0]
     assert (pathfinder.seq_len, pathfinder.model.pooling, pathfinder.steps) == (1024, "mean", 200 * 312)
 
@@ -60,7 +66,9 @@ def test_the_published_sizes():
     (lambda c: c.model.update(dict(vocab_size=300)), "model.vocab_size must be 257 for lra_image"),
     (lambda c: c.model.update(dict(num_labels=2)), "model.num_labels must be 10 for lra_image"),
     (lambda c: c.phases.update(dict(seq_len=(512,))), "phases.seq_len must be 1024 for lra_image"),
-    (lambda c: c.model.update(dict(max_positions=1024)), r"must be below model.max_positions \(1024\)"),
+    (lambda c: c.model.update(dict(max_positions=1025)),
+     r"model.max_positions \(1025\) must exceed the encoder's length \(1025: phases.seq_len 1024, plus 1 for the "
+     r"CLS token"),
     (lambda c: c.model.update(dict(position="txl_relative")), "model.position"),
 ])
 def test_bad_configs_name_the_field(change, message):
@@ -72,8 +80,8 @@ def test_bad_configs_name_the_field(change, message):
 
 def _tiny(config, data_dir, *, seq_len, steps, batch_size=32):
     config.data.dir = str(data_dir)
-    config.model.update(dict(num_layers=2, num_heads=4, d_model=64, d_ff=128, classifier_dim=64,
-                             max_positions=seq_len + 1, dropout=0.0, attention_dropout=0.0))
+    config.model.update(dict(num_layers=2, num_heads=4, d_model=64, d_ff=128, classifier_dim=64, dropout=0.0,
+                             attention_dropout=0.0))
     config.phases.update(dict(seq_len=(seq_len,), batch_size=(batch_size,), steps=(steps,), learning_rate=(2e-3,)))
     config.optimizer.update(dict(warmup_fraction=0.1, max_warmup_steps=50, decay="constant", weight_decay=0.0))
     config.checkpoint.update(dict(every_steps=10**6, async_save=False))
