@@ -50,6 +50,7 @@ import dataclasses
 import functools
 import io
 import logging
+import multiprocessing
 import os
 import pathlib
 import shlex
@@ -478,7 +479,10 @@ def generate_files(root: str | os.PathLike, *, seed: int = 0, num_examples: int 
     begins = range(0, num_examples, images_per_batch)
     batches = (range(len(begins)), begins, [min(b + images_per_batch, num_examples) for b in begins])
     make, begin_time = functools.partial(_make_batch, root, seed, opts), time.perf_counter()
-    with concurrent.futures.ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    # Spawned, not forked: a forked child of a process running JAX's threads can deadlock.
+    spawn = multiprocessing.get_context("spawn")
+    with (concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1
+          else contextlib.nullcontext()) as pool:
         for done in (pool.map(make, *batches) if pool else map(make, *batches)):
             logger.info("%d/%d examples, %.1f s", done, num_examples, time.perf_counter() - begin_time)
     return root

@@ -92,7 +92,10 @@ def _script(*args):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablations")
-    done = _script("--smoke", "--workdir-root", root / "runs", "--out", root / "results")
+    # Three of the five rows (two runs: no_dilation is the increasing run) keep the suite short; every
+    # variant's config is checked above.
+    done = _script("--smoke", "--workdir-root", root / "runs", "--out", root / "results",
+                   "--variants", "fixed,increasing,no_dilation")
     assert done.returncode == 0, done.stdout + done.stderr
     return root, done.stdout
 
@@ -104,21 +107,21 @@ def _rows(path):
 
 def test_the_smoke_run_trains_each_config_once_and_tabulates(smoke):
     root, stdout = smoke
-    # no_dilation is the increasing run: four runs for five rows.
-    assert sorted(p.name for p in (root / "runs").iterdir()) == ["decreasing", "dilation", "fixed", "increasing"]
+    # no_dilation is the increasing run: two runs for three rows.
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["fixed", "increasing"]
     rows = _rows(root / "results" / "longformer_ablations_smoke.csv")
-    assert [r["variant"] for r in rows] == ["decreasing", "fixed", "increasing", "no_dilation", "dilation"]
-    assert [r["paper_dev_bpc"] for r in rows] == ["1.24", "1.23", "1.21", "1.21", "1.2"]
+    assert [r["variant"] for r in rows] == ["fixed", "increasing", "no_dilation"]
+    assert [r["paper_dev_bpc"] for r in rows] == ["1.23", "1.21", "1.21"]
     assert all(math.isfinite(float(r["dev_bpc"])) and r["steps"] == "20" and r["dev_chars"] == "4095" for r in rows)
-    assert rows[2]["dev_bpc"] == rows[3]["dev_bpc"] and rows[3]["run"] == "increasing"
-    assert rows[0]["windows"] == "64 18 4" and rows[4]["dilation"] == "1 1,1,2,2 1,1,4,4"
+    assert rows[1]["dev_bpc"] == rows[2]["dev_bpc"] and rows[2]["run"] == "increasing"
+    assert rows[1]["windows"] == "4 18 64" and rows[2]["dilation"] == "1 1 1"
     assert (root / "results" / "longformer_ablations_smoke.png").stat().st_size > 0
     # The paper's layout, honest about what was trained.
     assert "SMOKE RUN" in stdout and "Trained 20 steps of phase 1 (the paper: 150,000" in stdout
     table = stdout[stdout.index("| Model |"):]
     for row in rows:
         assert f"| {row['model']} | 20 | {float(row['paper_dev_bpc']):.2f} | {float(row['dev_bpc']):.4f} |" in table
-    assert "| Increasing w (from 4 to 64) |" in table and "| | | | |" in table
+    assert "| Increasing w (from 4 to 64) |" in table and "| | | | |" in table and "Decreasing" not in table
 
 
 def test_a_rerun_resumes_nothing_and_evaluate_agrees_with_training(smoke):
