@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 import signal
 import sys
 import threading
@@ -108,21 +107,26 @@ class StopOnNonFiniteLoss(Hook):
         raise NonFiniteLossError(message)
 
 
-def peak_memory_bytes() -> tuple[int, str]:
+def peak_memory_bytes() -> tuple[float, str]:
     """(bytes, source): the most memory this process has held so far.
 
     On GPU/TPU the largest `peak_bytes_in_use` of this process's devices
     (source 'device'); where devices keep no statistics (the CPU) the
     process's peak resident set size (source 'host_rss'), which also counts
-    the data and the Python heap.
+    the data and the Python heap; NaN ('unavailable') where the OS gives
+    neither (Windows has no `resource` module).
     """
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     peaks = [p for p in peaks if p is not None]
     if peaks:
-        return int(max(peaks)), "device"
+        return float(max(peaks)), "device"
+    try:
+        import resource  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return math.nan, "unavailable"
     # Linux reports ru_maxrss in KiB, macOS in bytes.
     scale = 1 if sys.platform == "darwin" else 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "host_rss"
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale), "host_rss"
 
 
 class TrainLog(Hook):
