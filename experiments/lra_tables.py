@@ -48,6 +48,8 @@ import sys
 
 import bench_common
 
+from longjax import tracking
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
 ATTENTIONS = ("full", "sliding_window", "block_sparse", "performer")
@@ -120,7 +122,7 @@ def _evaluate(workdir: pathlib.Path, split: str) -> dict:
 
 def training_records(workdir: pathlib.Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = tracking.read_metrics(workdir)
     return [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
 
 
