@@ -8,7 +8,9 @@ Positions are rotary, not Transformer-XL's: FAVOR+'s variance grows like
 exp(|q|^2 + |k|^2), and the relative terms ride as d_model/2 extra key
 features of norm sqrt(d_model/2) each, which makes the estimate much noisier
 (about 1.7x the relative error on a 512-wide layer); rotations keep the norms.
-Set --config.model.position=txl_relative for the like-for-like positions.
+Set --config.model.position=txl_relative for the like-for-like positions; they
+reach FAVOR+ as those extra features (model.relative_positions='features'),
+since a linear attention has no scores to add a position term to.
 """
 
 import ml_collections
@@ -20,6 +22,7 @@ from configs import enwik8_small
 def get_config():
     config = enwik8_small.get_config()
     config.model.position = "rope"
+    config.model.relative_positions = "features"  # how txl_relative would reach FAVOR+ (no scores to add to)
     config.model.attention = ml_collections.ConfigDict()
     config.model.attention.type = "performer"
     config.model.attention.num_features = 256  # random features per head

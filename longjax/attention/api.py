@@ -20,6 +20,7 @@ from longjax.attention import global_tokens
 from longjax.attention import pallas_block_sparse
 from longjax.attention import pallas_favor
 from longjax.attention import reference
+from longjax.attention import relative as relative_lib
 from longjax.attention import sequence_parallel
 from longjax.attention import sliding_window as sliding_window_lib
 from longjax.attention.arguments import Implementation
@@ -99,21 +100,24 @@ def _not_sharded(message: str):
 
 
 def _sliding_window_xla_sharded(q, k, v, *, block_size, **kwargs):
-    band = lambda *xs, spec, scale: sliding_window_lib.band_part(*xs, spec=spec, scale=scale, block_size=block_size)
+    def band(*xs, spec, scale, relative):
+        return sliding_window_lib.band_part(*xs, spec=spec, scale=scale, block_size=block_size, relative=relative)
+
     return sequence_parallel.sliding_window_sharded(q, k, v, band=band, **kwargs)
 
 
-def _sliding_window_pallas_sharded(q, k, v, *, block_size, interpret, block_sizes, **kwargs):
+def _sliding_window_pallas_sharded(q, k, v, *, block_size, interpret, block_sizes, relative, **kwargs):
     pallas_block_sparse.refuse_block_size(block_size)
+    pallas_block_sparse.refuse_relative(relative)
 
-    def band(*xs, spec, scale):
+    def band(*xs, spec, scale, relative):
         return pallas_block_sparse.band_part(
             *xs, spec=spec, scale=scale, block_sizes=block_sizes, interpret=interpret
         )
 
     # The kernels' pallas_calls declare no per-axis variance of their outputs, which shard_map's
     # check needs; see sliding_window_sharded on why the collectives stay exact without it.
-    return sequence_parallel.sliding_window_sharded(q, k, v, band=band, check_vma=False, **kwargs)
+    return sequence_parallel.sliding_window_sharded(q, k, v, band=band, check_vma=False, relative=relative, **kwargs)
 
 
 # With sequence_axis: the sequence sharded over a mesh axis, each shard's band by one implementation.
@@ -154,6 +158,7 @@ def sliding_window_attention(
     block_sizes=None,
     impl: Implementation | None = None,
     sequence_axis: str | None = None,
+    relative: relative_lib.RelativePositions | None = None,
 ):
     """Longformer attention: a (dilated) sliding window plus global tokens.
 
@@ -199,6 +204,11 @@ def sliding_window_attention(
         seq over it (seq a multiple of its size), and each device exchanges
         only the keys and values the window reaches with its neighbours
         (`sequence_parallel.py`). 'xla' and 'pallas' shard; 'reference' does not.
+      relative: None, or `RelativePositions(queries, embeddings)`: Transformer-XL
+        relative positions computed in the op, the score of (i, j) gaining
+        `scale * queries_i . r_{i-j}` (see `longjax.attention.relative`); the
+        embeddings must cover `relative.sliding_window_reach(...)`. Not with
+        global_mask (global tokens reach every offset).
 
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype.
@@ -214,6 +224,15 @@ def sliding_window_attention(
     arguments.check_max_global_tokens(max_global_tokens, seq)
     arguments.check_int(block_size, name="block_size", optional=True)
     arguments.check_kernel_options(interpret, block_sizes)
+    relative_lib.check_relative(
+        relative, q, reach=relative_lib.sliding_window_reach(spec.left, spec.right, spec.dilation, seq)
+    )
+    if relative is not None and global_mask is not None:
+        raise NotImplementedError(
+            "relative with global_mask: global tokens reach every offset, which the ops compute only "
+            "within the window; add the positions as head features instead (model.relative_positions="
+            "'features', longjax.models.positions.txl_relative_qkv)"
+        )
     return _dispatch(
         "sliding_window_attention",
         table,
@@ -228,6 +247,7 @@ def sliding_window_attention(
         block_size=block_size,
         interpret=interpret,
         block_sizes=block_sizes,
+        relative=relative,
         **extra,
     )
 

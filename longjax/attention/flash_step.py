@@ -57,6 +57,17 @@ def attend(scores, values):
     return out, lse
 
 
+def score_grads(scores, lse, row_term, values, d_out):
+    """(probs, d_scores) of one block, float32 `[.., block, keys]`: the backward step up to the scores.
+
+    Inputs as for `attend_grads`; values and d_out may be in the inputs' dtype
+    (their product accumulates in float32).
+    """
+    probs = jnp.exp(scores - lse[..., None])
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, values, preferred_element_type=jnp.float32)
+    return probs, probs * (d_probs + row_term[..., None])
+
+
 def attend_grads(scores, lse, row_term, q_blk, keys, values, d_out):
     """Gradients of one block: (dq `[.., block, d]`, dk and dv `[.., keys, d]`), float32.
 

@@ -127,6 +127,15 @@ def refuse_block_size(block_size) -> None:
         )
 
 
+def refuse_relative(relative) -> None:
+    """The kernels do not take Transformer-XL's relative term yet: refused, not ignored."""
+    if relative is not None:
+        raise NotImplementedError(
+            "impl='pallas' does not compute relative positions (relative=); impl='xla' does, or add them "
+            "as head features (model.relative_positions='features')"
+        )
+
+
 def _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret):
     """(out `[b, n, h, d]`, lse `[b, h, n]`) of the band on the lowering's kernels."""
     block_sparse_kernels.check_block_sizes(block_sizes)
@@ -175,7 +184,7 @@ def _complete(
 
 def sliding_window_pallas(
     q, k, v, *, spec: SlidingWindowSpec, global_mask=None, global_qkv=None, padding_mask=None, scale=None,
-    max_global_tokens=None, block_size=None, interpret=None, block_sizes=None,
+    max_global_tokens=None, block_size=None, interpret=None, block_sizes=None, relative=None,
 ):
     """Longformer attention on the block-sparse flash kernels; arguments as
     `longjax.attention.sliding_window_attention`.
@@ -183,6 +192,7 @@ def sliding_window_pallas(
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
     refuse_block_size(block_size)
+    refuse_relative(relative)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
     out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret)

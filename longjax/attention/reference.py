@@ -11,9 +11,10 @@ import jax.numpy as jnp
 
 from kernels_pallas.common import RELU_EPSILON
 from longjax.attention import masks
+from longjax.attention import relative as relative_lib
 
 
-def dense_attention(q, k, v, mask, *, scale=None):
+def dense_attention(q, k, v, mask, *, scale=None, relative=None):
     """Softmax attention restricted to an explicit boolean mask.
 
     Args:
@@ -21,6 +22,8 @@ def dense_attention(q, k, v, mask, *, scale=None):
       k, v: `[batch, kv_seq, heads, head_dim]`.
       mask: bool, broadcastable to `[batch, heads, q_seq, kv_seq]`; True = allowed.
       scale: score multiplier, default `1 / sqrt(head_dim)`.
+      relative: None or a `relative.RelativePositions` (self-attention: q_seq == kv_seq):
+        the score of (i, j) gains `queries_i . r_{i-j}` before scaling.
 
     Returns:
       `[batch, q_seq, heads, head_dim]` in q's dtype. A query row with no allowed
@@ -29,8 +32,10 @@ def dense_attention(q, k, v, mask, *, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     qf, kf = (x.astype(jnp.float32) for x in (q, k))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
-    return attention_from_scores(scores, mask, v).astype(q.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", qf, kf)
+    if relative is not None:
+        scores = scores + relative_lib.dense_scores(relative, q.shape[1])
+    return attention_from_scores(scores * scale, mask, v).astype(q.dtype)
 
 
 def attention_from_scores(scores, mask, v):
@@ -50,7 +55,7 @@ def attention_from_scores(scores, mask, v):
 
 
 def sliding_window_reference(
-    q, k, v, *, spec, global_mask=None, global_qkv=None, padding_mask=None, scale=None
+    q, k, v, *, spec, global_mask=None, global_qkv=None, padding_mask=None, scale=None, relative=None
 ):
     """Longformer attention through `dense_attention` and `masks.sliding_window_mask`.
 
@@ -66,7 +71,7 @@ def sliding_window_reference(
         global_mask=global_mask,
         padding_mask=padding_mask,
     )
-    out = dense_attention(q, k, v, mask, scale=scale)
+    out = dense_attention(q, k, v, mask, scale=scale, relative=relative)
     if global_qkv is not None:
         global_out = dense_attention(*global_qkv, mask, scale=scale)
         out = jnp.where(global_mask[:, :, None, None], global_out, out)

@@ -44,6 +44,7 @@ from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import favor as favor_lib
 from longjax.attention import global_tokens, partial_softmax
 from longjax.attention.partial_softmax import PartialAttention
+from longjax.attention.relative import RelativePositions
 from longjax.attention.specs import BlockSparseSpec, SlidingWindowSpec
 
 
@@ -121,17 +122,28 @@ def _merge_across(part: PartialAttention, axis_name) -> jax.Array:
 
 
 def _sliding_window_shard(
-    q, k, v, global_mask, global_qkv, padding_mask, *, spec, scale, max_global_tokens, band, axis_name,
+    q, k, v, global_mask, global_qkv, padding_mask, relative_queries, embeddings, *, spec, scale,
+    max_global_tokens, band, axis_name,
 ):
-    """One shard's Longformer attention; q, k, v `[batch, L, heads, head_dim]`, masks `[batch, L]`."""
+    """One shard's Longformer attention; q, k, v `[batch, L, heads, head_dim]`, masks `[batch, L]`.
+
+    relative_queries (sharded like q) and embeddings (whole): the relative positions, or None.
+    """
     n = lax.axis_size(axis_name)
     length = q.shape[1]
     left, right = _reaches(spec, length, n)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
     extend = lambda x: halo(x, axis_name, left=left, right=right)
     # Halo rows are queries of the band too, discarded below: zeros save sending them.
-    q_ext = jnp.pad(q, [(0, 0), (left, right), (0, 0), (0, 0)])
-    part = band(q_ext, extend(k), extend(v), extend(key_valid), spec=spec, scale=scale)
+    pad_rows = lambda x: jnp.pad(x, [(0, 0), (left, right), (0, 0), (0, 0)])
+    q_ext = pad_rows(q)
+    relative = None
+    if relative_queries is not None:
+        # Offsets do not depend on where the shard starts, so the band's term needs no shift. The
+        # table is typed per-shard: each shard's gradient of it is partial, and the cast's
+        # transpose (a psum) adds them up.
+        relative = RelativePositions(pad_rows(relative_queries), lax.pcast(embeddings, axis_name, to="varying"))
+    part = band(q_ext, extend(k), extend(v), extend(key_valid), spec=spec, scale=scale, relative=relative)
     part = PartialAttention(part.out[:, :, left:left + length], part.lse[:, :, left:left + length])
     to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
     if global_mask is None:
@@ -211,12 +223,12 @@ def _shard_map(fn, axis_name: str, arrays: dict, replicated: dict | None = None,
 
 def sliding_window_sharded(
     q, k, v, *, spec: SlidingWindowSpec, global_mask, global_qkv, padding_mask, scale, max_global_tokens,
-    band, sequence_axis: str, check_vma: bool = True,
+    band, sequence_axis: str, check_vma: bool = True, relative=None,
 ):
     """`sliding_window_attention` with the sequence sharded over `sequence_axis`.
 
     Arguments as the op's, already checked; `max_global_tokens` resolved when `global_mask` is
-    given; `band(q, k, v, key_valid, *, spec, scale) -> PartialAttention` is the implementation's
+    given; `band(q, k, v, key_valid, *, spec, scale, relative) -> PartialAttention` is the implementation's
     band (XLA or kernels). `check_vma=False` for a band whose `pallas_call`s declare no
     per-axis variance of their outputs; every value the shards exchange is then used by
     per-shard (varying) computations only, so the collectives' transposes are still exact (the
@@ -226,14 +238,18 @@ def sliding_window_sharded(
     check_sequence_axis(sequence_axis, q.shape[1])
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else float(scale)
 
-    def fn(q, k, v, global_mask, global_qkv, padding_mask):
+    def fn(q, k, v, global_mask, global_qkv, padding_mask, relative_queries, embeddings):
         return _sliding_window_shard(
-            q, k, v, global_mask, global_qkv, padding_mask, spec=spec, scale=scale,
-            max_global_tokens=max_global_tokens, band=band, axis_name=sequence_axis,
+            q, k, v, global_mask, global_qkv, padding_mask, relative_queries, embeddings, spec=spec,
+            scale=scale, max_global_tokens=max_global_tokens, band=band, axis_name=sequence_axis,
         )
 
-    arrays = dict(q=q, k=k, v=v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask)
-    return _shard_map(fn, sequence_axis, arrays, check_vma=check_vma)
+    arrays = dict(
+        q=q, k=k, v=v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
+        relative_queries=None if relative is None else relative.queries,
+    )
+    replicated = dict(embeddings=None if relative is None else relative.embeddings)
+    return _shard_map(fn, sequence_axis, arrays, replicated, check_vma=check_vma)
 
 
 @dataclasses.dataclass(frozen=True)

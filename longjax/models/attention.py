@@ -116,8 +116,13 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (projection(name)(x) for name in ("query", "key", "value"))
         seq = x.shape[1]
         positions = jnp.arange(seq)
-        add_positions = self._position_transform(positions)
-        q, k, v = add_positions(q, k, v)
+        relative = None
+        if cfg.native_relative(self.layer, global_tokens=global_mask is not None):
+            q, relative = self._native_relative(q, attention)
+            add_positions = lambda q, k, v: (q, k, v)
+        else:
+            add_positions = self._position_transform(positions)
+            q, k, v = add_positions(q, k, v)
 
         global_qkv = None
         use_global_projections = (
@@ -130,27 +135,55 @@ class MultiHeadAttention(nn.Module):
             for name in GLOBAL_PROJECTIONS:
                 projection(name)(x)
 
-        out = self._attend(attention, q, k, v, padding_mask, global_mask, global_qkv, step)
+        out = self._attend(attention, q, k, v, padding_mask, global_mask, global_qkv, step, relative)
         out = out[..., :head_dim]
         out = nn.Dropout(rate=cfg.attention_dropout)(out, deterministic=self.deterministic)
         return nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype, name="out"
         )(out)
 
+    def _txl_parameters(self):
+        """Transformer-XL's content bias u, position bias v `[heads, head_dim]` and W_R `[d_model, heads, head_dim]`."""
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        shape = (cfg.num_heads, cfg.head_dim)
+        content_bias = self.param("content_bias", init, shape, cfg.parameter_dtype)
+        position_bias = self.param("position_bias", init, shape, cfg.parameter_dtype)
+        relative_kernel = self.param(
+            "relative_kernel",
+            nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+            (cfg.d_model, cfg.num_heads, cfg.head_dim),
+            cfg.parameter_dtype,
+        )
+        return content_bias, position_bias, relative_kernel
+
+    def _native_relative(self, q, attention):
+        """(q + u, the op's `RelativePositions`) for Transformer-XL positions computed in the op."""
+        cfg = self.config
+        content_bias, position_bias, relative_kernel = self._txl_parameters()
+        seq = q.shape[1]
+        if isinstance(attention, SlidingWindowAttention):
+            spec = ops.arguments.parse_sliding_window(
+                self._window(attention), attention.dilation, self.causal, cfg.num_heads
+            )
+            # Offsets i - j run from -after (keys after the query) to before; a causal window
+            # attends no later key, so its negative offsets stay zero rows.
+            widest = max(spec.dilation)
+            before, after = min(seq - 1, widest * spec.left), min(seq - 1, widest * spec.right)
+        else:
+            before, after = seq - 1, 0 if self.causal else seq - 1
+        embeddings = positions_lib.txl_relative_embeddings(
+            relative_kernel, max_offset=max(before, after), first=-after, last=before
+        )
+        shift = lambda bias: (q.astype(jnp.float32) + bias.astype(jnp.float32)).astype(q.dtype)
+        relative = ops.RelativePositions(shift(position_bias), embeddings.astype(q.dtype))
+        return shift(content_bias), relative
+
     def _position_transform(self, positions):
         """A function (q, k, v) -> (q, k, v) applying the model's position scheme."""
         cfg = self.config
         if cfg.position == "txl_relative":
-            init = nn.initializers.normal(0.02)
-            shape = (cfg.num_heads, cfg.head_dim)
-            content_bias = self.param("content_bias", init, shape, cfg.parameter_dtype)
-            position_bias = self.param("position_bias", init, shape, cfg.parameter_dtype)
-            relative_kernel = self.param(
-                "relative_kernel",
-                nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-                (cfg.d_model, cfg.num_heads, cfg.head_dim),
-                cfg.parameter_dtype,
-            )
+            content_bias, position_bias, relative_kernel = self._txl_parameters()
 
             def add(q, k, v):
                 return positions_lib.txl_relative_qkv(
@@ -169,20 +202,23 @@ class MultiHeadAttention(nn.Module):
         # Learned absolute positions are added to the embeddings; 'none' has none.
         return lambda q, k, v: (q, k, v)
 
-    def _attend(self, attention, q, k, v, padding_mask, global_mask, global_qkv, step):
+    def _window(self, attention: SlidingWindowAttention):
+        """The layer's window; a causal layer keeps the left side of a (left, right) window."""
+        if self.causal and isinstance(attention.window, tuple):
+            return (attention.window[0], 0)
+        return attention.window
+
+    def _attend(self, attention, q, k, v, padding_mask, global_mask, global_qkv, step, relative):
         cfg = self.config
         # The score scale belongs to the content head_dim, not to the widened
         # features that relative positions add.
         scale = float(cfg.head_dim) ** -0.5
         if isinstance(attention, FullAttention):
-            return _full_attention(q, k, v, attention.impl, self.causal, padding_mask, scale)
+            return _full_attention(q, k, v, attention.impl, self.causal, padding_mask, scale, relative)
         if isinstance(attention, SlidingWindowAttention):
-            window = attention.window
-            if self.causal and isinstance(window, tuple):
-                window = (window[0], 0)
             return ops.sliding_window_attention(
                 q, k, v,
-                window=window,
+                window=self._window(attention),
                 dilation=attention.dilation,
                 causal=self.causal,
                 global_mask=global_mask,
@@ -193,6 +229,7 @@ class MultiHeadAttention(nn.Module):
                 block_size=attention.block_size,
                 impl=attention.impl,
                 sequence_axis=cfg.sequence_axis,
+                relative=relative,
             )
         if isinstance(attention, BlockSparseAttention):
             return ops.block_sparse_attention(
@@ -235,8 +272,12 @@ class MultiHeadAttention(nn.Module):
         raise TypeError(f"unknown attention config {attention!r}")
 
 
-def _full_attention(q, k, v, impl, causal, padding_mask, scale):
-    """Dense attention with the sparse ops' conventions: padded keys ignored, padded rows zero."""
+def _full_attention(q, k, v, impl, causal, padding_mask, scale, relative):
+    """Dense attention with the sparse ops' conventions: padded keys ignored, padded rows zero.
+
+    relative: None or `RelativePositions`, whose dense `[batch, heads, seq, seq]` term
+    enters as a score bias (dense attention is quadratic anyway).
+    """
     if impl == "reference":
         seq = q.shape[1]
         mask = jnp.ones((1, 1, seq, seq), bool)
@@ -244,10 +285,13 @@ def _full_attention(q, k, v, impl, causal, padding_mask, scale):
             mask = mask & ops.masks.causal_mask(seq)[None, None]
         if padding_mask is not None:
             mask = mask & padding_mask[:, None, None, :] & padding_mask[:, None, :, None]
-        return ops.dense_attention(q, k, v, mask, scale=scale)
+        return ops.dense_attention(q, k, v, mask, scale=scale, relative=relative)
     key_mask = None if padding_mask is None else padding_mask[:, None, None, :]
+    bias = None
+    if relative is not None:
+        bias = (ops.relative.dense_scores(relative, q.shape[1]) * scale).astype(q.dtype)
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=key_mask, is_causal=causal, scale=scale, implementation=impl
+        q, k, v, bias=bias, mask=key_mask, is_causal=causal, scale=scale, implementation=impl
     )
     if padding_mask is not None:
         out = jnp.where(padding_mask[:, :, None, None], out, jnp.zeros((), out.dtype))

@@ -29,6 +29,7 @@ from longjax import sections
 from longjax.attention import arguments
 
 POSITIONS = ("txl_relative", "rope", "learned", "sinusoidal", "none")
+RELATIVE_POSITIONS = ("auto", "native", "features")
 LAYER_NORMS = ("pre", "post")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -115,6 +116,16 @@ ATTENTION_TYPES: Mapping[str, type] = {
     "performer": PerformerAttention,
 }
 AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention | PerformerAttention
+# The layer types whose ops compute Transformer-XL's position term themselves (relative_positions='native'),
+# and the implementations of each that do.
+NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
+    {FullAttention: FullAttention.IMPLS, SlidingWindowAttention: (None, "xla", "reference")}
+)
+
+
+def takes_native_relative(attention) -> bool:
+    """Whether a layer's op computes Transformer-XL's position term itself (its type and impl)."""
+    return attention.impl in NATIVE_RELATIVE_IMPLS.get(type(attention), ())
 # The layer types whose ops shard the sequence, and the implementations of each that do.
 SEQUENCE_PARALLEL_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     {SlidingWindowAttention: (None, "xla", "pallas"), BlockSparseAttention: (None, "xla"), PerformerAttention: (None, "xla")}
@@ -133,6 +144,16 @@ class TransformerConfig:
         biases u, v), 'rope', 'learned' (absolute, `max_positions` rows),
         'sinusoidal' (the Transformer's fixed absolute sines and cosines, added
         to the embeddings; position t of each sequence) or 'none'.
+      relative_positions: how 'txl_relative' positions reach the attention ops:
+        'native' (the ops compute the position term `(q_i + v) . r_{i-j}` for the
+        offsets their blocks can have: sliding-window layers without global
+        tokens, impl None, 'xla' or 'reference', and full layers; other layers
+        are an error), 'features' (`d_model` extra query/key features per head,
+        `positions.txl_relative_qkv`: any op, global tokens, Performer layers
+        and kernels included, at the cost of heads `head_dim + d_model` wide) or
+        'auto' (per layer and call: 'native' where its op computes the term,
+        'features' elsewhere, and in calls with global tokens). All compute the
+        same scores from the same parameters.
       max_positions: rows of the learned position table.
       position_offset: RoBERTa's padding offset: the first real token gets
         position `position_offset + 1` (learned positions only).
@@ -159,6 +180,7 @@ class TransformerConfig:
     d_ff: int
     attention: tuple[AttentionConfig, ...]
     position: str = "txl_relative"
+    relative_positions: str = "auto"
     max_positions: int = 0
     position_offset: int = 0
     type_vocab_size: int = 0
@@ -182,6 +204,7 @@ class TransformerConfig:
                 f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})"
             )
         sections.one_of("model.position", self.position, POSITIONS)
+        sections.one_of("model.relative_positions", self.relative_positions, RELATIVE_POSITIONS)
         sections.one_of("model.layer_norm", self.layer_norm, LAYER_NORMS)
         sections.one_of("model.activation", self.activation, ACTIVATIONS)
         sections.one_of("model.dtype", self.dtype, DTYPES)
@@ -209,6 +232,14 @@ class TransformerConfig:
                     f"model.attention[{layer}] must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}"
                 )
             _check_attention(attention, _layer_field_name(layer), self.num_heads)
+            if (self.position == "txl_relative" and self.relative_positions == "native"
+                    and not takes_native_relative(attention)):
+                raise ValueError(
+                    f"model.relative_positions='native': layer {layer} is {type(attention).__name__}"
+                    f"(impl={attention.impl!r}), whose op does not compute relative positions (those that "
+                    f"do: " + ", ".join(f"{t.__name__} with impl in {impls}" for t, impls in NATIVE_RELATIVE_IMPLS.items())
+                    + "); set model.relative_positions='features' or 'auto'"
+                )
             if isinstance(attention, PerformerAttention) and not attention.random_features:
                 if self.position == "txl_relative":
                     # Those positions widen q and k by d_model features, which relu(x) would take as its own.
@@ -231,6 +262,19 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    def native_relative(self, layer: int, *, global_tokens: bool = False) -> bool:
+        """Whether layer `layer`'s Transformer-XL positions are computed inside its attention op.
+
+        With global tokens (a call with a `global_mask`), 'auto' takes the features: global
+        tokens reach every offset, which the ops compute only within their windows; 'native'
+        stays native, and the op refuses the call.
+        """
+        if self.position != "txl_relative" or self.relative_positions == "features":
+            return False
+        if self.relative_positions == "auto":
+            return takes_native_relative(self.attention[layer]) and not global_tokens
+        return True
 
     @property
     def compute_dtype(self):

@@ -15,6 +15,11 @@ and a key-side vector (depending on j only):
 so concatenating these to q and k (and zeros to v) makes any attention op,
 kernels included, compute exact Transformer-XL relative attention. The price is
 `d_model` extra features per head (one sine/cosine pair per TXL frequency).
+
+The ops that take `relative=` compute the position term themselves
+(`longjax.attention.relative`), from `q + v` and the table of `r_t` that
+`txl_relative_embeddings` builds: the model's default
+(`model.relative_positions='native'`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,27 @@ def relative_sinusoid(offsets, d_model: int):
     """Transformer-XL's `R(t) = [sin(t w), cos(t w)]` for offsets `[n]`: float32 `[n, d_model]`."""
     angles = offsets.astype(jnp.float32)[:, None] * sinusoid_frequencies(d_model)[None, :]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def txl_relative_embeddings(relative_kernel, *, max_offset: int, first: int, last: int):
+    """Transformer-XL's `r_t = W_R R(t)` as the attention ops' table (`RelativePositions.embeddings`).
+
+    Args:
+      relative_kernel: W_R, `[d_model, heads, head_dim]`.
+      max_offset: M: the table has rows for offsets `-M .. M`.
+      first, last: the offsets the op can attend, `-M <= first <= last <= M`; the
+        other rows are zeros rather than projections nothing reads.
+
+    Returns:
+      float32 `[2 * max_offset + 1, heads, head_dim]`, row `M + t` holding `r_t`.
+    """
+    d_model = relative_kernel.shape[0]
+    r = jnp.einsum(
+        "md,dhe->mhe",
+        relative_sinusoid(jnp.arange(first, last + 1), d_model),
+        relative_kernel.astype(jnp.float32),
+    )
+    return jnp.pad(r, [(max_offset + first, max_offset - last), (0, 0), (0, 0)])
 
 
 def txl_relative_qkv(q, k, v, *, content_bias, position_bias, relative_kernel, positions):

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
 from longjax.attention import api, global_tokens  # noqa: E402
+from longjax.attention.relative import RelativePositions  # noqa: E402
 
 BATCH, SEQ, HEADS, HEAD_DIM = 2, 64, 2, 8
 # Two meshes of the 8 devices: the sequence over all of them (shards of 8 positions), or over 4
@@ -62,6 +63,11 @@ def _cases():
     projection = jax.random.normal(jax.random.key(7), (16, HEAD_DIM), jnp.float32)
     head_projection = jax.random.normal(jax.random.key(8), (HEADS, 12, HEAD_DIM), jnp.float32)
     sw = functools.partial(api.sliding_window_attention, impl="xla")
+    # Transformer-XL positions: the position queries follow q and the table (whole on every shard)
+    # follows v, so the gradients of both reach the compared ones.
+    table = jax.random.normal(jax.random.key(9), (2 * (SEQ - 1) + 1, HEADS, HEAD_DIM), jnp.float32)
+    position_bias = jax.random.normal(jax.random.key(10), (HEADS, HEAD_DIM), jnp.float32)
+    relative = lambda q, v: RelativePositions(q + position_bias, table + jnp.mean(v, axis=(0, 1)))
     favor = functools.partial(api.favor_attention, impl="xla")
     bigbird = functools.partial(api.block_sparse_attention, impl="xla")
     return {
@@ -76,6 +82,15 @@ def _cases():
         # Beyond the sequence: every shard reaches every other.
         "window_beyond_sequence": ("data2_seq4", lambda q, k, v, **kw: sw(q, k, v, window=100, **kw)),
         "window_zero": ("seq8", lambda q, k, v, **kw: sw(q, k, v, window=0, **kw)),
+        "relative_dilated_padding": (
+            "data2_seq4",
+            lambda q, k, v, **kw: sw(
+                q, k, v, window=(7, 3), dilation=(1, 3), padding_mask=padding, relative=relative(q, v), **kw
+            ),
+        ),
+        "relative_causal_two_shards": (
+            "seq8", lambda q, k, v, **kw: sw(q, k, v, window=13, causal=True, relative=relative(q, v), **kw),
+        ),
         "padding": ("data2_seq4", lambda q, k, v, **kw: sw(q, k, v, window=5, padding_mask=padding, **kw)),
         "globals_padding": (
             "seq8",

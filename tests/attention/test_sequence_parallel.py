@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOL = battery.tolerance(jnp.float32)
 CASE_NAMES = (
     "window_inside_shard", "window_two_shards", "asymmetric_dilated", "window_beyond_sequence", "window_zero",
+    "relative_dilated_padding", "relative_causal_two_shards",
     "padding", "globals_padding", "causal_globals_padding", "causal_globals_padding_chunked",
     "global_projections", "pallas_globals", "bigbird", "bigbird_causal_padding", "bigbird_globals",
     "bigbird_globals_chunked",

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes, dot_operand_dtype
 from longjax.attention import sliding_window_attention
+from longjax.attention.relative import RelativePositions, sliding_window_reach
 from tests.attention import battery
 
 # Each entry: (impl, extra options). A Pallas implementation joins here.
@@ -61,7 +62,20 @@ CASES = {
         dict(window=3, padding=(20, 27, 0), global_mask=((1, 22), (0, 26), (4,)),
              separate_global_qkv=True),
     ),
+    # Transformer-XL relative positions: `relative=n` gives a table n offsets wider than the reach.
+    "relative": ((2, 37, 2, 8), dict(window=3, relative=0)),
+    "relative_causal": ((2, 31, 2, 8), dict(window=5, causal=True, relative=2)),
+    "relative_asymmetric_dilation": ((1, 41, 4, 8), dict(window=(2, 5), dilation=(1, 2, 3, 1), relative=0)),
+    "relative_causal_dilation": ((1, 33, 2, 8), dict(window=(4, 0), dilation=(2, 3), causal=True, relative=1)),
+    "relative_padding_beyond_window": ((3, 10, 2, 8), dict(window=16, padding=(10, 6, 0), relative=30)),
 }
+
+
+def relative_inputs(seed: int, shape, dtype, *, max_offset: int):
+    """Position queries shaped like q and a table of `2 * max_offset + 1` offset embeddings."""
+    queries, = battery.random_inputs(seed, shape, dtype, 1)
+    table, = battery.random_inputs(seed + 1, (2 * max_offset + 1,) + shape[2:], dtype, 1)
+    return queries, table
 
 
 def _build(case: str, dtype):
@@ -70,21 +84,35 @@ def _build(case: str, dtype):
     options = dict(options)
     batch, seq = shape[:2]
     separate = options.pop("separate_global_qkv", False)
+    extra_offsets = options.pop("relative", None)
     if "global_mask" in options:
         options["global_mask"] = battery.token_mask(batch, seq, options["global_mask"])
     if "padding" in options:
         options["padding_mask"] = battery.padding_mask(batch, seq, options.pop("padding"))
     arrays = battery.random_inputs(hash(case) % 1000, shape, dtype, 6 if separate else 3)
+    if extra_offsets is not None:
+        spec_reach = sliding_window_reach(*_window_sides(options), options.get("dilation", (1,)), seq)
+        arrays += relative_inputs(hash(case) % 1000 + 7, shape, dtype, max_offset=spec_reach + extra_offsets)
 
     def make(impl, extra):
-        def fn(q, k, v, *global_qkv):
-            return sliding_window_attention(
-                q, k, v, global_qkv=global_qkv or None, impl=impl, **options, **extra
-            )
+        def fn(q, k, v, *rest):
+            kwargs = dict(options)
+            if extra_offsets is not None:
+                kwargs["relative"] = RelativePositions(*rest)
+            elif rest:
+                kwargs["global_qkv"] = rest
+            return sliding_window_attention(q, k, v, impl=impl, **kwargs, **extra)
 
         return fn
 
     return arrays, make
+
+
+def _window_sides(options):
+    window = options["window"]
+    if isinstance(window, tuple):
+        return window
+    return window, 0 if options.get("causal") else window
 
 
 # Interpreted kernels compile slowly, so they run a cross-section that still covers every
@@ -153,20 +181,60 @@ def _problems(draw):
         padding_mask = jnp.asarray([draw(bits) for _ in range(batch)])
     block_size = draw(st.sampled_from([None, 1, 3, 8]))
     seed = draw(st.integers(0, 2**16))
+    # Relative positions reach only the window's offsets, so they come without global tokens.
+    relative_offsets = None
+    if global_mask is None and draw(st.booleans()):
+        relative_offsets = max(dilation) * max(left, right) + draw(st.integers(0, 3))
     return (batch, seq, heads), dict(
         window=window, dilation=dilation, causal=causal, global_mask=global_mask,
         padding_mask=padding_mask,
-    ), block_size, seed
+    ), block_size, relative_offsets, seed
 
 
 @settings(max_examples=40)
 @given(_problems())
 def test_property_matches_reference(problem):
-    (batch, seq, heads), options, block_size, seed = problem
-    q, k, v = battery.random_inputs(seed, (batch, seq, heads, 4), jnp.float32, 3)
+    (batch, seq, heads), options, block_size, relative_offsets, seed = problem
+    shape = (batch, seq, heads, 4)
+    q, k, v = battery.random_inputs(seed, shape, jnp.float32, 3)
+    if relative_offsets is not None:
+        options["relative"] = RelativePositions(*relative_inputs(seed + 3, shape, jnp.float32, max_offset=relative_offsets))
     fast = functools.partial(sliding_window_attention, impl="xla", block_size=block_size, **options)
     ref = functools.partial(sliding_window_attention, impl="reference", **options)
     battery.assert_matches_reference(fast, ref, (q, k, v), check_grads=False)
+
+
+def test_relative_table_shorter_than_the_window_is_an_error_naming_it():
+    q, k, v = battery.random_inputs(0, (1, 20, 2, 4), jnp.float32, 3)
+    relative = RelativePositions(*relative_inputs(1, q.shape, jnp.float32, max_offset=5))
+    with pytest.raises(ValueError, match=r"relative.embeddings covers offsets up to 5.*up to 6"):
+        sliding_window_attention(q, k, v, window=(3, 0), dilation=2, causal=True, relative=relative, impl="xla")
+    with pytest.raises(ValueError, match=r"relative.queries must have q's shape"):
+        sliding_window_attention(q, k, v, window=2, relative=RelativePositions(q[:, :10], relative.embeddings))
+    with pytest.raises(ValueError, match=r"relative.embeddings must be \[2 \* max_offset \+ 1"):
+        sliding_window_attention(q, k, v, window=2, relative=RelativePositions(q, relative.embeddings[1:]))
+
+
+def test_relative_with_global_tokens_is_refused_by_every_implementation():
+    q, k, v = battery.random_inputs(0, (1, 20, 2, 4), jnp.float32, 3)
+    relative = RelativePositions(*relative_inputs(1, q.shape, jnp.float32, max_offset=19))
+    for impl in ("xla", "reference", None):
+        with pytest.raises(NotImplementedError, match="relative with global_mask"):
+            sliding_window_attention(
+                q, k, v, window=2, global_mask=battery.token_mask(1, 20, ((3,),)), relative=relative, impl=impl
+            )
+
+
+def test_relative_offsets_beyond_the_window_do_not_matter():
+    # Only the table rows of offsets the window attends may enter the result.
+    q, k, v = battery.random_inputs(4, (1, 30, 2, 4), jnp.float32, 3)
+    queries, table = relative_inputs(5, q.shape, jnp.float32, max_offset=12)
+    attend = lambda table: sliding_window_attention(
+        q, k, v, window=(4, 2), relative=RelativePositions(queries, table), impl="xla"
+    )
+    outside = (np.arange(25) - 12 > 4) | (np.arange(25) - 12 < -2)
+    scrambled = jnp.where(outside[:, None, None], 1e3, table)
+    np.testing.assert_array_equal(attend(table), attend(scrambled))
 
 
 def test_too_many_globals_is_nan_not_wrong():

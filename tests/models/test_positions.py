@@ -48,10 +48,18 @@ def _direct_txl_attention(params, x, *, causal, d_model):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("attention", ["full", "sliding_window", "block_sparse"])
-def test_txl_relative_attention_matches_the_relative_shift_form(attention, causal):
+@pytest.mark.parametrize(
+    "attention, relative_positions",
+    [
+        ("full", "native"), ("sliding_window", "native"),
+        ("full", "features"), ("sliding_window", "features"), ("block_sparse", "features"),
+        # 'auto': native where the op computes the term (the window), features elsewhere (BigBird).
+        ("sliding_window", "auto"), ("block_sparse", "auto"),
+    ],
+)
+def test_txl_relative_attention_matches_the_relative_shift_form(attention, relative_positions, causal):
     spec = {"full": dict(type="full")} | WIDE_ATTENTION
-    cfg = tiny_config(spec[attention], num_layers=1)
+    cfg = tiny_config(spec[attention], num_layers=1, relative_positions=relative_positions)
     layer = models.MultiHeadAttention(cfg, layer=0, causal=causal)
     x = jax.random.normal(jax.random.key(0), (2, SEQ, cfg.d_model))
     params = layer.init(jax.random.key(1), x)
@@ -62,6 +70,26 @@ def test_txl_relative_attention_matches_the_relative_shift_form(attention, causa
     params = {"params": inner}
     expected = _direct_txl_attention(params, x, causal=causal, d_model=cfg.d_model)
     chex.assert_trees_all_close(jax.jit(layer.apply)(params, x), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_relative_matches_features_in_a_narrow_dilated_window(causal):
+    # A window narrower than the sequence, dilated per head: the table covers only the reach.
+    attention = dict(type="sliding_window", window=(3, 2), dilation=(1, 3))
+    x = jax.random.normal(jax.random.key(2), (2, 23, 16))
+    outs = []
+    for relative_positions in ("native", "features"):
+        cfg = tiny_config(attention, num_layers=1, relative_positions=relative_positions)
+        layer = models.MultiHeadAttention(cfg, layer=0, causal=causal)
+        params = layer.init(jax.random.key(1), x)
+        outs.append(jax.jit(layer.apply)(params, x))
+    chex.assert_trees_all_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+
+
+def test_native_relative_is_refused_for_performer_layers_naming_the_field():
+    assert not tiny_config(dict(type="performer", num_features=16), num_layers=1).native_relative(0)
+    with pytest.raises(ValueError, match=r"model.relative_positions='native': layer 0 is PerformerAttention"):
+        tiny_config(dict(type="performer", num_features=16), num_layers=1, relative_positions="native")
 
 
 def test_relative_features_depend_only_on_the_offset():

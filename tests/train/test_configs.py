@@ -100,6 +100,7 @@ def test_window_scale_needs_sliding_window_layers():
     config = tiny_config.get_config()
     config.model.attention = dict(type="performer", num_features=8)
     config.model.attention_per_layer = {}
+    config.model.relative_positions = "features"  # FAVOR+ takes TXL positions as head features only
     config.phases.window_scale = (1, 1)
     run.parse(config)
     config.phases.window_scale = (1, 2)
