@@ -8,14 +8,16 @@ is how long it trains and on how much at once, for a session of about half an
 hour on one chip. The sizes are estimates from the shapes below, not
 measurements: no TPU has run this config yet.
 
-* Relative positions stay. They widen every head from 64 to 64 + 512 = 576
+* Relative positions stay, as head features (`model.relative_positions='features'`:
+  the kernels do not compute the position term themselves; XLA does). They widen
+  every head from 64 to 64 + 512 = 576
   query/key features (`longjax/models/positions.py`). The TPU kernels take
   that width: the forward and gradient programs of phases 1 and 2 lower for
   TPU from a CPU host, each kernel's VMEM footprint at most 2.7 MiB of a v5e's
   16 MiB scoped limit. The GPU (Triton) kernels take heads of at most 256 features
   and refuse this model (NotImplementedError naming the width): on a GPU run
-  it with `--config.model.attention.impl=xla` (or `model.position='rope'`,
-  64-wide heads, a different model).
+  it with `--config.model.attention.impl=xla --config.model.relative_positions=native`
+  (the same model, its position term computed in the XLA op on 64-wide heads).
 * One device only for Pallas. The run's data-parallel step is partitioned by
   the compiler, and JAX refuses to partition a Mosaic kernel ("Mosaic kernels
   cannot be automatically partitioned"), so on a multi-device runtime such as
@@ -58,6 +60,7 @@ def get_config():
     config.model.dtype = "bfloat16"  # MXU-native computation; parameters, LayerNorm, softmax and loss stay float32
     config.model.remat = True  # recompute each block in the backward pass: 576-wide q, k, v do not all fit 16 GB
     config.model.attention.impl = "pallas"  # the Mosaic kernels; 'xla' on GPU (576-wide heads) or several devices
+    config.model.relative_positions = "features"  # the kernels take TXL positions as head features only
     config.phases.seq_len = (2048, 4096)
     config.phases.batch_size = (16, 8)  # 32,768 characters a step in both phases; multiples of 8 (a v2-8's cores)
     config.phases.steps = (2000, 500)  # about 25 minutes on one v5e chip (an estimate; see the docstring)
