@@ -34,6 +34,14 @@ choose its defaults (`per_lowering`). The GPU block lengths left None are
 chosen per pattern, head width and dtype by the cost model of
 `block_sparse_tuning`. Every kernel takes `interpret=`.
 
+An optional banded score bias (`bias=`, float32 `[batch, seq, heads, left +
+right + 1]` for a band pattern) is added to q.k before scaling: query i and key
+j get column `left - i + j` of row i, so a per-offset term (Transformer-XL's
+relative positions, `queries_i . r_{i-j}` computed per offset above the
+kernels) enters without a `seq x seq` array. Its gradient comes back through
+the `custom_vjp`. Only the Triton kernels take it (they gather the bias tiles
+with integer-array loads, which Mosaic lacks).
+
 Layout at this module's boundary: `[batch, seq, heads, head_dim]`.
 """
 
@@ -288,7 +296,7 @@ class _Config:
 # --- the public wrapper ------------------------------------------------------------------------
 
 
-def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes=None, interpret=None):
+def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, block_sizes=None, interpret=None):
     """Block-sparse flash attention over a band or BigBird pattern.
 
     Args:
@@ -299,6 +307,12 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes
       pattern: a `Pattern`, e.g. `longjax.attention.kernel_layouts.BandPattern`
         or `BigBirdPattern`.
       scale: score multiplier.
+      bias: None, or a banded score bias, float32 `[batch, seq, heads, left + right + 1]`
+        for a band pattern of sides (left, right): the score of query i and key j
+        becomes `scale * (q_i . k_j + bias[i, left - i + j])`. Differentiable.
+        Triton kernels only (`GpuBlockSizes`): the TPU kernels raise
+        NotImplementedError, and so does `block_sizes=None` compiled on a CPU host
+        (both lowerings traced).
       block_sizes: `GpuBlockSizes` (Triton) or `TpuBlockSizes` (Mosaic), whose
         type selects the lowering; None: each platform's defaults, the platform
         choosing when lowering (so a CPU host can export for either; see
@@ -314,13 +328,33 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, block_sizes
       attend nothing; lse float32 `[batch, heads, seq]`, `MASK_VALUE` for them.
     """
     interpret = common.resolve_interpret(interpret)
+    args = (q, k, v, key_valid) if bias is None else (q, k, v, key_valid, bias)
     return per_lowering(
         functools.partial(_block_sparse_flash, pattern=pattern, scale=scale, interpret=interpret),
-        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+        *args, block_sizes=block_sizes, interpret=interpret,
     )
 
 
-def _block_sparse_flash(block_sizes, q, k, v, key_valid, *, pattern, scale, interpret):
+def _check_bias(bias, config: _Config, q) -> None:
+    if config.backend != "gpu":
+        raise NotImplementedError(
+            "the TPU (Mosaic) kernels take no score bias (bias=, e.g. relative positions): it is gathered "
+            "per tile, which Mosaic cannot; pass GpuBlockSizes (Triton), or use impl='xla'"
+        )
+    layouts = (config.forward_layout, config.backward_layout)
+    if any(layout.left is None or layout.right is None or layout.sub_block is not None for layout in layouts):
+        raise NotImplementedError(
+            f"a score bias needs a band pattern (one band, no sub-blocks), got {type(config.pattern).__name__}"
+        )
+    left, right = layouts[0].left, layouts[0].right
+    shape = q.shape[:3] + (left + right + 1,)
+    if bias.shape != shape or bias.dtype != jnp.float32:
+        raise ValueError(
+            f"bias must be float32 [batch, seq, heads, left + right + 1] = {shape}, got {bias.shape} {bias.dtype}"
+        )
+
+
+def _block_sparse_flash(block_sizes, q, k, v, key_valid, bias=None, *, pattern, scale, interpret):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4 or x.shape != q.shape or x.dtype != q.dtype:
             raise ValueError(
@@ -344,12 +378,14 @@ def _block_sparse_flash(block_sizes, q, k, v, key_valid, *, pattern, scale, inte
                 f"(tiles {width} wide); impl='xla' serves it"
             )
     config = _make_config(pattern, block_sizes, interpret, scale, head_dim, q.dtype)
+    if bias is not None:
+        _check_bias(bias, config, q)
     padded = config.padded_len
     # Whole blocks in seq only: the Triton kernels mask the head to its power-of-two tile width
     # in-kernel, and Mosaic takes full-width head blocks.
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
-    out, lse = _flash(pad(q), pad(k), pad(v), valid, config)
+    out, lse = _flash(pad(q), pad(k), pad(v), valid, None if bias is None else pad(bias), config)
     return out[:, :seq], lse[:, :, :seq]
 
 
@@ -418,18 +454,18 @@ def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float
 # --- custom VJP ----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, valid, config: _Config):
-    return _forward(q, k, v, valid, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, valid, bias, config: _Config):
+    return _forward(q, k, v, valid, bias, config)
 
 
-def _flash_fwd(q, k, v, valid, config):
-    out, lse = _forward(q, k, v, valid, config)
-    return (out, lse), (q, k, v, valid, out, lse)
+def _flash_fwd(q, k, v, valid, bias, config):
+    out, lse = _forward(q, k, v, valid, bias, config)
+    return (out, lse), (q, k, v, valid, bias, out, lse)
 
 
 def _flash_bwd(config, residuals, cotangents):
-    q, k, v, valid, out, lse = residuals
+    q, k, v, valid, bias, out, lse = residuals
     d_out, d_lse = cotangents
     # Per-row terms in [batch, heads, seq]; rows that attended nothing get lse = +1e30,
     # so every p = exp2(s - lse) of theirs is 0.
@@ -437,21 +473,28 @@ def _flash_bwd(config, residuals, cotangents):
         jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse, jnp.swapaxes(d_out, 1, 2), d_lse
     )
     lse2 = jnp.where(lse < -MASK_VALUE / 2, lse * LOG2E, -MASK_VALUE)
-    dq, dk, dv = _LOWERINGS[config.backend].backward(q, k, v, valid, d_out.astype(q.dtype), lse2, row_term, config)
-    return dq, dk, dv, None
+    lowering, do = _LOWERINGS[config.backend], d_out.astype(q.dtype)
+    if bias is None:
+        dq, dk, dv = lowering.backward(q, k, v, valid, do, lse2, row_term, config)
+        return dq, dk, dv, None, None
+    dq, dk, dv, d_bias = lowering.backward(q, k, v, valid, do, lse2, row_term, config, bias=bias)
+    return dq, dk, dv, None, d_bias
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # The lowerings by `_Config.backend`: a module with `forward(q, k, v, valid, config) -> (out, lse)` and
-# `backward(q, k, v, valid, do, lse2, row_term, config) -> (dq, dk, dv)`. A new GPU lowering (Mosaic GPU)
-# joins here with its own block-size class, leaving the others untouched.
+# `backward(q, k, v, valid, do, lse2, row_term, config) -> (dq, dk, dv)`; one that takes a score bias
+# (`block_sparse_gpu`) also takes `bias=` in both, its backward then adding d_bias to the tuple. A new
+# GPU lowering (Mosaic GPU) joins here with its own block-size class, leaving the others untouched.
 _LOWERINGS = {"gpu": block_sparse_gpu, "tpu": block_sparse_tpu}
 
 
-def _forward(q, k, v, valid, config):
-    return _LOWERINGS[config.backend].forward(q, k, v, valid, config)
+def _forward(q, k, v, valid, bias, config):
+    if bias is None:
+        return _LOWERINGS[config.backend].forward(q, k, v, valid, config)
+    return _LOWERINGS[config.backend].forward(q, k, v, valid, config, bias=bias)
 
 
 def dot_operand_dtype(block_sizes: BlockSizes, dtype) -> jnp.dtype:

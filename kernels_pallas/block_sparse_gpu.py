@@ -17,6 +17,16 @@ GPU attention).
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
 the call's kernel length (in `seq` only) and the call's static configuration
 (`block_sparse_flash._Config`).
+
+A banded score bias (Transformer-XL's relative positions, computed per offset
+above the kernels) comes as float32 `[batch, seq, heads, width]` over the band
+`width = left + right + 1` offsets: the bias of query i and key j is column
+`left - i + j` of row i (`block_sparse_visit.band_columns`). Each visit gathers
+its `[block_q, block_k]` tile with an integer-array load (masked outside the
+band) and adds it to q.k before scaling; the dq kernel scatters the score
+gradients back to the same columns (each (i, column) is one key, so visits
+write disjoint elements) into a zero-initialised output. Without a bias the
+kernels are unchanged.
 """
 
 from __future__ import annotations
@@ -92,9 +102,36 @@ def _check_no_sub_blocks(layout) -> None:
         )
 
 
-def forward(q, k, v, valid, config):
+def _bias_width(layout, bias) -> int | None:
+    """The bias's band width (None without one), checked against the layout's band."""
+    if bias is None:
+        return None
+    if layout.left is None or layout.right is None or bias.shape[-1] != layout.left + layout.right + 1:
+        raise ValueError(
+            f"a score bias needs a band layout of width left + right + 1; got bias {bias.shape} for the band "
+            f"({layout.left}, {layout.right})"
+        )
+    return bias.shape[-1]
+
+
+def _bias_spec(n: int, width: int):
+    """The whole banded bias (or its gradient) of a (batch, head): `[seq, width]`, gathered from per visit."""
+    return pl.BlockSpec((None, n, None, width), lambda r, bi, hi: (bi, 0, hi, 0))
+
+
+def _load_bias(bias_ref, shape, q_first, k_first, left, width, keys_axis=1):
+    """A score tile's bias, float32 `shape` (`keys_axis` as in `visit.masked`), zero outside the band;
+    and the tile's (rows, columns, inside) of `visit.band_columns`."""
+    rows, columns, inside = visit.band_columns(shape, q_first, k_first, left, width, keys_axis)
+    # Clamped where masked: the interpreter's gather reads them (then discards what it read).
+    tile = plgpu.load(bias_ref.at[rows, jnp.where(inside, columns, 0)], mask=inside, other=0.0)
+    return tile.astype(jnp.float32), (rows, columns, inside)
+
+
+def forward(q, k, v, valid, config, bias=None):
     layout = config.forward_layout
     _check_no_sub_blocks(layout)
+    width = _bias_width(layout, bias)
     b, n, h, head_dim = q.shape
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
@@ -103,21 +140,23 @@ def forward(q, k, v, valid, config):
         _forward_kernel, block_q=bq, block_k=bk, n_rows=layout.num_q_blocks,
         entries=layout.codes.shape[1], per_head=layout.layout_heads > 1, left=layout.left, right=layout.right,
         qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim,
+        bias_width=width,
     )
     per_batch = lambda length: pl.BlockSpec((None, length), lambda i, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     q_block = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+    extra_specs, extra_args = ([], []) if bias is None else ([_bias_spec(n, width)], [bias])
     return pl.pallas_call(
         kernel,
         grid=(layout.num_q_blocks, b, h),
         in_specs=[_whole(offsets.shape), _whole(codes.shape), per_batch(layout.num_k_blocks), per_batch(n),
-                  q_block, whole_seq, whole_seq],
+                  q_block, whole_seq, whole_seq, *extra_specs],
         out_specs=[q_block, pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
         compiler_params=_params(config, d),
         interpret=config.interpret,
-        name="block_sparse_flash_fwd",
-    )(offsets, codes, visit.key_block_flags(valid, bk), valid.astype(jnp.int32), q, k, v)
+        name="block_sparse_flash_fwd" if bias is None else "block_sparse_flash_bias_fwd",
+    )(offsets, codes, visit.key_block_flags(valid, bk), valid.astype(jnp.int32), q, k, v, *extra_args)
 
 
 def _row_range(offsets_ref, row, n_rows: int, per_head: bool, entries: int):
@@ -128,9 +167,10 @@ def _row_range(offsets_ref, row, n_rows: int, per_head: bool, entries: int):
 
 
 def _forward_kernel(
-    offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, dots, head_dim,
+    offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, *refs,
+    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, dots, head_dim, bias_width,
 ):
+    bias_ref, o_ref, lse_ref = refs if bias_width is not None else (None, *refs)
     i = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, i, n_rows, per_head, entries)
     head = _head_mask(q_ref.shape[-1], head_dim)
@@ -141,7 +181,10 @@ def _forward_kernel(
         code = codes_ref[code_base + t]
         kb = code // 2
         keys = pl.ds(kb * block_k, block_k)
-        s = visit.scores(q, _load(k_ref.at[keys, :], head), qk_scale, dots)
+        bias = None if bias_ref is None else _load_bias(
+            bias_ref, (block_q, block_k), i * block_q, kb * block_k, left, bias_width
+        )[0]
+        s = visit.scores(q, _load(k_ref.at[keys, :], head), qk_scale, dots, bias)
         s = lax.cond(
             (code % 2 + flags_ref[kb]) > 0,
             lambda s: visit.masked(s, i * block_q, kb * block_k, valid_ref[keys][None, :], left, right),
@@ -160,16 +203,19 @@ def _forward_kernel(
     lse_ref[...] = lse.reshape(block_q)
 
 
-def backward(q, k, v, valid, do, lse2, row_term, config):
+def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
+    """(dq, dk, dv) without a bias; (dq, dk, dv, d_bias) with one (float32, the bias's shape)."""
     layout = config.backward_layout
     _check_no_sub_blocks(layout)
+    width = _bias_width(layout, bias)
     b, n, h, head_dim = q.shape
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
     flags, valid_i32 = visit.key_block_flags(valid, bk), valid.astype(jnp.int32)
     static = dict(block_q=bq, block_k=bk, entries=layout.codes.shape[1], per_head=layout.layout_heads > 1,
                   left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E,
-                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim)
+                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim,
+                  bias_width=width)
     per_batch = lambda length: pl.BlockSpec((None, length), lambda r, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda r, bi, hi: (bi, 0, hi, 0))
     whole_rows = pl.BlockSpec((None, None, n), lambda r, bi, hi: (bi, hi, 0))
@@ -178,37 +224,60 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
     params = _params(config, d)
 
     offsets, codes = _layout_arrays(layout, transposed=False)
+    dq_args = [offsets, codes, flags, valid_i32, q, k, v, do, lse2, row_term]
+    dq_specs = [_whole(offsets.shape), _whole(codes.shape), per_batch(layout.num_k_blocks), per_batch(n),
+                block_of(bq), whole_seq, whole_seq, block_of(bq), rows_of(bq), rows_of(bq)]
+    dq_out_specs, dq_out_shape, aliases = block_of(bq), jax.ShapeDtypeStruct(q.shape, q.dtype), {}
+    if bias is not None:
+        # The bias gradient is scattered per visit into a zeroed array (aliased to the output), so
+        # the columns of keys no visit reaches (past the sequence's ends) stay zero. One spare
+        # column takes the interpreter's masked-out scatter (which writes every lane).
+        d_bias_shape = (b, n, h, width + 1)
+        dq_args += [bias, jnp.zeros(d_bias_shape, jnp.float32)]
+        dq_specs += [_bias_spec(n, width), _bias_spec(n, width + 1)]
+        dq_out_specs = [dq_out_specs, _bias_spec(n, width + 1)]
+        dq_out_shape = [dq_out_shape, jax.ShapeDtypeStruct(d_bias_shape, jnp.float32)]
+        aliases = {len(dq_args) - 1: 1}
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, n_rows=layout.num_q_blocks, **static),
         grid=(layout.num_q_blocks, b, h),
-        in_specs=[_whole(offsets.shape), _whole(codes.shape), per_batch(layout.num_k_blocks), per_batch(n),
-                  block_of(bq), whole_seq, whole_seq, block_of(bq), rows_of(bq), rows_of(bq)],
-        out_specs=block_of(bq),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        in_specs=dq_specs,
+        out_specs=dq_out_specs,
+        out_shape=dq_out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=config.interpret,
-        name="block_sparse_flash_dq",
-    )(offsets, codes, flags, valid_i32, q, k, v, do, lse2, row_term)
+        name="block_sparse_flash_dq" if bias is None else "block_sparse_flash_bias_dq",
+    )(*dq_args)
 
     t_offsets, t_codes = _layout_arrays(layout, transposed=True)
+    extra_specs, extra_args = ([], []) if bias is None else ([_bias_spec(n, width)], [bias])
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, n_rows=layout.num_k_blocks, **static),
         grid=(layout.num_k_blocks, b, h),
         in_specs=[_whole(t_offsets.shape), _whole(t_codes.shape), per_batch(layout.num_k_blocks), per_batch(n),
-                  whole_seq, block_of(bk), block_of(bk), whole_seq, whole_rows, whole_rows],
+                  whole_seq, block_of(bk), block_of(bk), whole_seq, whole_rows, whole_rows, *extra_specs],
         out_specs=[block_of(bk), block_of(bk)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
         interpret=config.interpret,
-        name="block_sparse_flash_dkv",
-    )(t_offsets, t_codes, flags, valid_i32, q, k, v, do, lse2, row_term)
-    return dq, dk, dv
+        name="block_sparse_flash_dkv" if bias is None else "block_sparse_flash_bias_dkv",
+    )(t_offsets, t_codes, flags, valid_i32, q, k, v, do, lse2, row_term, *extra_args)
+    if bias is None:
+        return dq, dk, dv
+    dq, d_bias = dq
+    return dq, dk, dv, d_bias[..., :width]
 
 
 def _dq_kernel(
-    offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, dq_ref, *,
-    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim,
+    offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, *refs,
+    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim, bias_width,
 ):
+    if bias_width is None:
+        bias_ref, (dq_ref,) = None, refs
+    else:
+        # The zeroed input aliased to d_bias_ref is not read: d_bias_ref starts as it.
+        bias_ref, _, dq_ref, d_bias_ref = refs
     i = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, i, n_rows, per_head, entries)
     head = _head_mask(q_ref.shape[-1], head_dim)
@@ -220,7 +289,12 @@ def _dq_kernel(
         kb = code // 2
         keys = pl.ds(kb * block_k, block_k)
         k = dots.operand(_load(k_ref.at[keys, :], head))  # feeds two dots
-        s = visit.scores(q, k, qk_scale, dots)
+        bias = None
+        if bias_ref is not None:
+            bias, (rows, columns, inside) = _load_bias(
+                bias_ref, (block_q, block_k), i * block_q, kb * block_k, left, bias_width
+            )
+        s = visit.scores(q, k, qk_scale, dots, bias)
         s = lax.cond(
             (code % 2 + flags_ref[kb]) > 0,
             lambda s: visit.masked(s, i * block_q, kb * block_k, valid_ref[keys][None, :], left, right),
@@ -228,6 +302,10 @@ def _dq_kernel(
             s,
         )
         _, ds = visit.probs_and_dscores(s, lse2, row_term, do, _load(v_ref.at[keys, :], head), dots)
+        if bias_ref is not None:
+            # ds is the gradient of the natural-log logits `scale * (q.k + bias)`: the bias's is ds * scale.
+            # Masked-out lanes go to the spare last column (stored only by the interpreter).
+            plgpu.store(d_bias_ref.at[rows, jnp.where(inside, columns, bias_width)], ds * scale, mask=inside)
         return dq + dots(ds, k, visit.NN)
 
     dq = lax.fori_loop(start, stop, one_visit, jnp.zeros(q.shape, jnp.float32))
@@ -235,13 +313,14 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, dk_ref, dv_ref,
-    *, block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim,
+    offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, *refs,
+    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim, bias_width,
 ):
     # Scores transposed, `[block_k, block_q]` (as Triton's fused-attention backward): p.T and
     # ds.T come out as the left operands of dv += p.T @ do and dk += ds.T @ q, and q, do enter
     # as right operands, with no register transposes. At head_dim 128 with float32 inputs
     # (tiles loaded as float32, then cast) the untransposed form spilled ~190 B.
+    bias_ref, dk_ref, dv_ref = refs if bias_width is not None else (None, *refs)
     j = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, j, n_rows, per_head, entries)
     head = _head_mask(k_ref.shape[-1], head_dim)
@@ -255,7 +334,10 @@ def _dkv_kernel(
         qb = code // 2
         rows = pl.ds(qb * block_q, block_q)
         q, do = dots.operand(_load(q_ref.at[rows, :], head)), dots.operand(_load(do_ref.at[rows, :], head))
-        s_t = visit.scores(k, q, qk_scale, dots)
+        bias_t = None if bias_ref is None else _load_bias(
+            bias_ref, (block_k, block_q), qb * block_q, j * block_k, left, bias_width, keys_axis=0
+        )[0]
+        s_t = visit.scores(k, q, qk_scale, dots, bias_t)
         s_t = lax.cond(
             (code % 2 + needs_valid) > 0,
             lambda s: visit.masked(s, qb * block_q, j * block_k, valid_col, left, right, keys_axis=0),

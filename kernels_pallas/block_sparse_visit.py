@@ -68,9 +68,27 @@ TN = (((0,), (0,)), ((), ()))  # a.T @ b
 NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
-def scores(q, k, qk_scale, dots):
-    """Base-2 logits float32 `[block_q, block_k]`."""
-    return dots(q, k, NT) * qk_scale
+def scores(q, k, qk_scale, dots, bias=None):
+    """Base-2 logits float32 `[block_q, block_k]`; `bias` (float32, of their shape) is added before scaling."""
+    s = dots(q, k, NT)
+    if bias is not None:
+        s = s + bias
+    return s * qk_scale
+
+
+def band_columns(shape, q_first, k_first, left: int, width: int, keys_axis: int = 1):
+    """Where a score tile's pairs sit in a banded bias `[seq, width]`: (rows, columns, inside).
+
+    The bias of query i and key j is column `c = left - i + j` of row i, so the
+    `width = left + right + 1` columns are the offsets `left, left - 1, ..., -right`
+    (`j - i` from `-left` to `right`). `shape` is the tile's (`keys_axis` as in
+    `masked`); rows and columns are int32 of it, `inside` says `0 <= c < width`
+    (the band: pairs outside it are masked anyway).
+    """
+    rows = q_first + lax.broadcasted_iota(jnp.int32, shape, 1 - keys_axis)
+    columns = left - rows + (k_first + lax.broadcasted_iota(jnp.int32, shape, keys_axis))
+    inside = (columns >= 0) & (columns < width)
+    return rows, columns, inside
 
 
 def masked(s, q_first, k_first, valid, left, right, keys_axis: int = 1, pairs=None):

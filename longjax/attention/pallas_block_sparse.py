@@ -24,6 +24,13 @@ kernels:
   queries attend every key in a dense pass (by key chunks, merged by
   log-sum-exp) written over last, as the XLA implementation does.
 * Padded queries come out as zeros.
+* Transformer-XL's relative positions (`relative.py`, band only): per dilation
+  group, the position queries (split like q) meet the embeddings of the band's
+  `left + right + 1` offsets (`relative.offset_rows`, steps of the dilation)
+  outside the kernels, `by_offset[b, i, h, c] = queries_i . r_{dilation * (left - c)}`,
+  which the Triton kernels take as a banded score bias (column `left - i + j`
+  for key j) and differentiate; autodiff of the product gives the gradients of
+  the queries and the embeddings. The Mosaic (TPU) kernels refuse it.
 
 With `block_sizes=None` on a CPU host, compiled (an export), everything that
 depends on the block sizes (the kernels, BigBird's slots) is traced for both
@@ -39,11 +46,13 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from kernels_pallas import block_sparse_flash as block_sparse_kernels
 from kernels_pallas import common
 from longjax.attention import block_sparse as block_sparse_lib
 from longjax.attention import global_tokens, partial_softmax
+from longjax.attention import relative as relative_lib
 from longjax.attention.kernel_layouts import BandPattern, BigBirdPattern
 from longjax.attention.partial_softmax import PartialAttention
 from longjax.attention.specs import BlockSparseSpec, SlidingWindowSpec
@@ -55,17 +64,47 @@ def _pad_axis(x, axis: int, after: int):
     return jnp.pad(x, widths)
 
 
-def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_sizes, interpret):
-    """(out `[b, n, h, d]`, lse `[b, h, n]`) of a dilated band, via the interleaved subsequences."""
+def _offset_bias(queries, embeddings, max_offset, pattern: BandPattern, dilation):
+    """The relative term per band offset: float32 `[b, n, h, left + right + 1]` (the kernels' `bias`).
+
+    Column c holds `queries_i . r_{dilation * (left - c)}`, the term of the key
+    `c - left` steps from query i; float32 accumulation, and float32 products
+    for float32 queries (not the Triton kernels' bfloat16 operands: the
+    embeddings' gradient sums this product's over every position, where
+    bfloat16 roundings would add up).
+    """
+    rows = relative_lib.offset_rows(
+        embeddings, max_offset=max_offset, left=pattern.left, right=pattern.right, step=dilation
+    )
+    full = queries.dtype == jnp.float32
+    return jnp.einsum(
+        "bnhd,hwd->bnhw", queries, rows.astype(queries.dtype), preferred_element_type=jnp.float32,
+        precision=lax.Precision.HIGHEST if full else None,
+    )
+
+
+def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_sizes, interpret, relative=None):
+    """(out `[b, n, h, d]`, lse `[b, h, n]`) of a dilated band, via the interleaved subsequences.
+
+    relative: None, or (queries `[b, n, h, d]`, embeddings `[2M + 1, h, d]` of these heads, M).
+    """
     b, n = q.shape[:2]
     sub_len = -(-n // dilation)
     # Steps further than the subsequence length reach no key: clipping keeps the layout small.
     pattern = BandPattern(seq_len=sub_len, left=min(left, sub_len - 1), right=min(right, sub_len - 1))
-    run = lambda *xs: block_sparse_kernels.block_sparse_flash(
-        *xs, pattern=pattern, scale=scale, block_sizes=block_sizes, interpret=interpret
-    )
+
+    def run(q, k, v, key_valid, queries=None):
+        bias = None
+        if queries is not None:
+            bias = _offset_bias(queries, relative[1], relative[2], pattern, dilation)
+        return block_sparse_kernels.block_sparse_flash(
+            q, k, v, key_valid, pattern=pattern, scale=scale, bias=bias, block_sizes=block_sizes,
+            interpret=interpret,
+        )
+
+    queries = () if relative is None else (relative[0],)
     if dilation == 1:
-        return run(q, k, v, key_valid)
+        return run(q, k, v, key_valid, *queries)
     padded = sub_len * dilation
 
     def split(x):
@@ -73,7 +112,7 @@ def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_siz
         x = _pad_axis(x, 1, padded - n).reshape((b, sub_len, dilation) + x.shape[2:])
         return jnp.moveaxis(x, 2, 1).reshape((b * dilation, sub_len) + x.shape[3:])
 
-    out, lse = run(split(q), split(k), split(v), split(key_valid))
+    out, lse = run(split(q), split(k), split(v), split(key_valid), *map(split, queries))
     # Back to position s * dilation + r: out [b * d, s, h, dim] and lse [b * d, h, s].
     out = jnp.moveaxis(out.reshape((b, dilation) + out.shape[1:]), 1, 2).reshape((b, padded) + out.shape[2:])
     heads = lse.shape[1]
@@ -81,20 +120,27 @@ def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_siz
     return out[:, :n], lse[..., :n]
 
 
-def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes, interpret):
-    """The band of every head, heads grouped by dilation: (out `[b, n, h, d]`, lse `[b, h, n]`)."""
+def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes, interpret, relative=None):
+    """The band of every head, heads grouped by dilation: (out `[b, n, h, d]`, lse `[b, h, n]`).
+
+    relative: None, or (queries `[b, n, h, d]`, embeddings `[2M + 1, h, d]`, M).
+    """
     groups: dict[int, list[int]] = {}
     for head, dil in enumerate(spec.dilation):
         groups.setdefault(dil, []).append(head)
     outs, lses, order = [], [], []
     for dil, heads in groups.items():
+        group_relative = relative
         if len(groups) == 1:
             qg, kg, vg = q, k, v
         else:
             qg, kg, vg = (x[:, :, np.asarray(heads)] for x in (q, k, v))
+            if relative is not None:
+                queries, embeddings, max_offset = relative
+                group_relative = (queries[:, :, np.asarray(heads)], embeddings[:, np.asarray(heads)], max_offset)
         out, lse = _dilated_band(
             qg, kg, vg, key_valid, left=spec.left, right=spec.right, dilation=dil,
-            scale=scale, block_sizes=block_sizes, interpret=interpret,
+            scale=scale, block_sizes=block_sizes, interpret=interpret, relative=group_relative,
         )
         outs.append(out)
         lses.append(lse)
@@ -128,21 +174,32 @@ def refuse_block_size(block_size) -> None:
 
 
 def refuse_relative(relative) -> None:
-    """The kernels do not take Transformer-XL's relative term yet: refused, not ignored."""
+    """Where the kernels' path does not take Transformer-XL's relative term (sequence-parallel): refused."""
     if relative is not None:
         raise NotImplementedError(
-            "impl='pallas' does not compute relative positions (relative=); impl='xla' does, or add them "
-            "as head features (model.relative_positions='features')"
+            "impl='pallas' computes relative positions (relative=) only unsharded, on the Triton kernels; "
+            "impl='xla' does, or add them as head features (model.relative_positions='features')"
         )
 
 
-def _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret):
-    """(out `[b, n, h, d]`, lse `[b, h, n]`) of the band on the lowering's kernels."""
+def _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret, relative=None):
+    """(out `[b, n, h, d]`, lse `[b, h, n]`) of the band on the lowering's kernels.
+
+    relative: None or a `RelativePositions` (the Triton kernels only).
+    """
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
+    if relative is None:
+        return block_sparse_kernels.per_lowering(
+            lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
+            q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+        )
+    max_offset = relative.max_offset
     return block_sparse_kernels.per_lowering(
-        lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
-        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+        lambda blocks, q, k, v, key_valid, queries, embeddings: _band_heads(
+            q, k, v, key_valid, spec, scale, blocks, interpret, relative=(queries, embeddings, max_offset)
+        ),
+        q, k, v, key_valid, relative.queries, relative.embeddings, block_sizes=block_sizes, interpret=interpret,
     )
 
 
@@ -192,10 +249,9 @@ def sliding_window_pallas(
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
     refuse_block_size(block_size)
-    refuse_relative(relative)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
-    out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret)
+    out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret, relative)
     return _complete(
         out, lse, q, k, v, global_mask=global_mask, global_qkv=global_qkv, padding_mask=padding_mask,
         max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,

@@ -119,7 +119,8 @@ AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention 
 # The layer types whose ops compute Transformer-XL's position term themselves (relative_positions='native'),
 # and the implementations of each that do.
 NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
-    {FullAttention: FullAttention.IMPLS, SlidingWindowAttention: (None, "xla", "reference")}
+    # Sliding-window 'pallas': the Triton (GPU) kernels; the Mosaic (TPU) ones refuse the term.
+    {FullAttention: FullAttention.IMPLS, SlidingWindowAttention: (None, "xla", "pallas", "reference")}
 )
 
 
@@ -147,8 +148,8 @@ class TransformerConfig:
       relative_positions: how 'txl_relative' positions reach the attention ops:
         'native' (the ops compute the position term `(q_i + v) . r_{i-j}` for the
         offsets their blocks can have: sliding-window layers without global
-        tokens, impl None, 'xla' or 'reference', and full layers; other layers
-        are an error), 'features' (`d_model` extra query/key features per head,
+        tokens (XLA, or the Triton kernels; the TPU kernels refuse it), and full
+        layers; other layers are an error), 'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers
         and kernels included, at the cost of heads `head_dim + d_model` wide) or
         'auto' (per layer and call: 'native' where its op computes the term,

@@ -123,6 +123,8 @@ SUBSETS = {
         ("asymmetric", "f32"), ("causal", "f32"), ("dilation_per_head", "f32"), ("dilation_beyond_seq", "f32"),
         ("globals_in_window", "f32"), ("causal_globals_qkv_dilation", "f32"), ("padding_with_empty_row", "f32"),
         ("padding_globals", "f32"), ("causal", "bf16"), ("globals_separate_qkv", "bf16"),
+        ("relative", "f32"), ("relative_causal", "f32"), ("relative_asymmetric_dilation", "f32"),
+        ("relative_padding_beyond_window", "f32"), ("relative_causal", "bf16"),
     },
     "pallas-tpu": {
         ("asymmetric_right_only", "f32"), ("dilation_causal", "f32"), ("padding_globals", "f32"), ("causal", "bf16"),
@@ -284,3 +286,15 @@ def test_default_impl_is_exact():
         sliding_window_attention(q, k, v, window=3, impl="reference"),
         **battery.TOLERANCES[jnp.dtype(jnp.float32)],
     )
+
+
+def test_relative_on_pallas_takes_the_triton_kernels_only():
+    q, k, v = battery.random_inputs(3, (1, 20, 2, 8), jnp.float32, 3)
+    relative = RelativePositions(*relative_inputs(4, q.shape, jnp.float32, max_offset=2))
+    op = functools.partial(sliding_window_attention, window=2, relative=relative, impl="pallas")
+    with pytest.raises(NotImplementedError, match=r"TPU \(Mosaic\) kernels take no score bias"):
+        op(q, k, v, interpret=True, block_sizes=TpuBlockSizes())
+    if jax.default_backend() == "cpu":
+        # Compiled on a CPU host with block_sizes=None, both lowerings are traced: the Mosaic one refuses.
+        with pytest.raises(NotImplementedError, match=r"no score bias.*TpuBlockSizes one: pass GpuBlockSizes"):
+            jax.eval_shape(functools.partial(op, interpret=False), q, k, v)
