@@ -34,7 +34,7 @@ def get_config():
     config.model.d_model = 512
     config.model.d_ff = 2048
     config.model.position = "txl_relative"  # Transformer-XL relative sinusoids with learned biases u, v
-    config.model.relative_positions = "native"  # the ops compute (q + v).r_{i-j}; 'features': d_model extra head features; 'auto': per layer
+    config.model.relative_positions = "auto"  # native (the op computes (q + v).r_{i-j}) where the layer's op can, else d_model head features
     config.model.max_positions = 0  # rows of a learned position table (position='learned' only)
     config.model.layer_norm = "pre"  # pre-LayerNorm blocks and a final LayerNorm
     config.model.layer_norm_epsilon = 1e-5

@@ -54,6 +54,8 @@ def test_longformer_recipe(corpus, size, steps, layers, dropout):
     model = phases[0].model
     assert (model.num_layers, model.num_heads, model.d_model, model.dropout) == (layers, 8, 512, dropout)
     assert model.position == "txl_relative" and model.layer_norm == "pre" and model.activation == "gelu"
+    # The flagship's position term is computed in its sliding-window ops, not as 512 extra head features.
+    assert all(model.native_relative(layer) for layer in range(model.num_layers))
     assert config.optimizer.grad_clip_norm == 0.25 and config.optimizer.weight_decay == 0.01
     base = models.transformer_config(config.model)
     assert base.attention[0].window == 32 and base.attention[-1].window == 8192
