@@ -4,14 +4,18 @@ A query block that is not global attends a fixed-length list of key blocks:
 its window, the global blocks and its random blocks. The list is built on the
 host from the static pattern (linear in the number of blocks); entries that
 are out of range, -1, repeated within the row, or (causal) after the query
-block are flagged invalid, so every key counts once. A `lax.scan` walks the
-query blocks, gathering each one's key blocks and running one masked
-flash-attention step (`flash_step.py`); the backward pass recomputes the step
-and scatter-adds dk, dv into the gathered blocks. Global query blocks are
-computed densely against every key and written over. Token-level global
+block are flagged invalid, so every key counts once. A global query block
+attends every key: its keys are cut into rows of the same length, whose
+partial results merge by log-sum-exp, so one `lax.scan` over rows serves
+both. Each step gathers one row's key blocks, `[heads, keys_per_row x
+block, head_dim]` (no copy of k, v holds every row's), and runs one masked
+flash-attention step (`flash_step.py`); the backward pass recomputes it and
+adds dq, dk, dv into float32 accumulators in place. Token-level global
 tokens go through `global_tokens.py`. Nothing is `seq x seq`.
 
-Layout inside: `[batch, heads, seq, head_dim]`.
+Layout inside: `[batch, seq, heads, head_dim]`, the public one, blocked as
+`[batch, blocks, block, heads, head_dim]` (a reshape, not a copy); per-row
+results stay in row order, `[rows, batch, block, heads, ...]`, until the end.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import numpy as np
 
 from kernels_pallas.common import MASK_VALUE, backward_row_terms
 from longjax.attention import arguments, flash_step, global_tokens
-from longjax.attention.flash_step import pad_seq
 from longjax.attention.partial_softmax import PartialAttention
 from longjax.attention.specs import BlockSparseSpec
 
@@ -118,105 +121,187 @@ def key_block_lists(spec: BlockSparseSpec):
     return query_blocks, np.where(used, key_blocks, 0).astype(np.int32), used
 
 
-def _row_inputs(t, query_blocks, key_blocks, key_used, validb, *, block: int, causal: bool):
-    """Query block, gathered key-block ids and mask `[batch, heads, block, keys]` of scan row t."""
-    a = query_blocks[t]
-    ids = key_blocks[:, t]  # [heads, keys_per_row]
-    valid = validb[:, ids] & key_used[None, :, t, :, None]  # [batch, heads, keys_per_row, block]
-    mask = valid.reshape(valid.shape[:2] + (1, -1))
+def _global_row_lists(spec: BlockSparseSpec, keys_per_row: int):
+    """The global query blocks' rows: every key block (causal: up to their own), `keys_per_row` a row.
+
+    Returns:
+      query_blocks, key_blocks, key_used: as `key_block_lists`, for these rows.
+      segment: int32 `[rows]`, the index in `spec.global_blocks` of each row's query block.
+    """
+    query_blocks, key_blocks, key_used, segment = [], [], [], []
+    for i, g in enumerate(spec.global_blocks):
+        end = g + 1 if spec.causal else spec.num_blocks
+        for start in range(0, end, keys_per_row):
+            ids = np.arange(start, start + keys_per_row)
+            query_blocks.append(g)
+            key_blocks.append(np.where(ids < end, ids, 0))
+            key_used.append(ids < end)
+            segment.append(i)
+    shape = (spec.random_layout.shape[0], len(query_blocks), keys_per_row)
+    per_head = lambda rows, dtype: np.broadcast_to(np.asarray(rows, dtype).reshape(shape[1:]), shape)
+    return (
+        np.asarray(query_blocks, np.int32), per_head(key_blocks, np.int32), per_head(key_used, bool),
+        np.asarray(segment, np.int32),
+    )
+
+
+def _blocks(x, num_blocks: int, block: int, axis: int = 1):
+    """Cuts `axis` (a sequence) into `[num_blocks, block]`, zero-padding the last block."""
+    pad = num_blocks * block - x.shape[axis]
+    if pad:
+        x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
+    return x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
+
+
+def _unblock(x, seq: int):
+    """`[batch, blocks, block, ...]` -> `[batch, seq, ...]`."""
+    return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :seq]
+
+
+def _heads_first(x):
+    """`[batch, block, heads, d]` <-> `[batch, heads, block, d]`: one block, so the copy stays in cache."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+# One head's block is a `[block, d]` slice of `_flat(xb)`, `[batch * blocks, block, heads * d]`. With
+# these numbers the gathered blocks come out, and the added ones go in, as `[batch * heads * n, block,
+# d]`: the memory order of a `[batch, heads, n * block, d]` dot operand or result. Other forms (jnp
+# indexing, size-1 window dimensions inserted by XLA) cost a layout copy of every block per step.
+_BLOCK_SLICE = dict(offset_dims=(1, 2), collapsed_slice_dims=(0,), start_index_map=(0, 1, 2))
+_BLOCK_UPDATE = dict(update_window_dims=(1, 2, 3), inserted_window_dims=(), scatter_dims_to_operand_dims=(0, 1, 2))
+
+
+def _flat(xb):
+    batch, blocks, block, heads, d = xb.shape
+    return xb.reshape(batch * blocks, block, heads * d)
+
+
+def _block_index(xb, ids):
+    """int32 `[batch * heads * n, 3]`: where head h's block `ids[h, i]` starts in `_flat(xb)`, each batch row."""
+    batch, blocks, _, _, d = xb.shape
+    shape = (batch,) + ids.shape
+    rows = jnp.arange(batch)[:, None, None] * blocks + ids
+    columns = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None] * d, shape)
+    index = [rows, jnp.zeros(shape, jnp.int32), columns]
+    return jnp.stack([i.astype(jnp.int32) for i in index], axis=-1).reshape(-1, 3)
+
+
+def _take(xb, ids):
+    """Head i's blocks `ids[i]` of xb `[batch, blocks, block, heads, d]`, as `[batch, heads, n * block, d]`."""
+    batch, _, block, _, d = xb.shape
+    blocks = jax.lax.gather(
+        _flat(xb), _block_index(xb, ids), jax.lax.GatherDimensionNumbers(**_BLOCK_SLICE), (1, block, d),
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+    return blocks.reshape(batch, ids.shape[0], -1, d)
+
+
+def _add_blocks(xb, ids, x):
+    """xb with x `[batch, heads, n * block, d]` added to the blocks `_take(xb, ids)` reads."""
+    block, d = xb.shape[2], xb.shape[4]
+    flat = jax.lax.scatter_add(
+        _flat(xb), _block_index(xb, ids), x.reshape(-1, 1, block, d),
+        jax.lax.ScatterDimensionNumbers(**_BLOCK_UPDATE), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+    return flat.reshape(xb.shape)
+
+
+def _row_mask(validb, a, ids, used, block: int, causal: bool):
+    """bool `[batch, heads, 1 or block, n * block]`: the keys the queries of block a attend."""
+    mask = validb[:, ids] & used[None, :, :, None]  # [batch, heads, n, block]
+    mask = mask.reshape(mask.shape[:2] + (1, -1))
     if causal:
         key_pos = (ids[:, :, None] * block + jnp.arange(block)).reshape(ids.shape[0], -1)
         query_pos = a * block + jnp.arange(block)
         mask = mask & (key_pos[None, :, None, :] <= query_pos[None, None, :, None])
-    return a, ids, mask
+    return mask
 
 
-def _gather(xb, ids):
-    """xb `[batch, heads, blocks, block, d]`, ids `[heads, n]` -> `[batch, heads, n * block, d]`."""
-    heads = jnp.arange(xb.shape[1])[:, None]
-    g = xb[:, heads, ids]
-    return g.reshape(g.shape[:2] + (-1, g.shape[-1]))
+def _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block):
+    """q, k, v and key_valid blocked, and the layout as scan inputs, one row a step."""
+    nb = -(-q.shape[1] // block)
+    blocked = tuple(_blocks(x, nb, block) for x in (q, k, v))
+    validb = _blocks(key_valid, nb, block, axis=2)
+    xs = (query_blocks, jnp.moveaxis(key_blocks, 1, 0), jnp.moveaxis(key_used, 1, 0), row_kind)
+    return blocked, validb, xs
 
 
-def _blocked(x, num_blocks, block):
-    x = pad_seq(x, 0, num_blocks * block - x.shape[2])
-    return x.reshape(x.shape[:2] + (num_blocks, block) + x.shape[3:])
+def _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale):
+    (qb, kb, vb), validb, xs = _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block)
+
+    def step(_, row):
+        a, ids, used, kind = row
+        mask = _row_mask(validb[kind], a, ids, used, block, causal)
+        scores = flash_step.masked_scores(_heads_first(qb[:, a] * scale), _take(kb, ids), mask)
+        out, lse = flash_step.attend(scores, _take(vb, ids))
+        return None, (_heads_first(out), lse)
+
+    _, (out, lse) = jax.lax.scan(step, None, xs)
+    return out, lse
 
 
-def _scatter_rows(ys, query_blocks, num_blocks: int, seq: int, fill):
-    """Scan outputs `[rows, batch, heads, block, ...]` at query_blocks -> `[batch, heads, seq, ...]`."""
-    ys = jnp.moveaxis(ys, 0, 2)
-    full = jnp.full(ys.shape[:2] + (num_blocks,) + ys.shape[3:], fill, ys.dtype)
-    full = full.at[:, :, query_blocks].set(ys)
-    return full.reshape(full.shape[:2] + (-1,) + full.shape[4:])[:, :, :seq]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _rows(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale):
+    """Each row's attention, float32: out `[rows, batch, block, heads, d]`, lse `[rows, batch, heads, block]`.
+
+    q, k, v: `[batch, seq, heads, head_dim]`; key_valid: bool `[kinds, batch, seq]`, row r using
+    `key_valid[row_kind[r]]`; the rows as `key_block_lists` gives them (a query block may have several
+    rows); scale multiplies the queries. Results stay per row, in row order, so the backward pass
+    reads each row's out, lse and cotangents as one contiguous slice.
+    """
+    return _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale)
 
 
-def _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal):
-    seq = q.shape[2]
-    nb = -(-seq // block)
-    qb, kb, vb = (_blocked(x, nb, block) for x in (q, k, v))
-    validb = jnp.pad(key_valid, ((0, 0), (0, nb * block - seq))).reshape(-1, nb, block)
-
-    def step(_, t):
-        a, ids, mask = _row_inputs(t, query_blocks, key_blocks, key_used, validb, block=block, causal=causal)
-        scores = flash_step.masked_scores(qb[:, :, a], _gather(kb, ids), mask)
-        return None, flash_step.attend(scores, _gather(vb, ids))
-
-    _, (out, lse) = jax.lax.scan(step, None, jnp.arange(len(query_blocks)))
-    return (
-        _scatter_rows(out, query_blocks, nb, seq, 0.0),
-        _scatter_rows(lse, query_blocks, nb, seq, MASK_VALUE),
-    )
+def _rows_fwd(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale):
+    out, lse = _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale)
+    return (out, lse), (q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, out, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _sparse(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal):
-    """q comes multiplied by the score scale."""
-    return _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal)
+def _dot(subscripts: str, a, b):
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
 
 
-def _sparse_fwd(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal):
-    out, lse = _sparse_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal)
-    return (out, lse), (q, k, v, key_valid, query_blocks, key_blocks, key_used, out, lse)
+def _step_grads(q_blk, keys, values, d_out, lse, row_term, mask):
+    """dq `[.., block, d]`, dk and dv `[.., keys, d]` (float32) of one query block against its keys.
+
+    Scores are recomputed key-major, `[.., keys, block]`: XLA:CPU sends a dot to its fast library
+    only when the left operand contracts its last axis, so dk and dv (which contract over queries)
+    need the key-major probabilities, and dq the query-major ones, one transposed copy of d_scores
+    (the barrier keeps XLA from folding the transpose back into the dot).
+    """
+    scores = jnp.where(jnp.swapaxes(mask, -1, -2), _dot("bhkd,bhqd->bhkq", keys, q_blk), MASK_VALUE)
+    probs = jnp.exp(scores - lse[..., None, :])
+    d_scores = probs * (_dot("bhkd,bhqd->bhkq", values, d_out) + row_term[..., None, :])
+    dk = _dot("bhkq,bhqd->bhkd", d_scores.astype(q_blk.dtype), q_blk)
+    dv = _dot("bhkq,bhqd->bhkd", probs.astype(d_out.dtype), d_out)
+    d_scores = jax.lax.optimization_barrier(jnp.swapaxes(d_scores, -1, -2).astype(keys.dtype))
+    return _dot("bhqk,bhkd->bhqd", d_scores, keys), dk, dv
 
 
-def _sparse_bwd(block, causal, residuals, cotangents):
-    q, k, v, key_valid, query_blocks, key_blocks, key_used, out, lse = residuals
-    d_out, d_lse = cotangents
-    seq = q.shape[2]
-    nb = -(-seq // block)
-    f32 = lambda x: x.astype(jnp.float32)
-    qb, kb, vb, d_outb = (_blocked(f32(x), nb, block) for x in (q, k, v, d_out))
-    validb = jnp.pad(key_valid, ((0, 0), (0, nb * block - seq))).reshape(-1, nb, block)
-    row_term, lse = backward_row_terms(out, lse, d_out, d_lse)
-    row_termb, lseb = _blocked(row_term, nb, block), _blocked(lse, nb, block)
-    heads = jnp.arange(q.shape[1])[:, None]
+def _rows_bwd(block, causal, scale, residuals, cotangents):
+    q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, out, lse = residuals
+    (qb, kb, vb), validb, xs = _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block)
 
-    def step(carry, t):
-        dkb, dvb = carry
-        a, ids, mask = _row_inputs(t, query_blocks, key_blocks, key_used, validb, block=block, causal=causal)
-        keys, values = _gather(kb, ids), _gather(vb, ids)
-        dq, dk, dv = flash_step.attend_grads(
-            flash_step.masked_scores(qb[:, :, a], keys, mask), lseb[:, :, a], row_termb[:, :, a],
-            qb[:, :, a], keys, values, d_outb[:, :, a],
+    def step(grads, row):
+        dqb, dkb, dvb = grads
+        (a, ids, used, kind), out, lse, d_out, d_lse = row
+        d_out = _heads_first(d_out)
+        row_term, lse = backward_row_terms(_heads_first(out), lse, d_out, d_lse)
+        dq, dk, dv = _step_grads(
+            _heads_first(qb[:, a] * scale), _take(kb, ids), _take(vb, ids), d_out.astype(v.dtype), lse, row_term,
+            _row_mask(validb[kind], a, ids, used, block, causal),
         )
-        unflat = lambda x: x.reshape(x.shape[:2] + ids.shape[1:] + (block, x.shape[-1]))
-        dkb = dkb.at[:, heads, ids].add(unflat(dk))
-        dvb = dvb.at[:, heads, ids].add(unflat(dv))
-        return (dkb, dvb), dq
+        return (dqb.at[:, a].add(_heads_first(dq) * scale), _add_blocks(dkb, ids, dk), _add_blocks(dvb, ids, dv)), None
 
-    zeros = jnp.zeros_like(kb)
-    (dkb, dvb), dq = jax.lax.scan(step, (zeros, zeros), jnp.arange(len(query_blocks)))
-    unblock = lambda x: x.reshape(x.shape[:2] + (-1, x.shape[-1]))[:, :, :seq]
-    return (
-        _scatter_rows(dq, query_blocks, nb, seq, 0.0).astype(q.dtype),
-        unblock(dkb).astype(k.dtype),
-        unblock(dvb).astype(v.dtype),
-        None, None, None, None,
-    )
+    # In place across steps. zeros_like: under shard_map they must vary along the axes their inputs do.
+    zeros = tuple(jnp.zeros_like(x, jnp.float32) for x in (qb, kb, vb))
+    (dqb, dkb, dvb), _ = jax.lax.scan(step, zeros, (xs, out, lse, *cotangents))
+    seq = q.shape[1]
+    grads = tuple(_unblock(g, seq).astype(x.dtype) for g, x in ((dqb, q), (dkb, k), (dvb, v)))
+    return grads + (None,) * 5
 
 
-_sparse.defvjp(_sparse_fwd, _sparse_bwd)
+_rows.defvjp(_rows_fwd, _rows_bwd)
 
 
 def sparse_part(q, k, v, key_valid, query_blocks, key_blocks, key_used, block: int, causal: bool):
@@ -226,7 +311,17 @@ def sparse_part(q, k, v, key_valid, query_blocks, key_blocks, key_used, block: i
     number of blocks; key_valid bool `[batch, seq]`; the layout as `key_block_lists` gives it (any
     key-block numbering over this k, v). Rows not in `query_blocks` come out 0, lse `MASK_VALUE`.
     """
-    return _sparse(q, k, v, key_valid, query_blocks, key_blocks, key_used, block, causal)
+    to_bsnd = lambda x: jnp.swapaxes(x, 1, 2)
+    out, lse = _rows(
+        to_bsnd(q), to_bsnd(k), to_bsnd(v), key_valid[None], query_blocks, key_blocks, key_used,
+        jnp.zeros_like(query_blocks), block, causal, 1.0,
+    )
+    nb = q.shape[2] // block
+    # Padded rows of a sharded layout repeat a block; they attend nothing, and that block is unused.
+    out = jnp.zeros((nb,) + out.shape[1:], out.dtype).at[query_blocks].set(out)
+    lse = jnp.full((nb,) + lse.shape[1:], MASK_VALUE, lse.dtype).at[query_blocks].set(lse)
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], -1, *out.shape[-2:])
+    return to_bsnd(out), jnp.moveaxis(lse, 0, 2).reshape(lse.shape[1:3] + (-1,))
 
 
 def global_block_positions(spec: BlockSparseSpec, seq_len: int) -> np.ndarray | None:
@@ -239,6 +334,26 @@ def global_block_positions(spec: BlockSparseSpec, seq_len: int) -> np.ndarray | 
     ).astype(np.int32)
 
 
+def _in_block_order(sparse, global_rows, query_blocks, global_blocks):
+    """`[blocks, ...]` from the sparse blocks' rows (ascending `query_blocks`) and the global blocks' rows."""
+    pieces, start = [], 0
+    for i, g in enumerate(global_blocks):
+        stop = int(np.searchsorted(query_blocks, g))
+        pieces += [sparse[start:stop], global_rows[i:i + 1]]
+        start = stop
+    return jnp.concatenate(pieces + [sparse[start:]])
+
+
+def _merge_rows(out, lse, segment, count: int):
+    """The rows of each segment merged by log-sum-exp (their key sets are disjoint): out `[count, ...]`."""
+    top = jax.lax.stop_gradient(jax.ops.segment_max(lse, segment, count, indices_are_sorted=True))
+    weights = jnp.exp(lse - top[segment])
+    total = jax.ops.segment_sum(weights, segment, count, indices_are_sorted=True)
+    as_out = lambda x: jnp.swapaxes(x, 2, 3)[..., None]  # [.., heads, block] -> [.., block, heads, 1]
+    merged = jax.ops.segment_sum(out * as_out(weights), segment, count, indices_are_sorted=True)
+    return merged / as_out(total)
+
+
 def block_sparse_xla(
     q, k, v, *, spec: BlockSparseSpec, global_mask=None, padding_mask=None, scale=None,
     max_global_tokens=None,
@@ -248,31 +363,45 @@ def block_sparse_xla(
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    b, seq, h, d = q.shape
+    query_blocks, key_blocks, key_used = key_block_lists(spec)
+    global_q, global_k, global_used, segment = _global_row_lists(spec, key_blocks.shape[-1])
+    # The global blocks' rows join the sparse ones in one scan: one set of gradient accumulators,
+    # and the same block-sized dots (a dense pass's backward runs slower on XLA:CPU). They attend
+    # every real key, the sparse rows not the token-level globals (`add_global_tokens` adds those).
+    key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)[None]
+    global_kind = 0
+    if global_mask is not None:
+        all_keys = jnp.ones((b, seq), bool) if padding_mask is None else padding_mask
+        key_valid, global_kind = jnp.concatenate([key_valid, all_keys[None]]), 1
+    row_kind = np.concatenate([np.zeros(len(query_blocks), np.int32), np.full(len(global_q), global_kind, np.int32)])
+    layout = (
+        np.concatenate([query_blocks, global_q]),
+        np.concatenate([key_blocks, global_k], axis=1),
+        np.concatenate([key_used, global_used], axis=1),
+        row_kind,
+    )
+    out, lse = _rows(q, k, v, key_valid, *map(jnp.asarray, layout), spec.block_size, spec.causal, scale)
+    rows = len(query_blocks)
+    globals_out = _merge_rows(out[rows:], lse[rows:], segment, len(spec.global_blocks))
+    if global_mask is None:
+        out = _in_block_order(out[:rows], globals_out, query_blocks, spec.global_blocks)
+        return global_tokens.finish(_unblock(jnp.moveaxis(out, 0, 1), seq), padding_mask, q.dtype)
     to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
     qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
-    b, h, seq, d = qh.shape
-
-    query_blocks, key_blocks, key_used = key_block_lists(spec)
-    sparse_keys = global_tokens.local_key_valid(q, global_mask, padding_mask)
-    if len(query_blocks):
-        part = PartialAttention(
-            *_sparse((qh * scale).astype(qh.dtype), kh, vh, sparse_keys,
-                     *map(jnp.asarray, (query_blocks, key_blocks, key_used)), spec.block_size, spec.causal)
-        )
-    else:  # every block is global
-        part = PartialAttention(
-            jnp.zeros((b, h, seq, d), jnp.float32), jnp.full((b, h, seq), MASK_VALUE)
-        )
-    if global_mask is not None:
-        out = global_tokens.add_global_tokens(
-            part, qh, kh, vh, global_mask=global_mask, global_qkv=None, padding_mask=padding_mask,
-            max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
-        )
-    else:
-        out = part.out
-    rows = global_block_positions(spec, seq)
-    if rows is not None:
-        # Global blocks attend every key: a dense pass over key chunks, written over their rows.
-        global_out = global_tokens.from_queries_at(qh, kh, vh, rows, padding_mask, causal=spec.causal, scale=scale)
-        out = out.at[:, :, rows].set(global_out)
-    return global_tokens.finish(to_bhnd(out), padding_mask, q.dtype)
+    none = lambda x, fill: jnp.full((len(spec.global_blocks),) + x.shape[1:], fill, x.dtype)
+    sparse_out = _in_block_order(out[:rows], none(out, 0.0), query_blocks, spec.global_blocks)
+    sparse_lse = _in_block_order(lse[:rows], none(lse, MASK_VALUE), query_blocks, spec.global_blocks)
+    part = PartialAttention(
+        to_bhnd(_unblock(jnp.moveaxis(sparse_out, 0, 1), seq)),
+        jnp.moveaxis(sparse_lse, 0, 2).reshape(b, h, -1)[..., :seq],
+    )
+    out = to_bhnd(global_tokens.add_global_tokens(
+        part, qh, kh, vh, global_mask=global_mask, global_qkv=None, padding_mask=padding_mask,
+        max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
+    ))
+    positions = global_block_positions(spec, seq)
+    if positions is not None:
+        globals_out = jnp.moveaxis(globals_out, 0, 1).reshape(b, -1, h, d)[:, :len(positions)]
+        out = out.at[:, positions].set(globals_out)
+    return global_tokens.finish(out, padding_mask, q.dtype)
