@@ -21,11 +21,15 @@ stabilisers below choose those constants so exponentials never overflow:
   cannot change the past, not even through underflow (Performer's reference
   implementation takes the key maximum over the whole sequence, which does).
 
-Causal attention is computed chunk by chunk: within a chunk the exact masked
-product of the features, across chunks a carried float32 `[features, head_dim]`
-state and `[features]` normaliser. Features, states and sums are float32
-(float64 for float64 inputs) whatever the input dtype. Gradients are by autodiff, with the stabilisers
-(which cancel exactly) held constant.
+Causal attention takes the chunked form of linear attention: within a chunk
+the exact masked product of the features, across chunks a carried
+`[features, head_dim + 1]` state `phi(K)^T [V, 1]` (the normaliser is its last
+column). A scan step takes several chunks at once, so that chunks can be short
+(the in-chunk products cost `seq * chunk * features`) while the scan takes few
+steps. Features, states and sums are float32 (float64 for float64 inputs)
+whatever the input dtype. Gradients are by autodiff with the stabilisers (which
+cancel exactly) held constant, except through the carried states, whose
+backward pass is written out (`_carried_products`).
 
 Layout inside: `[batch, heads, seq, head_dim]`; projections `[features, head_dim]`
 (shared by heads) or `[heads, features, head_dim]`.
@@ -46,9 +50,13 @@ SCALINGS = ("chi", "sqrt_d")
 # Rows per scan step of the bidirectional passes (256 and 512 were within noise
 # on CPU at seq 16384; 1024 was 40% slower).
 BIDIRECTIONAL_CHUNK = 256
-# Causal chunk length when the caller gives none: on CPU, 256 features, head_dim
-# 64, seq 16384, chunks of 64 and 128 were within noise and 256 was 15% slower.
-DEFAULT_CHUNK_SIZE = 128
+# Causal chunk length when the caller gives none, and rows per scan step of the
+# causal pass (whole chunks, as many as fit). On a 2-core CPU, 256 features,
+# head_dim 64, seq 16384, fwd+bwd: chunks of 32 beat 64 (whose in-chunk products
+# cost twice as much) and 16 (more, smaller matmuls); steps of 64 rows beat 32
+# and 128 by 2-8% and 256 by 10%.
+DEFAULT_CHUNK_SIZE = 32
+CAUSAL_STEP_ROWS = 64
 
 
 def favor_projection(key, num_features: int, head_dim: int, *, orthogonal: bool = True, scaling: str = "chi"):
@@ -132,10 +140,11 @@ def _chunk_key_features(kc, valid_c, stabiliser_c, projection, feature_map, scal
     """
     if feature_map == "relu":
         return relu_features(kc, projection, scale) * valid_c[:, None, :, None]
-    exponent = feature_logits(kc, projection, scale) - stabiliser_c[..., None]
     # Masking the exponent, not the result: an invalid key's exponent may be +huge
-    # (no valid key yet sets the stabiliser), and exp(+huge) * 0 is NaN.
-    return jnp.exp(jnp.where(valid_c[:, None, :, None], exponent, MASK_VALUE))
+    # (no valid key yet sets the stabiliser), and exp(+huge) * 0 is NaN. Masked per key,
+    # by the offset, so the gradient keeps no `[chunk, features]` mask.
+    offset = jnp.where(valid_c[:, None, :], stabiliser_c, -MASK_VALUE)
+    return jnp.exp(feature_logits(kc, projection, scale) - offset[..., None])
 
 
 def _query_features(q_in, normaliser, feature_map):
@@ -154,10 +163,12 @@ def _query_features(q_in, normaliser, feature_map):
     if feature_map == "relu":
         return q_in
     usable = normaliser >= math.sqrt(jnp.finfo(normaliser.dtype).tiny)
-    shifted = jnp.where(usable, q_in + jnp.log(jnp.where(usable, normaliser, 1.0)), -jnp.inf)
+    # Left out by a -inf offset rather than a select, so the gradient keeps no mask.
+    offset = jnp.where(usable, 0.0, -jnp.inf).astype(q_in.dtype)
+    shifted = q_in + jnp.log(jnp.where(usable, normaliser, 1.0)) + offset
     c = jax.lax.stop_gradient(jnp.max(shifted, axis=-1, keepdims=True))
     c = jnp.where(jnp.isfinite(c), c, 0.0)  # a row with no key: every feature unusable
-    return jnp.where(usable, jnp.exp(jnp.where(usable, q_in - c, -jnp.inf)), 0.0)
+    return jnp.exp(q_in - c + offset)
 
 
 def _query_inputs(q, projection, feature_map, scale):
@@ -267,10 +278,77 @@ def _bidirectional(q, k, v, projection, key_valid, feature_map, scale, chunk, co
     return _from_chunks(out, n)
 
 
+@jax.custom_vjp
+def _carried_products(qf, kf, vf, state, decays):
+    """`phi(q_i) E_g` for the rows of each chunk g, and the state leaving the step, `E_group`.
+
+    qf, kf: `[batch, heads, group, chunk, features]`; vf: `[batch, heads, group, chunk, cols]`;
+    state `E_0`: `[batch, heads, features, cols]`; decays: `[batch, heads, group]`, with
+    `E_(g+1) = decays_g E_g + phi(K_g)^T vf_g`. Returns `[batch, heads, group, chunk, cols]` and
+    `E_group`. The backward pass is written out: autodiff of the chain made XLA accumulate the
+    states' cotangents slowly on CPU, and saved a state per chunk where recomputing them costs
+    one matmul. The decays are stabiliser ratios, held constant.
+    """
+    return _carried_products_fwd(qf, kf, vf, state, decays)[0]
+
+
+def _entering_states(kf, vf, state, decays):
+    """`[E_0, .., E_group]` of `_carried_products`."""
+    own_kv = [jnp.einsum("bhcm,bhcd->bhmd", kf[:, :, g], vf[:, :, g]) for g in range(kf.shape[2])]
+    entering = [state]
+    for g, kv in enumerate(own_kv):
+        entering.append(entering[-1] * decays[:, :, g, None, None] + kv)
+    return entering
+
+
+def _carried_products_fwd(qf, kf, vf, state, decays):
+    entering = _entering_states(kf, vf, state, decays)
+    num = jnp.stack([jnp.einsum("bhcm,bhmd->bhcd", qf[:, :, g], e) for g, e in enumerate(entering[:-1])], axis=2)
+    return (num, entering[-1]), (qf, kf, vf, state, decays)
+
+
+def _carried_products_bwd(residuals, cotangents):
+    qf, kf, vf, state, decays = residuals
+    d_num, d_state = cotangents
+    entering = _entering_states(kf, vf, state, decays)
+    d_qf, d_kf, d_vf = [], [], []
+    for g in reversed(range(qf.shape[2])):
+        # d_state is the cotangent of E_(g+1), which is also that of chunk g's own sums.
+        d_kf.append(jnp.einsum("bhcd,bhmd->bhcm", vf[:, :, g], d_state))
+        d_vf.append(jnp.einsum("bhcm,bhmd->bhcd", kf[:, :, g], d_state))
+        d_qf.append(jnp.einsum("bhcd,bhmd->bhcm", d_num[:, :, g], entering[g]))
+        d_state = d_state * decays[:, :, g, None, None] + jnp.einsum("bhcm,bhcd->bhmd", qf[:, :, g], d_num[:, :, g])
+    stack = lambda xs: jnp.stack(xs[::-1], axis=2)
+    return stack(d_qf), stack(d_kf), stack(d_vf), d_state, jnp.zeros_like(decays)
+
+
+_carried_products.defvjp(_carried_products_fwd, _carried_products_bwd)
+
+
+def _row_normalisers(kf, normaliser, to_end, decays, decay, rescale):
+    """Each row's key mass `z_i` `[batch, heads, group, chunk, features]` (in `_causal`'s step),
+    for the query stabiliser only: no gradient. `normaliser`: that of the carried state."""
+    kf = jax.lax.stop_gradient(kf)
+    own = jnp.einsum("bhgc,bhgcm->bhgm", to_end, kf)
+    entering = [normaliser]
+    for g in range(kf.shape[2] - 1):
+        entering.append(entering[-1] * decays[:, :, g, None] + own[:, :, g])
+    entering = jnp.stack(entering, axis=2)[..., None, :]
+    return jax.lax.stop_gradient(decay[..., None] * entering + jnp.einsum("bhgij,bhgjm->bhgim", rescale, kf))
+
+
 def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk, combine: SequenceCombine):
+    """Causal FAVOR+ on `[batch, heads, seq, head_dim]`, `CAUSAL_STEP_ROWS // chunk` chunks per scan step.
+
+    Each step computes its chunks' features and in-chunk products batched over the chunks;
+    only the states entering them are sequential (`_carried_products`).
+    """
     b, h, n, d = q.shape
-    valid = _to_chunks(key_valid[:, None, :], chunk)[:, :, 0]  # [chunks, batch, chunk]
-    keys, values = _to_chunks(k, chunk), _to_chunks(v, chunk)
+    chunk = min(chunk, n)
+    group = max(1, min(CAUSAL_STEP_ROWS // chunk, -(-n // chunk)))
+    rows = group * chunk
+    valid = _to_chunks(key_valid[:, None, :], rows)[:, :, 0]  # [steps, batch, rows]
+    keys, values = _to_chunks(k, rows), _to_chunks(v, rows)
     if feature_map == "relu":
         position_max = combine.own(jnp.zeros((b, h, n), q.dtype))
         block_max = combine.own(jnp.zeros((b, h), q.dtype))
@@ -285,32 +363,44 @@ def _causal(q, k, v, projection, key_valid, feature_map, scale, chunk, combine: 
         # The running max over valid keys up to each position: no later key enters.
         running_max = jax.lax.cummax(jnp.maximum(position_max, init[2][..., None]), axis=2)
 
-    causal_mask = np.tril(np.ones((chunk, chunk), bool))
+    in_chunk = np.tril(np.ones((chunk, chunk), bool))
+    by_chunk = lambda x: x.reshape(x.shape[:2] + (group, chunk) + x.shape[3:])
 
     def step(carry, xs):
-        state, normaliser, prev_max = carry
+        state, prev_max = carry
         qc, kc, vc, valid_c, mc = xs
-        qc = _query_inputs(qc, projection, feature_map, scale)
-        kc = _chunk_key_features(kc, valid_c, mc, projection, feature_map, scale)
-        # Row i rescales every term it sums to its own running max M_i: the carried
-        # state by exp(M_prev - M_i), key j of the chunk by exp(M_j - M_i); both <= 1.
-        decay = jnp.exp(prev_max[..., None] - mc)  # [b, h, chunk]
-        rescale = jnp.where(causal_mask, jnp.exp(jnp.minimum(mc[..., None, :] - mc[..., :, None], 0.0)), 0.0)
-        row_normaliser = decay[..., None] * normaliser[:, :, None, :] + jnp.einsum("bhck,bhkm->bhcm", rescale, kc)
-        qf = _query_features(qc, row_normaliser, feature_map)
-        scores = jnp.einsum("bhcm,bhkm->bhck", qf, kc) * rescale
-        num = jnp.einsum("bhcm,bhmd->bhcd", qf, state) * decay[..., None] + jnp.einsum("bhck,bhkd->bhcd", scores, vc)
-        den = jnp.sum(qf * row_normaliser, axis=-1)
-        new_max = mc[..., -1]
-        carry_decay = jnp.exp(prev_max - new_max)
-        to_end = kc * jnp.exp(mc - new_max[..., None])[..., None]
-        state = state * carry_decay[..., None, None] + jnp.einsum("bhcm,bhcd->bhmd", to_end, vc)
-        normaliser = normaliser * carry_decay[..., None] + jnp.sum(to_end, axis=2)
-        return (state, normaliser, new_max), _safe_divide(num, den)
+        logits = by_chunk(_query_inputs(qc, projection, feature_map, scale))  # [b, h, g, c, m]
+        kf = by_chunk(_chunk_key_features(kc, valid_c, mc, projection, feature_map, scale))
+        vc, mc = by_chunk(vc), by_chunk(mc)
+        # Values as [V, 1]: the normaliser is one more column of every product with them, so
+        # no sum over rows or features is left (reductions were slow on CPU, matmuls are not).
+        vc = jnp.concatenate([vc, jnp.ones(vc.shape[:-1] + (1,), vc.dtype)], axis=-1)
+        # Every sum is kept relative to the running max where it ends: a chunk's at its last
+        # row, the carried state at prev_max. Moving one to a later point scales it by
+        # exp(earlier max - later max) <= 1.
+        ends = mc[..., -1]  # [b, h, g]
+        starts = jnp.concatenate([prev_max[..., None], ends], axis=-1)  # chunk starts, then the step's end
+        to_end = jnp.exp(mc - ends[..., None])  # [b, h, g, c]
+        decays = jnp.exp(starts[..., :-1] - starts[..., 1:])  # [b, h, g]: each chunk's start to its end
+        # Row i of chunk g rescales its chunk's entering state by exp(start_g - M_i) and key j
+        # of its own chunk by exp(M_j - M_i); both <= 1.
+        decay = jnp.exp(starts[..., :group, None] - mc)  # [b, h, g, c]
+        rescale = jnp.where(in_chunk, jnp.exp(jnp.minimum(mc[..., None, :] - mc[..., :, None], 0.0)), 0.0)
+        if feature_map == "relu":
+            qf = logits
+        else:
+            row_normaliser = _row_normalisers(kf, state[..., -1], to_end, decays, decay, rescale)
+            qf = _query_features(logits, row_normaliser, feature_map)
+        scores = jnp.einsum("bhgim,bhgjm->bhgij", qf, kf) * rescale
+        carried, state = _carried_products(qf, kf, vc * to_end[..., None], state, decays)
+        both = carried * decay[..., None] + jnp.einsum("bhgij,bhgjd->bhgid", scores, vc)
+        out = _safe_divide(both[..., :-1], both[..., -1]).reshape(both.shape[:2] + (rows, d))
+        return (state, starts[..., group]), out
 
     # Padded positions hold no key; repeating the last running max keeps every decay <= 1.
-    xs = (_to_chunks(q, chunk), keys, values, valid, _to_chunks(running_max, chunk, mode="edge"))
-    _, out = jax.lax.scan(step, init, xs)
+    xs = (_to_chunks(q, rows), keys, values, valid, _to_chunks(running_max, rows, mode="edge"))
+    state, normaliser, max_before = init
+    _, out = jax.lax.scan(step, (jnp.concatenate([state, normaliser[..., None]], axis=-1), max_before), xs)
     return _from_chunks(out, n)
 
 

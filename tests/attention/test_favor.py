@@ -12,6 +12,7 @@ import pytest
 
 from kernels_pallas.favor import GpuBlockSizes, TpuBlockSizes
 from longjax.attention import dense_attention, favor_attention, favor_projection
+from longjax.attention import favor as favor_lib
 from tests.attention import battery
 
 IMPLEMENTATIONS = [
@@ -45,6 +46,8 @@ CASES = {
     "causal_chunk_1": ((1, 17, 2, 8), dict(causal=True, chunk_size=1)),
     "causal_chunk_not_dividing": ((1, 29, 2, 8), dict(causal=True, chunk_size=6)),
     "causal_chunk_longer_than_seq": ((1, 11, 2, 8), dict(causal=True, chunk_size=64)),
+    # Several chunks per XLA scan step and several steps, the last one part padding.
+    "causal_several_steps": ((1, 300, 2, 8), dict(causal=True, chunk_size=24, padding=(290,))),
     "padding_with_empty_row": ((3, 21, 2, 8), dict(padding=(21, 9, 0))),
     "causal_padding": ((3, 21, 2, 8), dict(causal=True, chunk_size=4, padding=(21, 9, 0))),
     "relu": ((2, 23, 2, 8), dict(feature_map="relu")),
@@ -103,6 +106,25 @@ def test_causal_output_ignores_the_future(implementation, chunk_size):
     changed = run(q2, k2, v2)
     np.testing.assert_allclose(changed[:, : cut + 1], base[:, : cut + 1], rtol=1e-6, atol=1e-6)
     assert np.all(np.isfinite(changed))
+
+
+def test_causal_xla_output_ignores_the_future_across_scan_steps():
+    """As above, but bitwise, with the cut inside a chunk of the second of three XLA scan steps of
+    several chunks each: neither the carried state nor the in-step states let the future in.
+    Doubling the future raises the largest key logit, so a stabiliser taken over the whole
+    sequence would move earlier outputs (by about 2e-7 here)."""
+    rows, chunk = favor_lib.CAUSAL_STEP_ROWS, 8
+    seq, cut = 2 * rows + 3 * chunk + 5, rows + 3 * chunk + 2
+    assert rows % chunk == 0 and rows > 2 * chunk
+    q, k, v = battery.random_inputs(22, (1, seq, 2, 8), jnp.float32, 3)
+    projection = _projection(2, 64, 8)
+    run = jax.jit(lambda q, k, v: favor_attention(
+        q, k, v, projection=projection, causal=True, chunk_size=chunk, impl="xla"
+    ))
+    future = jnp.arange(seq)[None, :, None, None] > cut
+    base, changed = run(q, k, v), run(*(jnp.where(future, x * 2.0, x) for x in (q, k, v)))
+    np.testing.assert_array_equal(changed[:, : cut + 1], base[:, : cut + 1])
+    assert np.abs(changed[:, cut + 1 :] - base[:, cut + 1 :]).max() > 0.1
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
