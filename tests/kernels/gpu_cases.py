@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from kernels_pallas import gpu_resources
 from kernels_pallas.gpu_resources import TRITON_CALL
 from longjax.attention import block_sparse_attention, favor_attention, sliding_window_attention
 
@@ -86,3 +87,29 @@ def exported_gradient(op: str, dtype: str, head_dim: int) -> str:
             jax.jit(program), platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
         )(x, x, x, mask, projection)
     return exported.mlir_module()
+
+
+def export_kernels(module_text: str) -> list:
+    """The distinct Triton kernels of a CUDA export; skips the calling test where it carries no Triton IR."""
+    import pytest
+
+    try:
+        kernels = gpu_resources.triton_kernels(module_text)
+    except (ValueError, ImportError) as e:
+        # jaxlib >= 0.11 compiles Triton while lowering (a GPU is needed), and may not carry the
+        # private Triton dialect bindings this reads with: no IR to check here.
+        pytest.skip(f"no Triton IR in the CUDA export with jax {jax.__version__}: {e}")
+    return list({kernel.ir: kernel for kernel in kernels}.values())
+
+
+def hopper_problems(kernels) -> list[str]:
+    """Each kernel compiled for sm_90: what does not fit (shared memory, spills), one line each.
+
+    A matmul that misses the tensor cores fails the calling test at once.
+    """
+    report = []
+    for kernel in kernels:
+        resources = gpu_resources.compile_for_hopper(kernel)
+        assert resources.tensor_core_dots > 0, f"{kernel.name}: no matmul reached the tensor cores"
+        report += [f"{kernel.name} ({resources.programs} programs): {p}" for p in resources.problems()]
+    return report

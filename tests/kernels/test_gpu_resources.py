@@ -10,10 +10,8 @@ as a table.
 
 from __future__ import annotations
 
-import jax
 import pytest
 
-from kernels_pallas import gpu_resources
 from tests.kernels import gpu_cases
 
 # The `gpu-check` extra pins it; CI installs it, so this only skips outside CI's environment.
@@ -26,26 +24,12 @@ CASES = [
 
 
 def _kernels(op, dtype, head_dim):
-    try:
-        kernels = gpu_resources.triton_kernels(gpu_cases.exported_gradient(op, dtype, head_dim))
-    except (ValueError, ImportError) as e:
-        # jaxlib >= 0.11 compiles Triton while lowering (a GPU is needed), and may not carry the
-        # private Triton dialect bindings this reads with: no IR to check here.
-        pytest.skip(f"no Triton IR in the CUDA export with jax {jax.__version__}: {e}")
-    unique = {}
-    for kernel in kernels:
-        unique.setdefault(kernel.ir, kernel)
-    return list(unique.values())
+    return gpu_cases.export_kernels(gpu_cases.exported_gradient(op, dtype, head_dim))
 
 
 @pytest.mark.parametrize("op,dtype,head_dim", CASES)
 def test_kernels_fit_hopper(op, dtype, head_dim):
-    report = []
-    for kernel in _kernels(op, dtype, head_dim):
-        resources = gpu_resources.compile_for_hopper(kernel)
-        assert resources.tensor_core_dots > 0, f"{kernel.name}: no matmul reached the tensor cores"
-        for problem in resources.problems():
-            report.append(f"{kernel.name} ({resources.programs} programs): {problem}")
+    report = gpu_cases.hopper_problems(_kernels(op, dtype, head_dim))
     assert not report, "\n".join(report)
 
 
