@@ -266,7 +266,12 @@ _BLOCK_SPARSE_IMPLS: Mapping[str, Callable] = types.MappingProxyType(
 )
 
 
-def _block_sparse_xla_sharded(q, k, v, **kwargs):
+def _block_sparse_xla_sharded(q, k, v, *, relative, **kwargs):
+    if relative is not None:
+        raise NotImplementedError(
+            "block_sparse_attention computes relative positions (relative=) only unsharded; with "
+            "sequence_axis, add them as head features (model.relative_positions='features')"
+        )
     return sequence_parallel.block_sparse_sharded(q, k, v, **kwargs)
 
 
@@ -299,6 +304,7 @@ def block_sparse_attention(
     block_sizes=None,
     impl: Implementation | None = None,
     sequence_axis: str | None = None,
+    relative: relative_lib.RelativePositions | None = None,
 ):
     """BigBird attention: window, global and random key blocks.
 
@@ -340,6 +346,12 @@ def block_sparse_attention(
         block_size times its size): each device fetches only the key blocks
         its rows attend that others hold (window, random and global blocks).
         impl='xla' only.
+      relative: None, or `RelativePositions(queries, embeddings)`: Transformer-XL
+        relative positions computed in the op, the score of (i, j) gaining
+        `scale * queries_i . r_{i-j}` (see `longjax.attention.relative`). Random
+        and global blocks reach any offset, so the embeddings must cover
+        offsets up to seq - 1. impl='xla' and 'reference'; not with global_mask
+        or sequence_axis.
 
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype.
@@ -370,6 +382,13 @@ def block_sparse_attention(
     arguments.check_scale(scale)
     arguments.check_max_global_tokens(max_global_tokens, seq)
     arguments.check_kernel_options(interpret, block_sizes)
+    relative_lib.check_relative(relative, q, reach=max(seq - 1, 0))
+    if relative is not None and global_mask is not None:
+        raise NotImplementedError(
+            "relative with global_mask: token-level global tokens are attended outside the block "
+            "layout, where the op computes no position term; add the positions as head features "
+            "instead (model.relative_positions='features', longjax.models.positions.txl_relative_qkv)"
+        )
     return _dispatch(
         "block_sparse_attention",
         table,
@@ -382,6 +401,7 @@ def block_sparse_attention(
         max_global_tokens=max_global_tokens,
         interpret=interpret,
         block_sizes=block_sizes,
+        relative=relative,
         **extra,
     )
 

@@ -13,6 +13,13 @@ flash-attention step (`flash_step.py`); the backward pass recomputes it and
 adds dq, dk, dv into float32 accumulators in place. Token-level global
 tokens go through `global_tokens.py`. Nothing is `seq x seq`.
 
+Transformer-XL relative positions (`relative.py`) enter a row as one product
+per key block, `[block, 2 * block - 1]`, with the embeddings of the offsets
+that block can have (random and global blocks reach any offset, so the table
+covers the whole sequence), then the relative shift into the block's keys;
+the backward pass adds the table's gradient into a float32 accumulator in
+place.
+
 Layout inside: `[batch, seq, heads, head_dim]`, the public one, blocked as
 `[batch, blocks, block, heads, head_dim]` (a reshape, not a copy); per-row
 results stay in row order, `[rows, batch, block, heads, ...]`, until the end.
@@ -29,6 +36,7 @@ import numpy as np
 
 from kernels_pallas.common import MASK_VALUE, backward_row_terms
 from longjax.attention import arguments, flash_step, global_tokens
+from longjax.attention import relative as relative_lib
 from longjax.attention.partial_softmax import PartialAttention
 from longjax.attention.specs import BlockSparseSpec
 
@@ -217,6 +225,48 @@ def _row_mask(validb, a, ids, used, block: int, causal: bool):
     return mask
 
 
+def _offset_index(embeddings, a, ids, block: int):
+    """int32 `[heads, n, 2 * block - 1]`: the table rows of the offsets query block a can have with its
+    key blocks `ids` `[heads, n]`, descending (`relative.skew`'s order).
+
+    Key block `ids[h, i]` holds the offsets `(a - ids[h, i]) * block + block - 1` down to
+    `(a - ids[h, i]) * block - (block - 1)`. Offsets past the table (padding's, which are masked) are
+    clipped to its ends.
+    """
+    max_offset = (embeddings.shape[0] - 1) // 2
+    first = max_offset + (a - ids) * block + block - 1
+    return jnp.clip(first[..., None] - jnp.arange(2 * block - 1), 0, embeddings.shape[0] - 1)
+
+
+def _by_offset(rel_blk, embeddings, index):
+    """The position queries of a block `[batch, block, heads, d]` against the rows `index` of each
+    head: float32 `[batch, heads, n, block, 2 * block - 1]`, and the rows `[heads, n, 2 * block - 1, d]`."""
+    rows = embeddings[index, jnp.arange(index.shape[0])[:, None, None]]
+    return jnp.einsum("bqhd,hnwd->bhnqw", rel_blk, rows, preferred_element_type=jnp.float32), rows
+
+
+def _relative_scores(by_offset, block: int):
+    """`_by_offset`'s terms placed at their keys: float32 `[batch, heads, block, n * block]`.
+
+    Key s of block i, row r, has offset `(a - id) * block + r - s`: column `s - r + block - 1`.
+    """
+    skewed = relative_lib.skew(by_offset, shift=block - 1, span=block)  # [b, h, n, block, block]
+    b, h, n = skewed.shape[:3]
+    return jnp.swapaxes(skewed, 2, 3).reshape(b, h, block, n * block)
+
+
+def _relative_grads(d_scores, by_offset_inputs, block: int):
+    """Gradients of the position queries `[batch, block, heads, d]` and of the rows `[heads, n, W, d]`
+    (float32) from the scores' `[batch, heads, block, n * block]` (the transpose of `_relative_scores`)."""
+    rel_blk, rows = by_offset_inputs
+    b, h, _, keys = d_scores.shape
+    d_skewed = jnp.swapaxes(d_scores.reshape(b, h, block, keys // block, block), 2, 3)
+    d_by_offset = relative_lib.unskew(d_skewed, shift=block - 1, width=2 * block - 1).astype(rel_blk.dtype)
+    d_rel_blk = jnp.einsum("bhnqw,hnwd->bqhd", d_by_offset, rows, preferred_element_type=jnp.float32)
+    d_rows = jnp.einsum("bhnqw,bqhd->hnwd", d_by_offset, rel_blk, preferred_element_type=jnp.float32)
+    return d_rel_blk, d_rows
+
+
 def _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block):
     """q, k, v and key_valid blocked, and the layout as scan inputs, one row a step."""
     nb = -(-q.shape[1] // block)
@@ -226,13 +276,18 @@ def _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind
     return blocked, validb, xs
 
 
-def _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale):
+def _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, block, causal, scale):
     (qb, kb, vb), validb, xs = _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block)
+    relb = None if relative is None else _blocks(relative[0], qb.shape[1], block)
 
     def step(_, row):
         a, ids, used, kind = row
         mask = _row_mask(validb[kind], a, ids, used, block, causal)
-        scores = flash_step.masked_scores(_heads_first(qb[:, a] * scale), _take(kb, ids), mask)
+        bias = None
+        if relb is not None:
+            by_offset, _ = _by_offset(relb[:, a] * scale, relative[1], _offset_index(relative[1], a, ids, block))
+            bias = _relative_scores(by_offset, block)
+        scores = flash_step.masked_scores(_heads_first(qb[:, a] * scale), _take(kb, ids), mask, bias=bias)
         out, lse = flash_step.attend(scores, _take(vb, ids))
         return None, (_heads_first(out), lse)
 
@@ -240,65 +295,93 @@ def _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_ki
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _rows(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _rows(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, block, causal, scale):
     """Each row's attention, float32: out `[rows, batch, block, heads, d]`, lse `[rows, batch, heads, block]`.
 
     q, k, v: `[batch, seq, heads, head_dim]`; key_valid: bool `[kinds, batch, seq]`, row r using
     `key_valid[row_kind[r]]`; the rows as `key_block_lists` gives them (a query block may have several
-    rows); scale multiplies the queries. Results stay per row, in row order, so the backward pass
-    reads each row's out, lse and cotangents as one contiguous slice.
+    rows); relative: None, or (position queries like q, embeddings `[2 * max_offset + 1, heads,
+    head_dim]` covering every offset of the sequence), as `relative.RelativePositions`; scale
+    multiplies the queries and the position queries. Results stay per row, in row order, so the
+    backward pass reads each row's out, lse and cotangents as one contiguous slice.
     """
-    return _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale)
+    return _rows_forward(
+        q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, block, causal, scale
+    )
 
 
-def _rows_fwd(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale):
-    out, lse = _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block, causal, scale)
-    return (out, lse), (q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, out, lse)
+def _rows_fwd(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, block, causal, scale):
+    out, lse = _rows_forward(
+        q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, block, causal, scale
+    )
+    return (out, lse), (q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, out, lse)
 
 
 def _dot(subscripts: str, a, b):
     return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
 
 
-def _step_grads(q_blk, keys, values, d_out, lse, row_term, mask):
-    """dq `[.., block, d]`, dk and dv `[.., keys, d]` (float32) of one query block against its keys.
+def _step_grads(q_blk, keys, values, d_out, lse, row_term, mask, bias=None):
+    """dq `[.., block, d]`, dk and dv `[.., keys, d]` (float32) of one query block against its keys, and
+    the scores' gradients `[.., block, keys]` (in the keys' dtype). bias: the position term, float32
+    `[.., block, keys]`, or None.
 
     Scores are recomputed key-major, `[.., keys, block]`: XLA:CPU sends a dot to its fast library
     only when the left operand contracts its last axis, so dk and dv (which contract over queries)
     need the key-major probabilities, and dq the query-major ones, one transposed copy of d_scores
     (the barrier keeps XLA from folding the transpose back into the dot).
     """
-    scores = jnp.where(jnp.swapaxes(mask, -1, -2), _dot("bhkd,bhqd->bhkq", keys, q_blk), MASK_VALUE)
+    scores = _dot("bhkd,bhqd->bhkq", keys, q_blk)
+    if bias is not None:
+        scores = scores + jnp.swapaxes(bias, -1, -2)
+    scores = jnp.where(jnp.swapaxes(mask, -1, -2), scores, MASK_VALUE)
     probs = jnp.exp(scores - lse[..., None, :])
     d_scores = probs * (_dot("bhkd,bhqd->bhkq", values, d_out) + row_term[..., None, :])
     dk = _dot("bhkq,bhqd->bhkd", d_scores.astype(q_blk.dtype), q_blk)
     dv = _dot("bhkq,bhqd->bhkd", probs.astype(d_out.dtype), d_out)
     d_scores = jax.lax.optimization_barrier(jnp.swapaxes(d_scores, -1, -2).astype(keys.dtype))
-    return _dot("bhqk,bhkd->bhqd", d_scores, keys), dk, dv
+    return _dot("bhqk,bhkd->bhqd", d_scores, keys), dk, dv, d_scores
 
 
 def _rows_bwd(block, causal, scale, residuals, cotangents):
-    q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, out, lse = residuals
+    q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, relative, out, lse = residuals
     (qb, kb, vb), validb, xs = _rows_setup(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_kind, block)
+    relb = None if relative is None else _blocks(relative[0], qb.shape[1], block)
 
     def step(grads, row):
-        dqb, dkb, dvb = grads
+        dqb, dkb, dvb, d_rel = grads
         (a, ids, used, kind), out, lse, d_out, d_lse = row
         d_out = _heads_first(d_out)
         row_term, lse = backward_row_terms(_heads_first(out), lse, d_out, d_lse)
-        dq, dk, dv = _step_grads(
+        bias = None
+        if relb is not None:
+            index = _offset_index(relative[1], a, ids, block)
+            rel_blk = relb[:, a] * scale
+            by_offset, rows = _by_offset(rel_blk, relative[1], index)
+            bias = _relative_scores(by_offset, block)
+        dq, dk, dv, d_scores = _step_grads(
             _heads_first(qb[:, a] * scale), _take(kb, ids), _take(vb, ids), d_out.astype(v.dtype), lse, row_term,
-            _row_mask(validb[kind], a, ids, used, block, causal),
+            _row_mask(validb[kind], a, ids, used, block, causal), bias,
         )
-        return (dqb.at[:, a].add(_heads_first(dq) * scale), _add_blocks(dkb, ids, dk), _add_blocks(dvb, ids, dv)), None
+        if relb is not None:
+            d_rel_blk, d_rows = _relative_grads(d_scores, (rel_blk, rows), block)
+            d_relb, d_table = d_rel
+            heads = jnp.arange(index.shape[0])[:, None, None]
+            d_rel = (d_relb.at[:, a].add(d_rel_blk * scale), d_table.at[index, heads].add(d_rows))
+        grads = (dqb.at[:, a].add(_heads_first(dq) * scale), _add_blocks(dkb, ids, dk), _add_blocks(dvb, ids, dv))
+        return grads + (d_rel,), None
 
     # In place across steps. zeros_like: under shard_map they must vary along the axes their inputs do.
     zeros = tuple(jnp.zeros_like(x, jnp.float32) for x in (qb, kb, vb))
-    (dqb, dkb, dvb), _ = jax.lax.scan(step, zeros, (xs, out, lse, *cotangents))
+    d_rel0 = None if relb is None else (jnp.zeros_like(relb, jnp.float32), jnp.zeros_like(relative[1], jnp.float32))
+    (dqb, dkb, dvb, d_rel), _ = jax.lax.scan(step, zeros + (d_rel0,), (xs, out, lse, *cotangents))
     seq = q.shape[1]
     grads = tuple(_unblock(g, seq).astype(x.dtype) for g, x in ((dqb, q), (dkb, k), (dvb, v)))
-    return grads + (None,) * 5
+    d_relative = None
+    if relative is not None:
+        d_relative = (_unblock(d_rel[0], seq).astype(relative[0].dtype), d_rel[1].astype(relative[1].dtype))
+    return grads + (None,) * 5 + (d_relative,)
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)
@@ -314,7 +397,7 @@ def sparse_part(q, k, v, key_valid, query_blocks, key_blocks, key_used, block: i
     to_bsnd = lambda x: jnp.swapaxes(x, 1, 2)
     out, lse = _rows(
         to_bsnd(q), to_bsnd(k), to_bsnd(v), key_valid[None], query_blocks, key_blocks, key_used,
-        jnp.zeros_like(query_blocks), block, causal, 1.0,
+        jnp.zeros_like(query_blocks), None, block, causal, 1.0,
     )
     nb = q.shape[2] // block
     # Padded rows of a sharded layout repeat a block; they attend nothing, and that block is unused.
@@ -356,11 +439,14 @@ def _merge_rows(out, lse, segment, count: int):
 
 def block_sparse_xla(
     q, k, v, *, spec: BlockSparseSpec, global_mask=None, padding_mask=None, scale=None,
-    max_global_tokens=None,
+    max_global_tokens=None, relative=None,
 ):
     """BigBird attention in pure JAX; arguments as `longjax.attention.block_sparse_attention`.
 
-    `max_global_tokens` must already be resolved to an int when `global_mask` is given.
+    `max_global_tokens` must already be resolved to an int when `global_mask` is given. With
+    `relative` (a `RelativePositions` covering offsets up to seq - 1; not with global_mask), each
+    row adds the position term of its key blocks: for each key block the `2 * block - 1` offsets it
+    can have, then Transformer-XL's relative shift (`relative.skew`).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     b, seq, h, d = q.shape
@@ -381,7 +467,10 @@ def block_sparse_xla(
         np.concatenate([key_used, global_used], axis=1),
         row_kind,
     )
-    out, lse = _rows(q, k, v, key_valid, *map(jnp.asarray, layout), spec.block_size, spec.causal, scale)
+    if relative is not None and global_mask is not None:
+        raise NotImplementedError("relative with global_mask: see block_sparse_attention")
+    rel = None if relative is None else (relative.queries, relative.embeddings)
+    out, lse = _rows(q, k, v, key_valid, *map(jnp.asarray, layout), rel, spec.block_size, spec.causal, scale)
     rows = len(query_blocks)
     globals_out = _merge_rows(out[rows:], lse[rows:], segment, len(spec.global_blocks))
     if global_mask is None:

@@ -31,13 +31,16 @@ def stack_blocks(ys, seq: int):
     return ys.reshape(ys.shape[:2] + (-1,) + ys.shape[4:])[:, :, :seq]
 
 
-def masked_scores(q_blk, keys, mask):
+def masked_scores(q_blk, keys, mask, bias=None):
     """float32 `[batch, heads, block, keys]`, `MASK_VALUE` where mask is False.
 
     Queries come pre-multiplied by the score scale: that is one multiply per
     query element instead of one per score, in the forward and backward steps.
+    bias: None, or float32 scores to add (already scaled), shaped like the result.
     """
     scores = jnp.einsum("bhqd,bhkd->bhqk", q_blk, keys, preferred_element_type=jnp.float32)
+    if bias is not None:
+        scores = scores + bias
     return jnp.where(mask, scores, MASK_VALUE)
 
 

@@ -260,13 +260,20 @@ def sliding_window_pallas(
 
 def block_sparse_pallas(
     q, k, v, *, spec: BlockSparseSpec, global_mask=None, padding_mask=None, scale=None, max_global_tokens=None,
-    interpret=None, block_sizes=None,
+    interpret=None, block_sizes=None, relative=None,
 ):
     """BigBird attention on the block-sparse flash kernels; arguments as
     `longjax.attention.block_sparse_attention`.
 
-    `max_global_tokens` must already be resolved to an int when `global_mask` is given.
+    `max_global_tokens` must already be resolved to an int when `global_mask` is given. The kernels
+    take the position term only as a banded bias (the sliding window's); BigBird's random and
+    global blocks reach any offset, so `relative` is refused.
     """
+    if relative is not None:
+        raise NotImplementedError(
+            "impl='pallas' BigBird does not compute relative positions (relative=): its random and global "
+            "blocks reach any offset, past the kernels' banded bias; impl='xla' does"
+        )
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

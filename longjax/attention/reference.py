@@ -78,7 +78,7 @@ def sliding_window_reference(
     return out
 
 
-def block_sparse_reference(q, k, v, *, spec, global_mask=None, padding_mask=None, scale=None):
+def block_sparse_reference(q, k, v, *, spec, global_mask=None, padding_mask=None, scale=None, relative=None):
     """BigBird attention through `dense_attention` and `masks.block_sparse_mask`."""
     mask = masks.block_sparse_mask(
         q.shape[1],
@@ -90,7 +90,7 @@ def block_sparse_reference(q, k, v, *, spec, global_mask=None, padding_mask=None
         global_mask=global_mask,
         padding_mask=padding_mask,
     )
-    return dense_attention(q, k, v, mask, scale=scale)
+    return dense_attention(q, k, v, mask, scale=scale, relative=relative)
 
 
 def favor_reference(q, k, v, *, projection, feature_map, causal=False, padding_mask=None, scale=None):

@@ -49,6 +49,14 @@ def random_inputs(seed: int, shape, dtype, count: int):
     return tuple(jax.random.normal(k, shape, jnp.float32).astype(dtype) for k in keys)
 
 
+def relative_inputs(seed: int, shape, dtype, *, max_offset: int):
+    """Transformer-XL position inputs for q of `shape`: position queries shaped like q and a table
+    of `2 * max_offset + 1` offset embeddings (`relative.RelativePositions`)."""
+    queries, = random_inputs(seed, shape, dtype, 1)
+    table, = random_inputs(seed + 1, (2 * max_offset + 1,) + tuple(shape[2:]), dtype, 1)
+    return queries, table
+
+
 def value_and_grads(fn, arrays, cotangent):
     """Output of `fn(*arrays)` and the gradients of `sum(out * cotangent)` wrt every array."""
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes, dot_operand_dtype
-from longjax.attention import bigbird_random_layout, block_sparse_attention
+from longjax.attention import RelativePositions, bigbird_random_layout, block_sparse_attention
 from tests.attention import battery
 
 # Each entry: (impl, extra options). A Pallas implementation joins here.
@@ -63,6 +63,14 @@ CASES = {
     "global_mask_in_global_blocks": (
         (2, 40, 2, 8), dict(block_size=4, global_mask=((1, 22), (13, 37)), padding=(40, 38))
     ),
+    # Transformer-XL relative positions (impl='xla' and the reference): `relative=n` gives a table n
+    # offsets wider than the sequence's reach, seq - 1. Random and global blocks reach any offset.
+    "relative": ((2, 48, 2, 8), dict(block_size=4, relative=0)),
+    "relative_causal_padding": ((2, 41, 2, 8), dict(block_size=4, causal=True, padding=(41, 30), relative=3)),
+    "relative_given_layout_seq_not_multiple": (
+        (1, 45, 2, 8), dict(block_size=6, random_layout=_given_layout(2, 8, 3), global_blocks=(2,), relative=1)
+    ),
+    "relative_single_block": ((1, 5, 2, 8), dict(block_size=8, relative=0)),
 }
 
 # The Mosaic defaults on BigBird blocks shorter than them: 128-position kernel blocks spanning
@@ -86,9 +94,17 @@ def _build(case, dtype, cases=CASES):
     if "padding" in options:
         options["padding_mask"] = battery.padding_mask(batch, seq, options.pop("padding"))
     arrays = battery.random_inputs(sum(map(ord, case)), shape, dtype, 3)
+    extra_offsets = options.pop("relative", None)
+    if extra_offsets is None:
+        return arrays, lambda impl, extra: functools.partial(block_sparse_attention, impl=impl, **options, **extra)
+    arrays += battery.relative_inputs(sum(map(ord, case)) + 7, shape, dtype, max_offset=seq - 1 + extra_offsets)
 
     def make(impl, extra):
-        return functools.partial(block_sparse_attention, impl=impl, **options, **extra)
+        def fn(q, k, v, queries, embeddings):
+            relative = RelativePositions(queries, embeddings)
+            return block_sparse_attention(q, k, v, impl=impl, relative=relative, **options, **extra)
+
+        return fn
 
     return arrays, make
 
@@ -185,6 +201,14 @@ def test_no_seq_by_seq_array_in_xla_program():
     grad = jax.grad(lambda q, k, v, g, p: jnp.sum(fn(q, k, v, g, p)), (0, 1, 2))
     for f in (fn, grad):
         assert f"{seq}x{seq}" not in jax.jit(f).lower(q, q, q, mask, mask).as_text()
+    # Nor with relative positions, whose table spans every offset.
+    table = jax.ShapeDtypeStruct((2 * seq - 1, 2, 16), jnp.float32)
+    rel = lambda q, k, v, p, r, e: block_sparse_attention(
+        q, k, v, block_size=64, padding_mask=p, relative=RelativePositions(r, e), impl="xla"
+    )
+    rel_grad = jax.grad(lambda *xs: jnp.sum(rel(*xs)), (0, 1, 2, 4, 5))
+    for f in (rel, rel_grad):
+        assert f"{seq}x{seq}" not in jax.jit(f).lower(q, q, q, mask, q, table).as_text()
 
 
 # --- the random layout generator -------------------------------------------------------------
@@ -303,3 +327,42 @@ def test_layout_generator_rejects_bad_arguments():
         bigbird_random_layout(8, 1, 1, num_window_blocks=4)
     with pytest.raises(ValueError, match="global_blocks"):
         bigbird_random_layout(8, 1, 1, global_blocks=(9,))
+
+
+# --- Transformer-XL relative positions -------------------------------------------------------
+
+
+def _relative(shape, max_offset):
+    return RelativePositions(*battery.relative_inputs(3, shape, jnp.float32, max_offset=max_offset))
+
+
+def test_relative_table_must_reach_every_offset_of_the_sequence():
+    q = jnp.ones((1, 20, 2, 8))
+    # A query's random or global blocks may be anywhere: the table covers seq - 1 = 19 offsets.
+    with pytest.raises(ValueError, match=r"relative.embeddings covers offsets up to 18.*up to 19"):
+        block_sparse_attention(q, q, q, block_size=4, relative=_relative(q.shape, 18), impl="xla")
+    with pytest.raises(ValueError, match=r"relative.queries must have q's shape"):
+        block_sparse_attention(q, q, q, block_size=4, relative=RelativePositions(q[:, :8], _relative(q.shape, 19)[1]))
+
+
+def test_relative_is_refused_where_it_is_not_computed():
+    q = jnp.ones((1, 16, 2, 8))
+    relative = _relative(q.shape, 15)
+    global_mask = battery.token_mask(1, 16, ((3,),))
+    for impl in ("xla", "pallas", "reference"):
+        with pytest.raises(NotImplementedError, match="relative with global_mask"):
+            block_sparse_attention(q, q, q, block_size=4, global_mask=global_mask, relative=relative, impl=impl)
+    with pytest.raises(NotImplementedError, match="impl='pallas' BigBird does not compute relative positions"):
+        block_sparse_attention(q, q, q, block_size=4, relative=relative, impl="pallas", interpret=True)
+    with jax.set_mesh(jax.make_mesh((1,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))):
+        with pytest.raises(NotImplementedError, match="relative positions .relative=. only unsharded"):
+            block_sparse_attention(q, q, q, block_size=4, relative=relative, impl="xla", sequence_axis="sequence")
+
+
+def test_relative_changes_the_output():
+    """The position term reaches the result (a battery that dropped it would still need this to fail)."""
+    q, k, v = battery.random_inputs(5, (1, 24, 2, 8), jnp.float32, 3)
+    relative = _relative(q.shape, 23)
+    plain = block_sparse_attention(q, k, v, block_size=4, impl="xla")
+    with_positions = block_sparse_attention(q, k, v, block_size=4, relative=relative, impl="xla")
+    assert float(jnp.abs(with_positions - plain).max()) > 0.1

@@ -71,13 +71,6 @@ CASES = {
 }
 
 
-def relative_inputs(seed: int, shape, dtype, *, max_offset: int):
-    """Position queries shaped like q and a table of `2 * max_offset + 1` offset embeddings."""
-    queries, = battery.random_inputs(seed, shape, dtype, 1)
-    table, = battery.random_inputs(seed + 1, (2 * max_offset + 1,) + shape[2:], dtype, 1)
-    return queries, table
-
-
 def _build(case: str, dtype):
     """Returns (arrays, fn(impl, options) -> callable on arrays, reference callable)."""
     shape, options = CASES[case]
@@ -92,7 +85,7 @@ def _build(case: str, dtype):
     arrays = battery.random_inputs(hash(case) % 1000, shape, dtype, 6 if separate else 3)
     if extra_offsets is not None:
         spec_reach = sliding_window_reach(*_window_sides(options), options.get("dilation", (1,)), seq)
-        arrays += relative_inputs(hash(case) % 1000 + 7, shape, dtype, max_offset=spec_reach + extra_offsets)
+        arrays += battery.relative_inputs(hash(case) % 1000 + 7, shape, dtype, max_offset=spec_reach + extra_offsets)
 
     def make(impl, extra):
         def fn(q, k, v, *rest):
@@ -200,7 +193,7 @@ def test_property_matches_reference(problem):
     shape = (batch, seq, heads, 4)
     q, k, v = battery.random_inputs(seed, shape, jnp.float32, 3)
     if relative_offsets is not None:
-        options["relative"] = RelativePositions(*relative_inputs(seed + 3, shape, jnp.float32, max_offset=relative_offsets))
+        options["relative"] = RelativePositions(*battery.relative_inputs(seed + 3, shape, jnp.float32, max_offset=relative_offsets))
     fast = functools.partial(sliding_window_attention, impl="xla", block_size=block_size, **options)
     ref = functools.partial(sliding_window_attention, impl="reference", **options)
     battery.assert_matches_reference(fast, ref, (q, k, v), check_grads=False)
@@ -208,7 +201,7 @@ def test_property_matches_reference(problem):
 
 def test_relative_table_shorter_than_the_window_is_an_error_naming_it():
     q, k, v = battery.random_inputs(0, (1, 20, 2, 4), jnp.float32, 3)
-    relative = RelativePositions(*relative_inputs(1, q.shape, jnp.float32, max_offset=5))
+    relative = RelativePositions(*battery.relative_inputs(1, q.shape, jnp.float32, max_offset=5))
     with pytest.raises(ValueError, match=r"relative.embeddings covers offsets up to 5.*up to 6"):
         sliding_window_attention(q, k, v, window=(3, 0), dilation=2, causal=True, relative=relative, impl="xla")
     with pytest.raises(ValueError, match=r"relative.queries must have q's shape"):
@@ -219,7 +212,7 @@ def test_relative_table_shorter_than_the_window_is_an_error_naming_it():
 
 def test_relative_with_global_tokens_is_refused_by_every_implementation():
     q, k, v = battery.random_inputs(0, (1, 20, 2, 4), jnp.float32, 3)
-    relative = RelativePositions(*relative_inputs(1, q.shape, jnp.float32, max_offset=19))
+    relative = RelativePositions(*battery.relative_inputs(1, q.shape, jnp.float32, max_offset=19))
     for impl in ("xla", "reference", None):
         with pytest.raises(NotImplementedError, match="relative with global_mask"):
             sliding_window_attention(
@@ -230,7 +223,7 @@ def test_relative_with_global_tokens_is_refused_by_every_implementation():
 def test_relative_offsets_beyond_the_window_do_not_matter():
     # Only the table rows of offsets the window attends may enter the result.
     q, k, v = battery.random_inputs(4, (1, 30, 2, 4), jnp.float32, 3)
-    queries, table = relative_inputs(5, q.shape, jnp.float32, max_offset=12)
+    queries, table = battery.relative_inputs(5, q.shape, jnp.float32, max_offset=12)
     attend = lambda table: sliding_window_attention(
         q, k, v, window=(4, 2), relative=RelativePositions(queries, table), impl="xla"
     )
@@ -290,7 +283,7 @@ def test_default_impl_is_exact():
 
 def test_relative_on_pallas_takes_the_triton_kernels_only():
     q, k, v = battery.random_inputs(3, (1, 20, 2, 8), jnp.float32, 3)
-    relative = RelativePositions(*relative_inputs(4, q.shape, jnp.float32, max_offset=2))
+    relative = RelativePositions(*battery.relative_inputs(4, q.shape, jnp.float32, max_offset=2))
     op = functools.partial(sliding_window_attention, window=2, relative=relative, impl="pallas")
     with pytest.raises(NotImplementedError, match=r"TPU \(Mosaic\) kernels take no score bias"):
         op(q, k, v, interpret=True, block_sizes=TpuBlockSizes())
