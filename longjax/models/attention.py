@@ -246,6 +246,7 @@ class MultiHeadAttention(nn.Module):
                 max_global_tokens=attention.max_global_tokens,
                 impl=attention.impl,
                 sequence_axis=cfg.sequence_axis,
+                relative=relative,
             )
         if isinstance(attention, PerformerAttention):
             if global_mask is not None:

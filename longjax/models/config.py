@@ -120,13 +120,23 @@ AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention 
 # and the implementations of each that do.
 NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     # Sliding-window 'pallas': the Triton (GPU) kernels; the Mosaic (TPU) ones refuse the term.
-    {FullAttention: FullAttention.IMPLS, SlidingWindowAttention: (None, "xla", "pallas", "reference")}
+    # impl None picks, per call, the first implementation of the backend that takes it.
+    {
+        FullAttention: FullAttention.IMPLS,
+        SlidingWindowAttention: (None, "xla", "pallas", "reference"),
+        BlockSparseAttention: (None, "xla", "reference"),
+    }
+)
+# With the sequence sharded (sequence_axis), the implementations that still compute the term.
+SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
+    {SlidingWindowAttention: (None, "xla")}
 )
 
 
-def takes_native_relative(attention) -> bool:
+def takes_native_relative(attention, *, sequence_parallel: bool = False) -> bool:
     """Whether a layer's op computes Transformer-XL's position term itself (its type and impl)."""
-    return attention.impl in NATIVE_RELATIVE_IMPLS.get(type(attention), ())
+    table = SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS if sequence_parallel else NATIVE_RELATIVE_IMPLS
+    return attention.impl in table.get(type(attention), ())
 # The layer types whose ops shard the sequence, and the implementations of each that do.
 SEQUENCE_PARALLEL_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     {SlidingWindowAttention: (None, "xla", "pallas"), BlockSparseAttention: (None, "xla"), PerformerAttention: (None, "xla")}
@@ -148,8 +158,9 @@ class TransformerConfig:
       relative_positions: how 'txl_relative' positions reach the attention ops:
         'native' (the ops compute the position term `(q_i + v) . r_{i-j}` for the
         offsets their blocks can have: sliding-window layers without global
-        tokens (XLA, or the Triton kernels; the TPU kernels refuse it), and full
-        layers; other layers are an error), 'features' (`d_model` extra query/key features per head,
+        tokens (XLA, or the Triton kernels; the TPU kernels refuse it), BigBird
+        layers without global tokens (XLA), and full layers; with the sequence
+        sharded, sliding-window layers (XLA) only; other layers are an error), 'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers
         and kernels included, at the cost of heads `head_dim + d_model` wide) or
         'auto' (per layer and call: 'native' where its op computes the term,
@@ -233,12 +244,15 @@ class TransformerConfig:
                     f"model.attention[{layer}] must be one of {tuple(ATTENTION_TYPES)} configs, got {attention!r}"
                 )
             _check_attention(attention, _layer_field_name(layer), self.num_heads)
+            sharded = self.sequence_axis is not None
             if (self.position == "txl_relative" and self.relative_positions == "native"
-                    and not takes_native_relative(attention)):
+                    and not takes_native_relative(attention, sequence_parallel=sharded)):
+                table = SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS if sharded else NATIVE_RELATIVE_IMPLS
                 raise ValueError(
                     f"model.relative_positions='native': layer {layer} is {type(attention).__name__}"
-                    f"(impl={attention.impl!r}), whose op does not compute relative positions (those that "
-                    f"do: " + ", ".join(f"{t.__name__} with impl in {impls}" for t, impls in NATIVE_RELATIVE_IMPLS.items())
+                    f"(impl={attention.impl!r}), whose op does not compute relative positions"
+                    + (" with the sequence sharded" if sharded else "") + " (those that do: "
+                    + ", ".join(f"{t.__name__} with impl in {impls}" for t, impls in table.items())
                     + "); set model.relative_positions='features' or 'auto'"
                 )
             if isinstance(attention, PerformerAttention) and not attention.random_features:
@@ -274,7 +288,8 @@ class TransformerConfig:
         if self.position != "txl_relative" or self.relative_positions == "features":
             return False
         if self.relative_positions == "auto":
-            return takes_native_relative(self.attention[layer]) and not global_tokens
+            sharded = self.sequence_axis is not None
+            return takes_native_relative(self.attention[layer], sequence_parallel=sharded) and not global_tokens
         return True
 
     @property

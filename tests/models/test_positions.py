@@ -1,5 +1,7 @@
 """Transformer-XL relative attention through every pattern, against the direct relative-shift form."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -51,9 +53,9 @@ def _direct_txl_attention(params, x, *, causal, d_model):
 @pytest.mark.parametrize(
     "attention, relative_positions",
     [
-        ("full", "native"), ("sliding_window", "native"),
+        ("full", "native"), ("sliding_window", "native"), ("block_sparse", "native"),
         ("full", "features"), ("sliding_window", "features"), ("block_sparse", "features"),
-        # 'auto': native where the op computes the term (the window), features elsewhere (BigBird).
+        # 'auto': native where the op computes the term (each of these; Performer takes the features).
         ("sliding_window", "auto"), ("block_sparse", "auto"),
     ],
 )
@@ -84,6 +86,35 @@ def test_native_relative_matches_features_in_a_narrow_dilated_window(causal):
         params = layer.init(jax.random.key(1), x)
         outs.append(jax.jit(layer.apply)(params, x))
     chex.assert_trees_all_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_native_relative_matches_features_in_sparse_bigbird(causal):
+    # Blocks of 4 in 29 tokens (the last one part padding), 3 random blocks a row and two global
+    # blocks: offsets from anywhere in the sequence, gathered per key block.
+    attention = dict(type="block_sparse", block_size=4, num_random_blocks=3, impl="xla")
+    x = jax.random.normal(jax.random.key(3), (2, 29, 16))
+    outs = []
+    for relative_positions in ("native", "features"):
+        cfg = tiny_config(attention, num_layers=1, relative_positions=relative_positions)
+        assert cfg.native_relative(0) == (relative_positions == "native")
+        layer = models.MultiHeadAttention(cfg, layer=0, causal=causal)
+        params = layer.init(jax.random.key(1), x)
+        outs.append(jax.jit(layer.apply)(params, x))
+    chex.assert_trees_all_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+
+
+def test_native_relative_with_the_sequence_sharded_is_the_sliding_window_only():
+    # sequence_axis is the run's (mesh.sequence), set on the built config.
+    sharded = lambda attention, **fields: dataclasses.replace(
+        tiny_config(attention, num_layers=1, **fields), sequence_axis="sequence"
+    )
+    bigbird = dict(type="block_sparse", block_size=4, impl="xla")
+    assert tiny_config(bigbird, num_layers=1).native_relative(0)
+    assert not sharded(bigbird).native_relative(0)  # 'auto': the sharded BigBird op takes no position term
+    assert sharded(dict(type="sliding_window", window=4, impl="xla")).native_relative(0)
+    with pytest.raises(ValueError, match=r"layer 0 is BlockSparseAttention.*with the sequence sharded"):
+        sharded(bigbird, relative_positions="native")
 
 
 def test_native_relative_is_refused_for_performer_layers_naming_the_field():
