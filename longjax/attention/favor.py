@@ -84,10 +84,15 @@ def favor_projection(key, num_features: int, head_dim: int, *, orthogonal: bool 
     if orthogonal:
         num_blocks = -(-num_features // head_dim)
         gaussian = jax.random.normal(direction_key, (num_blocks, head_dim, head_dim), jnp.float32)
-        qs, rs = jnp.linalg.qr(gaussian)
+        # One QR per block, not one batched QR: XLA:CPU's batched LAPACK call waits on tasks it
+        # queues on the pool it runs on, so several at once (a model's Performer layers each
+        # drawing its projection in the train step) deadlock once they hold every thread.
         # Fixing the signs by R's diagonal makes each block Haar-distributed.
-        qs = qs * jnp.sign(jnp.diagonal(rs, axis1=-2, axis2=-1))[:, None, :]
-        directions = jnp.swapaxes(qs, -1, -2).reshape(-1, head_dim)[:num_features]
+        blocks = []
+        for g in gaussian:
+            q_block, r_block = jnp.linalg.qr(g)
+            blocks.append((q_block * jnp.sign(jnp.diagonal(r_block))[None, :]).T)
+        directions = jnp.concatenate(blocks)[:num_features]
     else:
         gaussian = jax.random.normal(direction_key, (num_features, head_dim), jnp.float32)
         directions = gaussian / jnp.linalg.norm(gaussian, axis=-1, keepdims=True)

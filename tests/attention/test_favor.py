@@ -4,6 +4,9 @@ against softmax attention, the causal future-independence property, and projecti
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -286,3 +289,22 @@ def test_pallas_refuses_a_chunk_its_compiled_kernels_cannot_take():
             *(jnp.ones(SHAPE),) * 3, projection=jnp.ones((16, 8)), causal=True, chunk_size=6, impl="pallas",
             interpret=False,
         )
+
+
+def test_a_program_drawing_many_projections_finishes():
+    """A model's Performer layers each draw their projection inside the train step. XLA:CPU's
+    batched QR waits on tasks it queues on the pool it runs on, so 8 or more batched QRs in one
+    program deadlocked a 2-core machine; each block now has its own QR. In a subprocess, so a
+    deadlock fails here within minutes instead of hanging the suite."""
+    code = (
+        "import jax\n"
+        "from longjax.attention import favor_projection\n"
+        "draw = jax.jit(lambda key: [favor_projection(jax.random.fold_in(key, i), 256, 64) for i in range(16)])\n"
+        "jax.block_until_ready(draw(jax.random.key(0)))\n"
+        "print('drawn')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0 and "drawn" in result.stdout, result.stderr[-2000:]
