@@ -81,6 +81,12 @@ def _bad(mutate):
     return config
 
 
+@pytest.mark.parametrize("variant, native", [("enwik8_small_block_sparse", True), ("enwik8_small_performer", False)])
+def test_pattern_variants_compute_txl_positions_in_the_op_where_it_can(variant, native):
+    model = models.transformer_config(_load(CONFIG_DIR / f"{variant}.py").model)
+    assert [model.native_relative(layer) for layer in range(model.num_layers)] == [native] * model.num_layers
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: setattr(c.model, "attention_per_layer", dict(window=(4, 8, 16))),
      r"attention_per_layer.window must list one value per layer \(model.num_layers = 2\)"),
