@@ -17,8 +17,9 @@ and the position schemes: 'txl_relative (native)' (Transformer-XL relative posit
 attention op itself, `TransformerConfig(relative_positions='native')`), 'txl_relative (features)' (the
 same scores as d_model extra query/key features per head, `relative_positions='features'`), 'rope' and
 'none'. Block-sparse and Performer layers are timed with 'none' and both txl schemes; a scheme the
-attention op cannot serve (FAVOR+ computes no native position term) gets a row saying so. On a GPU every row runs with impl='xla' and again with
-impl='pallas'; on a CPU with impl='xla' only (Pallas runs there in interpret mode, which times nothing).
+attention op cannot serve (FAVOR+ computes no native position term) gets a row saying so. On a GPU
+every row runs with impl='xla' and again with impl='pallas'; on a CPU with impl='xla' only (Pallas runs
+there in interpret mode, which times nothing).
 
 What is timed. The train step is `jax.jit(jax.value_and_grad(loss))(params, tokens)`: the forward and
 backward pass of the char LM's training loss (mean next-token cross entropy of `seq` positions, as
@@ -26,9 +27,10 @@ backward pass of the char LM's training loss (mean next-token cross entropy of `
 the same element-wise AdamW over 38M parameters everywhere, a few percent of a step. Each row reports the
 median wall time over --repeats steps, after the program is compiled and run once to warm up; tokens/s is
 seq / that median. The position schemes of one attention type and length are timed taking turns (each
-round times one step of each), so the machine's noise falls on all of them alike and their ratios hold. Memory: XLA's plan for the compiled program, `memory_analysis()`'s arguments + outputs
-+ temporaries (as bench_attention.py reports it); on a CPU XLA allocates buffers as it plans them, so the
-plan is the step's peak (see speed_memory_figures.py); on a GPU it is the plan, not a measured peak.
+round times one step of each), so the machine's noise falls on all of them alike and their ratios hold.
+Memory: XLA's plan for the compiled program, `memory_analysis()`'s arguments + outputs + temporaries
+(as bench_attention.py reports it); on a CPU XLA allocates buffers as it plans them, so the plan is the
+step's peak (see speed_memory_figures.py); on a GPU it is the plan, not a measured peak.
 
 The longest sequence (--max-seq-search, on by default; --no-max-seq leaves it out): for sliding-window
 layers and each position scheme, the longest multiple of 1024 tokens (of 256 with --quick) at which
@@ -357,7 +359,8 @@ def matrix_rows(preset: Preset, seqs, impls, repeats: int, programs: Programs, o
     for kind, positions in preset.matrix:
         for impl in impls:
             label, attention = ATTENTIONS[kind](shape, impl)
-            chosen = [p for p in positions if not only or any(o in f"{label} {p.label} {impl}" for o in only.split(","))]
+            picked = lambda p: not only or any(o in f"{label} {p.label} {impl}" for o in only.split(","))
+            chosen = [p for p in positions if picked(p)]
             for seq in seqs:
                 if chosen:
                     rows += _matrix_group(label, attention, chosen, impl, seq, repeats, programs, warmup, shape)
@@ -760,8 +763,9 @@ def main(argv=None) -> None:
     repeats = args.repeats or preset.repeats
     budget = (args.memory_budget_gb or preset.budget_gb) * 1e9
     impls = ("xla", "pallas") if jax.default_backend() == "gpu" else ("xla",)
+    comparison = peer_seqs if args.peer else "none (--no-peer)"
     print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {_cpus()} CPUs): {shape}; matrix at {seqs}, "
-          f"comparison at {peer_seqs}, {repeats} repeats, impls {impls}", flush=True)
+          f"comparison at {comparison}, {repeats} repeats, impls {impls}", flush=True)
     start = time.perf_counter()
     programs = Programs()
     # The comparison first: it holds the headline ratio.
