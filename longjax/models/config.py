@@ -160,7 +160,8 @@ class TransformerConfig:
         offsets their blocks can have: sliding-window layers without global
         tokens (XLA, or the Triton kernels; the TPU kernels refuse it), BigBird
         layers without global tokens (XLA), and full layers; with the sequence
-        sharded, sliding-window layers (XLA) only; other layers are an error), 'features' (`d_model` extra query/key features per head,
+        sharded, sliding-window layers (XLA) only; other layers are an error),
+        'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers
         and kernels included, at the cost of heads `head_dim + d_model` wide) or
         'auto' (per layer and call: 'native' where its op computes the term,
