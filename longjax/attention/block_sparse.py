@@ -255,6 +255,16 @@ def _relative_scores(by_offset, block: int):
     return jnp.swapaxes(skewed, 2, 3).reshape(b, h, block, n * block)
 
 
+def _row_bias(relb, embeddings, a, ids, block: int, scale: float):
+    """The position term of the row (a, ids), float32 `[batch, heads, block, n * block]`, and what its
+    gradient needs: the scaled position queries `[batch, block, heads, d]`, the rows of the table they
+    met `[heads, n, 2 * block - 1, d]` and those rows' indices. relb: the position queries blocked."""
+    index = _offset_index(embeddings, a, ids, block)
+    rel_blk = relb[:, a] * scale
+    by_offset, rows = _by_offset(rel_blk, embeddings, index)
+    return _relative_scores(by_offset, block), (rel_blk, rows, index)
+
+
 def _relative_grads(d_scores, by_offset_inputs, block: int):
     """Gradients of the position queries `[batch, block, heads, d]` and of the rows `[heads, n, W, d]`
     (float32) from the scores' `[batch, heads, block, n * block]` (the transpose of `_relative_scores`)."""
@@ -283,10 +293,7 @@ def _rows_forward(q, k, v, key_valid, query_blocks, key_blocks, key_used, row_ki
     def step(_, row):
         a, ids, used, kind = row
         mask = _row_mask(validb[kind], a, ids, used, block, causal)
-        bias = None
-        if relb is not None:
-            by_offset, _ = _by_offset(relb[:, a] * scale, relative[1], _offset_index(relative[1], a, ids, block))
-            bias = _relative_scores(by_offset, block)
+        bias = None if relb is None else _row_bias(relb, relative[1], a, ids, block, scale)[0]
         scores = flash_step.masked_scores(_heads_first(qb[:, a] * scale), _take(kb, ids), mask, bias=bias)
         out, lse = flash_step.attend(scores, _take(vb, ids))
         return None, (_heads_first(out), lse)
@@ -356,10 +363,7 @@ def _rows_bwd(block, causal, scale, residuals, cotangents):
         row_term, lse = backward_row_terms(_heads_first(out), lse, d_out, d_lse)
         bias = None
         if relb is not None:
-            index = _offset_index(relative[1], a, ids, block)
-            rel_blk = relb[:, a] * scale
-            by_offset, rows = _by_offset(rel_blk, relative[1], index)
-            bias = _relative_scores(by_offset, block)
+            bias, (rel_blk, rows, index) = _row_bias(relb, relative[1], a, ids, block, scale)
         dq, dk, dv, d_scores = _step_grads(
             _heads_first(qb[:, a] * scale), _take(kb, ids), _take(vb, ids), d_out.astype(v.dtype), lse, row_term,
             _row_mask(validb[kind], a, ids, used, block, causal), bias,

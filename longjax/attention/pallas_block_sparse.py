@@ -189,17 +189,15 @@ def _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret, relat
     """
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
-    if relative is None:
-        return block_sparse_kernels.per_lowering(
-            lambda blocks, *xs: _band_heads(*xs, spec, scale, blocks, interpret),
-            q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
-        )
-    max_offset = relative.max_offset
+    # The position queries and embeddings travel as arrays beside q, k, v; the table's reach is static.
+    relative_arrays = () if relative is None else (relative.queries, relative.embeddings)
+
+    def heads(blocks, q, k, v, key_valid, *arrays):
+        group = (*arrays, relative.max_offset) if arrays else None
+        return _band_heads(q, k, v, key_valid, spec, scale, blocks, interpret, relative=group)
+
     return block_sparse_kernels.per_lowering(
-        lambda blocks, q, k, v, key_valid, queries, embeddings: _band_heads(
-            q, k, v, key_valid, spec, scale, blocks, interpret, relative=(queries, embeddings, max_offset)
-        ),
-        q, k, v, key_valid, relative.queries, relative.embeddings, block_sizes=block_sizes, interpret=interpret,
+        heads, q, k, v, key_valid, *relative_arrays, block_sizes=block_sizes, interpret=interpret
     )
 
 
