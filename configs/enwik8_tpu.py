@@ -8,10 +8,15 @@ is how long it trains and on how much at once, for a session of about half an
 hour on one chip. The sizes are estimates from the shapes below, not
 measurements: no TPU has run this config yet.
 
-* Relative positions stay, as head features (`model.relative_positions='features'`:
-  the kernels do not compute the position term themselves; XLA does). They widen
-  every head from 64 to 64 + 512 = 576
-  query/key features (`longjax/models/positions.py`). The TPU kernels take
+* Relative positions stay, as head features (`model.relative_positions='features'`).
+  The Mosaic kernels can compute the term themselves (`'native'`: a float32 banded
+  bias, `[batch, seq, heads, left + right + 1]` rounded up to whole lanes, per
+  layer), but the recipe's top windows, clipped to the sequence, make that
+  bias 16 x 2,048 x 8 x 2,176 x 4 bytes = 2.3 GB a layer in phase 1 and
+  4.4 GB in phase 2 (with its by-key copy and gradient, three such arrays in a
+  layer's backward pass): more than this chip's 16 GB allows beside the rest.
+  The features widen every head from 64 to 64 + 512 = 576
+  query/key features (`longjax/models/positions.py`) instead. The TPU kernels take
   that width: the forward and gradient programs of phases 1 and 2 lower for
   TPU from a CPU host, each kernel's VMEM footprint at most 2.7 MiB of a v5e's
   16 MiB scoped limit. The GPU (Triton) kernels take heads of at most 256 features
@@ -60,7 +65,7 @@ def get_config():
     config.model.dtype = "bfloat16"  # MXU-native computation; parameters, LayerNorm, softmax and loss stay float32
     config.model.remat = True  # recompute each block in the backward pass: 576-wide q, k, v do not all fit 16 GB
     config.model.attention.impl = "pallas"  # the Mosaic kernels; 'xla' on GPU (576-wide heads) or several devices
-    config.model.relative_positions = "features"  # the kernels take TXL positions as head features only
+    config.model.relative_positions = "features"  # 'native' would hold GB-sized banded biases (docstring)
     config.phases.seq_len = (2048, 4096)
     config.phases.batch_size = (16, 8)  # 32,768 characters a step in both phases; multiples of 8 (a v2-8's cores)
     config.phases.steps = (2000, 500)  # about 25 minutes on one v5e chip (an estimate; see the docstring)

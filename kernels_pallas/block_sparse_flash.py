@@ -38,9 +38,14 @@ An optional banded score bias (`bias=`, float32 `[batch, seq, heads, left +
 right + 1]` for a band pattern) is added to q.k before scaling: query i and key
 j get column `left - i + j` of row i, so a per-offset term (Transformer-XL's
 relative positions, `queries_i . r_{i-j}` computed per offset above the
-kernels) enters without a `seq x seq` array. Its gradient comes back through
-the `custom_vjp`. Only the Triton kernels take it (they gather the bias tiles
-with integer-array loads, which Mosaic lacks).
+kernels) enters without a `seq x seq` array. A pattern whose keys reach any
+offset (BigBird's random blocks) takes a per-visit bias instead: its
+`visit_bias_columns` place each visit's keys at consecutive columns of a
+`[batch, seq, heads, visit_bias_width]` bias. Its gradient comes back through
+the `custom_vjp`. The Triton kernels take both (they gather the bias tiles with
+integer-array loads); the Mosaic ones take the banded bias only, cutting each
+tile out of the query block's rows with a strided lane rotation
+(`block_sparse_tpu`), as Mosaic has no gather.
 
 Layout at this module's boundary: `[batch, seq, heads, head_dim]`.
 """
@@ -261,6 +266,10 @@ class Pattern(Protocol):
     def layout(self, block_q: int, block_k: int, padded_len: int) -> block_layout.BlockLayout:
         """The blocks to visit with these block lengths over `padded_len` positions."""
 
+    # A pattern that takes a per-visit score bias (see `block_sparse_flash`'s `bias`) also has
+    # `visit_bias_width: int` and `visit_bias_columns(layout) -> (columns, t_columns)`: int NumPy
+    # tables shaped as the layout's `codes` and `t_codes`, each visit's first bias column.
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -309,10 +318,13 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, 
       scale: score multiplier.
       bias: None, or a banded score bias, float32 `[batch, seq, heads, left + right + 1]`
         for a band pattern of sides (left, right): the score of query i and key j
-        becomes `scale * (q_i . k_j + bias[i, left - i + j])`. Differentiable.
-        Triton kernels only (`GpuBlockSizes`): the TPU kernels raise
-        NotImplementedError, and so does `block_sizes=None` compiled on a CPU host
-        (both lowerings traced).
+        becomes `scale * (q_i . k_j + bias[i, left - i + j])`; for a pattern with
+        `visit_bias_columns` (BigBird's), a per-visit bias, float32 `[batch, seq,
+        heads, pattern.visit_bias_width]`, the score of query i and key j of a
+        visit whose keys start at `k0` and whose column entry is c0 gaining
+        `bias[i, c0 + j - k0]`. Differentiable. The TPU kernels take the banded
+        bias only (a per-visit one raises NotImplementedError, as does
+        `block_sizes=None` compiled on a CPU host, both lowerings traced).
       block_sizes: `GpuBlockSizes` (Triton) or `TpuBlockSizes` (Mosaic), whose
         type selects the lowering; None: each platform's defaults, the platform
         choosing when lowering (so a CPU host can export for either; see
@@ -336,21 +348,28 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, 
 
 
 def _check_bias(bias, config: _Config, q) -> None:
-    if config.backend != "gpu":
-        raise NotImplementedError(
-            "the TPU (Mosaic) kernels take no score bias (bias=, e.g. relative positions): it is gathered "
-            "per tile, which Mosaic cannot; pass GpuBlockSizes (Triton), or use impl='xla'"
-        )
     layouts = (config.forward_layout, config.backward_layout)
-    if any(layout.left is None or layout.right is None or layout.sub_block is not None for layout in layouts):
+    per_visit = getattr(config.pattern, "visit_bias_columns", None) is not None
+    if config.backend != "gpu" and per_visit:
         raise NotImplementedError(
-            f"a score bias needs a band pattern (one band, no sub-blocks), got {type(config.pattern).__name__}"
+            "the TPU (Mosaic) kernels take only a banded score bias (bias=, e.g. a sliding window's relative "
+            f"positions), not the per-visit bias of {type(config.pattern).__name__}: its tiles are gathered, "
+            "which Mosaic cannot; pass GpuBlockSizes (Triton), or use impl='xla'"
         )
-    left, right = layouts[0].left, layouts[0].right
-    shape = q.shape[:3] + (left + right + 1,)
+    if per_visit:
+        # Per visit: GPU layouts have no sub-blocks (`block_sparse_gpu` refuses them).
+        width, expected = config.pattern.visit_bias_width, "pattern.visit_bias_width"
+    elif any(layout.left is None or layout.right is None or layout.sub_block is not None for layout in layouts):
+        raise NotImplementedError(
+            f"a score bias needs a band pattern (one band, no sub-blocks) or a pattern with visit_bias_columns, "
+            f"got {type(config.pattern).__name__}"
+        )
+    else:
+        width, expected = layouts[0].left + layouts[0].right + 1, "left + right + 1"
+    shape = q.shape[:3] + (width,)
     if bias.shape != shape or bias.dtype != jnp.float32:
         raise ValueError(
-            f"bias must be float32 [batch, seq, heads, left + right + 1] = {shape}, got {bias.shape} {bias.dtype}"
+            f"bias must be float32 [batch, seq, heads, {expected}] = {shape}, got {bias.shape} {bias.dtype}"
         )
 
 
@@ -510,7 +529,7 @@ def dot_operand_dtype(block_sizes: BlockSizes, dtype) -> jnp.dtype:
 
 
 def tpu_footprints(pattern: Pattern, *, batch: int, head_dim: int, dtype, block_sizes: TpuBlockSizes | None = None,
-                   scale: float = 1.0) -> dict[str, tpu_footprint.Footprint]:
+                   scale: float = 1.0, bias_width: int | None = None) -> dict[str, tpu_footprint.Footprint]:
     """SMEM and VMEM of the forward, dq and dk/dv TPU kernels of a call, from its layout; nothing runs.
 
     Args:
@@ -518,6 +537,7 @@ def tpu_footprints(pattern: Pattern, *, batch: int, head_dim: int, dtype, block_
       batch: the kernel's batch (for a dilated band, batch x dilation).
       head_dim, dtype: of q, k and v.
       block_sizes: `TpuBlockSizes`; None: the defaults.
+      bias_width: with a banded score bias, its columns (`left + right + 1`); None without one.
 
     Returns:
       {'forward' | 'dq' | 'dkv': `tpu_footprint.Footprint`}.
@@ -526,4 +546,4 @@ def tpu_footprints(pattern: Pattern, *, batch: int, head_dim: int, dtype, block_
     if not isinstance(block_sizes, TpuBlockSizes):
         raise ValueError(f"block_sizes must be a TpuBlockSizes or None, got {block_sizes!r}")
     config = _make_config(pattern, block_sizes, interpret=False, scale=scale, head_dim=head_dim, dtype=dtype)
-    return block_sparse_tpu.footprints(config, batch, head_dim, dtype)
+    return block_sparse_tpu.footprints(config, batch, head_dim, dtype, bias_width)

@@ -27,6 +27,13 @@ band) and adds it to q.k before scaling; the dq kernel scatters the score
 gradients back to the same columns (each (i, column) is one key, so visits
 write disjoint elements) into a zero-initialised output. Without a bias the
 kernels are unchanged.
+
+A per-visit bias (BigBird's relative positions: random blocks reach any
+offset, past any band) comes as float32 `[batch, seq, heads, width]` with a
+column table beside the layout's codes (the pattern's `visit_bias_columns`):
+a visit's keys are the consecutive columns from its table entry, the same for
+every row of its query block. The loads and the dq kernel's stores are the
+same integer-array ones, unmasked.
 """
 
 from __future__ import annotations
@@ -112,9 +119,34 @@ def _bias_spec(n: int, width: int):
     return pl.BlockSpec((None, n, None, width), lambda r, bi, hi: (bi, 0, hi, 0))
 
 
-def _load_bias(bias_ref, shape, q_first, k_first, left, width, keys_axis=1):
-    """A score tile's bias, float32 `shape` (`keys_axis` as in `visit.masked`), zero outside the band;
-    and the tile's (rows, columns, inside) of `visit.band_columns`."""
+def _visit_columns(config, layout, transposed: bool):
+    """The per-visit bias's column table by the layout's codes (`t_codes` when transposed), flattened
+    int32; None for a banded bias (the pattern has no `visit_bias_columns`)."""
+    tables = getattr(config.pattern, "visit_bias_columns", None)
+    if tables is None:
+        return None
+    return jnp.asarray(tables(layout)[1 if transposed else 0].reshape(-1), jnp.int32)
+
+
+def _bias_refs(refs, bias_width, per_visit: bool):
+    """(bias_ref, columns_ref, outputs...) from a kernel's refs after its fixed inputs (None where absent)."""
+    if bias_width is None:
+        return (None, None, *refs)
+    if per_visit:
+        return refs
+    return (refs[0], None, *refs[1:])
+
+
+def _load_bias(bias_ref, shape, q_first, k_first, left, width, keys_axis=1, column_first=None):
+    """A score tile's bias, float32 `shape` (`keys_axis` as in `visit.masked`); and where it sits,
+    (rows, columns, inside).
+
+    Banded (`column_first` None): `visit.band_columns`, zero outside the band. Per visit: the keys
+    at the consecutive columns from `column_first` (`visit.visit_columns`); inside is None.
+    """
+    if column_first is not None:
+        rows, columns = visit.visit_columns(shape, q_first, column_first, keys_axis)
+        return plgpu.load(bias_ref.at[rows, columns]).astype(jnp.float32), (rows, columns, None)
     rows, columns, inside = visit.band_columns(shape, q_first, k_first, left, width, keys_axis)
     # Clamped where masked: the interpreter's gather reads them (then discards what it read).
     tile = plgpu.load(bias_ref.at[rows, jnp.where(inside, columns, 0)], mask=inside, other=0.0)
@@ -129,16 +161,17 @@ def forward(q, k, v, valid, config, bias=None):
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
     offsets, codes = _layout_arrays(layout, transposed=False)
+    columns = None if bias is None else _visit_columns(config, layout, transposed=False)
     kernel = functools.partial(
         _forward_kernel, block_q=bq, block_k=bk, n_rows=layout.num_q_blocks,
         entries=layout.codes.shape[1], per_head=layout.layout_heads > 1, left=layout.left, right=layout.right,
         qk_scale=config.scale * visit.LOG2E, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim,
-        bias_width=width,
+        bias_width=width, per_visit=columns is not None,
     )
     per_batch = lambda length: pl.BlockSpec((None, length), lambda i, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
     q_block = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-    extra_specs, extra_args = ([], []) if bias is None else ([_bias_spec(n, width)], [bias])
+    extra_specs, extra_args = _bias_inputs(bias, columns, n, width)
     return pl.pallas_call(
         kernel,
         grid=(layout.num_q_blocks, b, h),
@@ -152,6 +185,17 @@ def forward(q, k, v, valid, config, bias=None):
     )(offsets, codes, visit.key_block_flags(valid, bk), valid.astype(jnp.int32), q, k, v, *extra_args)
 
 
+def _bias_inputs(bias, columns, n: int, width):
+    """The (specs, arrays) a kernel takes after its fixed inputs: the bias, then any column table."""
+    if bias is None:
+        return [], []
+    specs, args = [_bias_spec(n, width)], [bias]
+    if columns is not None:
+        specs.append(_whole(columns.shape))
+        args.append(columns)
+    return specs, args
+
+
 def _row_range(offsets_ref, row, n_rows: int, per_head: bool, entries: int):
     """(first entry, end entry, base of the head's codes) of one layout row."""
     head = pl.program_id(2) if per_head else 0
@@ -161,9 +205,9 @@ def _row_range(offsets_ref, row, n_rows: int, per_head: bool, entries: int):
 
 def _forward_kernel(
     offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, *refs,
-    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, dots, head_dim, bias_width,
+    block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, dots, head_dim, bias_width, per_visit,
 ):
-    bias_ref, o_ref, lse_ref = refs if bias_width is not None else (None, *refs)
+    bias_ref, columns_ref, o_ref, lse_ref = _bias_refs(refs, bias_width, per_visit)
     i = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, i, n_rows, per_head, entries)
     head = _head_mask(q_ref.shape[-1], head_dim)
@@ -175,7 +219,8 @@ def _forward_kernel(
         kb = code // 2
         keys = pl.ds(kb * block_k, block_k)
         bias = None if bias_ref is None else _load_bias(
-            bias_ref, (block_q, block_k), i * block_q, kb * block_k, left, bias_width
+            bias_ref, (block_q, block_k), i * block_q, kb * block_k, left, bias_width,
+            column_first=None if columns_ref is None else columns_ref[code_base + t],
         )[0]
         s = visit.scores(q, _load(k_ref.at[keys, :], head), qk_scale, dots, bias)
         s = lax.cond(
@@ -208,7 +253,8 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     static = dict(block_q=bq, block_k=bk, entries=layout.codes.shape[1], per_head=layout.layout_heads > 1,
                   left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E,
                   scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim,
-                  bias_width=width)
+                  bias_width=width,
+                  per_visit=bias is not None and getattr(config.pattern, "visit_bias_columns", None) is not None)
     per_batch = lambda length: pl.BlockSpec((None, length), lambda r, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda r, bi, hi: (bi, 0, hi, 0))
     whole_rows = pl.BlockSpec((None, None, n), lambda r, bi, hi: (bi, hi, 0))
@@ -226,8 +272,9 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
         # the columns of keys no visit reaches (past the sequence's ends) stay zero. One spare
         # column takes the interpreter's masked-out scatter (which writes every lane).
         d_bias_shape = (b, n, h, width + 1)
-        dq_args += [bias, jnp.zeros(d_bias_shape, jnp.float32)]
-        dq_specs += [_bias_spec(n, width), _bias_spec(n, width + 1)]
+        bias_specs, bias_args = _bias_inputs(bias, _visit_columns(config, layout, transposed=False), n, width)
+        dq_args += bias_args + [jnp.zeros(d_bias_shape, jnp.float32)]
+        dq_specs += bias_specs + [_bias_spec(n, width + 1)]
         dq_out_specs = [dq_out_specs, _bias_spec(n, width + 1)]
         dq_out_shape = [dq_out_shape, jax.ShapeDtypeStruct(d_bias_shape, jnp.float32)]
         aliases = {len(dq_args) - 1: 1}
@@ -244,7 +291,8 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     )(*dq_args)
 
     t_offsets, t_codes = _layout_arrays(layout, transposed=True)
-    extra_specs, extra_args = ([], []) if bias is None else ([_bias_spec(n, width)], [bias])
+    t_columns = None if bias is None else _visit_columns(config, layout, transposed=True)
+    extra_specs, extra_args = _bias_inputs(bias, t_columns, n, width)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, n_rows=layout.num_k_blocks, **static),
         grid=(layout.num_k_blocks, b, h),
@@ -265,12 +313,13 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
 def _dq_kernel(
     offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, *refs,
     block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim, bias_width,
+    per_visit,
 ):
     if bias_width is None:
-        bias_ref, (dq_ref,) = None, refs
+        bias_ref, columns_ref, (dq_ref,) = None, None, refs
     else:
         # The zeroed input aliased to d_bias_ref is not read: d_bias_ref starts as it.
-        bias_ref, _, dq_ref, d_bias_ref = refs
+        bias_ref, columns_ref, _, dq_ref, d_bias_ref = _bias_refs(refs, bias_width, per_visit)
     i = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, i, n_rows, per_head, entries)
     head = _head_mask(q_ref.shape[-1], head_dim)
@@ -285,7 +334,8 @@ def _dq_kernel(
         bias = None
         if bias_ref is not None:
             bias, (rows, columns, inside) = _load_bias(
-                bias_ref, (block_q, block_k), i * block_q, kb * block_k, left, bias_width
+                bias_ref, (block_q, block_k), i * block_q, kb * block_k, left, bias_width,
+                column_first=None if columns_ref is None else columns_ref[code_base + t],
             )
         s = visit.scores(q, k, qk_scale, dots, bias)
         s = lax.cond(
@@ -298,7 +348,9 @@ def _dq_kernel(
         if bias_ref is not None:
             # ds is the gradient of the natural-log logits `scale * (q.k + bias)`: the bias's is ds * scale.
             # Masked-out lanes go to the spare last column (stored only by the interpreter).
-            plgpu.store(d_bias_ref.at[rows, jnp.where(inside, columns, bias_width)], ds * scale, mask=inside)
+            if inside is not None:
+                columns = jnp.where(inside, columns, bias_width)
+            plgpu.store(d_bias_ref.at[rows, columns], ds * scale, mask=inside)
         return dq + dots(ds, k, visit.NN)
 
     dq = lax.fori_loop(start, stop, one_visit, jnp.zeros(q.shape, jnp.float32))
@@ -308,12 +360,13 @@ def _dq_kernel(
 def _dkv_kernel(
     offsets_ref, codes_ref, flags_ref, valid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, rt_ref, *refs,
     block_q, block_k, n_rows, entries, per_head, left, right, qk_scale, scale, dots, head_dim, bias_width,
+    per_visit,
 ):
     # Scores transposed, `[block_k, block_q]` (as Triton's fused-attention backward): p.T and
     # ds.T come out as the left operands of dv += p.T @ do and dk += ds.T @ q, and q, do enter
     # as right operands, with no register transposes. At head_dim 128 with float32 inputs
     # (tiles loaded as float32, then cast) the untransposed form spilled ~190 B.
-    bias_ref, dk_ref, dv_ref = refs if bias_width is not None else (None, *refs)
+    bias_ref, columns_ref, dk_ref, dv_ref = _bias_refs(refs, bias_width, per_visit)
     j = pl.program_id(0)
     start, stop, code_base = _row_range(offsets_ref, j, n_rows, per_head, entries)
     head = _head_mask(k_ref.shape[-1], head_dim)
@@ -328,7 +381,8 @@ def _dkv_kernel(
         rows = pl.ds(qb * block_q, block_q)
         q, do = dots.operand(_load(q_ref.at[rows, :], head)), dots.operand(_load(do_ref.at[rows, :], head))
         bias_t = None if bias_ref is None else _load_bias(
-            bias_ref, (block_k, block_q), qb * block_q, j * block_k, left, bias_width, keys_axis=0
+            bias_ref, (block_k, block_q), qb * block_q, j * block_k, left, bias_width, keys_axis=0,
+            column_first=None if columns_ref is None else columns_ref[code_base + t],
         )[0]
         s_t = visit.scores(k, q, qk_scale, dots, bias_t)
         s_t = lax.cond(

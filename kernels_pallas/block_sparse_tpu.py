@@ -25,6 +25,18 @@ then built from it in-kernel with iota, as the band's
 (`block_sparse_visit.sub_block_pairs`), and intersected with the band and key
 validity.
 
+A banded score bias (Transformer-XL's relative positions, `block_sparse_flash`'s
+`bias=`, column `left - i + j` of query i's row for key j) is read per row
+block: the forward and dq kernels take the query block's rows
+`[block_q, Wp]` (the band's width rounded up to whole lanes), resident across
+the row's visits, and cut each key sub-block's tile out of them with one
+strided lane rotation (`pltpu.roll`, row r rotated by r more than row r - 1:
+Transformer-XL's relative shift) and a static slice. The dk/dv kernel, whose
+rows are key blocks, takes the same terms rearranged by key (`_bias_by_key`:
+row j, column `right + i - j`) and cuts its transposed tiles the same way.
+The dq kernel accumulates the bias gradient into its row block with the
+inverse rotation (a stride of `Wp - 1`, i.e. -1 modulo the width).
+
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
 the call's kernel length and the call's static configuration
 (`block_sparse_flash._Config`); `footprints` gives each kernel's SMEM and VMEM.
@@ -198,21 +210,28 @@ def _row_terms(x, block_q):
     return jnp.broadcast_to(rows, (b, h, n // block_q, NUM_SUBLANES, block_q))
 
 
-def _block_specs(kind, block_q, block_k, head_dim, dtype):
+def bias_lanes(width: int) -> int:
+    """The lanes a banded bias of `width` columns takes in the kernels: whole lanes (a multiple of 128)."""
+    return -(-width // NUM_LANES) * NUM_LANES
+
+
+def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None):
     """(inputs, outputs, scratch) of a kernel as (block shape, dtype): what `footprints` counts."""
     f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
     q_blk, k_blk = ((block_q, head_dim), dtype), ((block_k, head_dim), dtype)
     lanes, rows = ((block_q, NUM_LANES), f32), ((NUM_SUBLANES, block_q), f32)
     valid_rows, valid_col = ((NUM_SUBLANES, block_k), i32), ((block_k, 1), i32)
+    bias = [] if bias_width is None else [((block_k if kind == "dkv" else block_q, bias_lanes(bias_width)), f32)]
     if kind == "forward":
-        return [q_blk, k_blk, k_blk, valid_rows], [q_blk, lanes], [lanes, lanes, ((block_q, head_dim), f32)]
+        return [q_blk, k_blk, k_blk, valid_rows, *bias], [q_blk, lanes], [lanes, lanes, ((block_q, head_dim), f32)]
     if kind == "dq":
-        return [q_blk, k_blk, k_blk, valid_rows, q_blk, rows, rows], [q_blk], [((block_q, head_dim), f32)]
-    return [q_blk, k_blk, k_blk, valid_col, q_blk, rows, rows], [k_blk, k_blk], [((block_k, head_dim), f32)] * 2
+        return [q_blk, k_blk, k_blk, valid_rows, q_blk, rows, rows, *bias], [q_blk, *bias], [((block_q, head_dim), f32)]
+    return [q_blk, k_blk, k_blk, valid_col, q_blk, rows, rows, *bias], [k_blk, k_blk], [((block_k, head_dim), f32)] * 2
 
 
-def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footprint.Footprint]:
-    """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables)."""
+def footprints(config, batch: int, head_dim: int, dtype, bias_width=None) -> dict[str, tpu_footprint.Footprint]:
+    """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables); with a
+    banded bias of `bias_width` columns, its row blocks too."""
     out = {}
     dtype = jnp.dtype(dtype)
     for kind, layout, transposed, compute in (
@@ -222,7 +241,7 @@ def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footpr
     ):
         n_sub = layout.block_k // key_compute_block(layout.block_k, compute)
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
-        ins, outs, scratch = _block_specs(kind, layout.block_q, layout.block_k, head_dim, dtype)
+        ins, outs, scratch = _block_specs(kind, layout.block_q, layout.block_k, head_dim, dtype, bias_width)
         out[kind] = tpu_footprint.footprint(
             f"block_sparse_flash_{'fwd' if kind == 'forward' else kind}",
             smem_arrays=smem, inputs=ins, outputs=outs, scratch=scratch,
@@ -230,9 +249,9 @@ def footprints(config, batch: int, head_dim: int, dtype) -> dict[str, tpu_footpr
     return out
 
 
-def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype) -> None:
+def _check_footprint(config, kind: str, batch: int, head_dim: int, dtype, bias_width=None) -> None:
     # Before lowering: an SMEM overflow would otherwise surface only on the chip, VMEM as a compile error.
-    fp = footprints(config, batch, head_dim, dtype)[kind]
+    fp = footprints(config, batch, head_dim, dtype, bias_width)[kind]
     layout = config.forward_layout if kind == "forward" else config.backward_layout
     tpu_footprint.check(
         fp, f"a call with {layout.num_q_blocks} query blocks of {layout.block_q}, {layout.layout_heads} layout "
@@ -249,6 +268,52 @@ def _lanes(x, width: int):
     if width < NUM_LANES:
         return x[:, :width]
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
+
+
+def _bias_rows(bias):
+    """A banded bias `[batch, seq, heads, width]` as the kernels' rows: float32 `[batch, heads, seq, Wp]`
+    (`Wp = bias_lanes(width)`; the columns past the band are zeros)."""
+    width = bias.shape[-1]
+    rows = jnp.swapaxes(bias.astype(jnp.float32), 1, 2)
+    return jnp.pad(rows, ((0, 0), (0, 0), (0, 0), (0, bias_lanes(width) - width)))
+
+
+def _bias_by_key(bias, left: int, right: int):
+    """The banded bias by key: `[batch, seq, heads, width]` with row j, column `right + i - j` holding
+    the bias of query i and key j (`bias[i, left - i + j]`); zeros where i is outside the sequence.
+
+    A shear of the column-reversed bias: column u of key j reads row `j + u - right`. Done as
+    one pad and reshape (row u of the transposed array shifted u places), which autodiff
+    differentiates as it is.
+    """
+    b, n, h, width = bias.shape
+    reversed_ = jnp.flip(bias, axis=3)  # column u: offset i - j = u - right
+    by_column = jnp.transpose(reversed_, (0, 2, 3, 1))  # [b, h, width, n], column u's values by query i
+    # Row u must read query j + u - right at position j: pad `right` zeros in front, `left` behind,
+    # then shift row u left by u places (flatten with rows one longer, re-cut).
+    padded = jnp.pad(by_column, ((0, 0), (0, 0), (0, 0), (right, left + 1)))
+    length = n + width
+    flat = padded.reshape(b, h, width * length)
+    flat = jnp.pad(flat, ((0, 0), (0, 0), (0, width)))
+    sheared = flat.reshape(b, h, width, length + 1)[..., :n]
+    return jnp.transpose(sheared, (0, 3, 1, 2))
+
+
+def _bias_tile(rows, shift, keys: int):
+    """The `[rows, keys]` bias tile whose pair (r, c) reads column `(c - shift - r) mod Wp` of `rows`
+    `[rows, Wp]`: one strided lane rotation (Transformer-XL's relative shift) and a static slice."""
+    return pltpu.roll(rows, shift, 1, stride=1, stride_axis=0)[:, :keys]
+
+
+def _bias_gradient(d_scores, shift, lanes: int):
+    """The inverse of `_bias_tile`: `[rows, Wp]` holding `d_scores[r, c]` at column `(c - shift - r) mod Wp`.
+
+    Row r is rotated by `-shift - r`: the stride `Wp - 1` is -1 modulo the width (a rotation
+    takes only non-negative amounts).
+    """
+    rows, keys = d_scores.shape
+    padded = jnp.concatenate([d_scores, jnp.zeros((rows, lanes - keys), d_scores.dtype)], axis=1)
+    return pltpu.roll(padded, jnp.remainder(-shift, lanes), 1, stride=lanes - 1, stride_axis=0)
 
 
 def _sub_blocks(code, kflags_ref, *, qb, kb, block_q, block_k, block_kc, num_k_blocks, left, right, sub, body):
@@ -282,28 +347,36 @@ def _sub_blocks(code, kflags_ref, *, qb, kb, block_q, block_k, block_kc, num_k_b
         pl.when(run & jnp.logical_not(mask))(functools.partial(body, c, False))
 
 
-def forward(q, k, v, valid, config):
+def _bias_width(bias):
+    return None if bias is None else bias.shape[-1]
+
+
+def forward(q, k, v, valid, config, bias=None):
     layout = config.forward_layout
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
     b, h, n, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
     bkc = key_compute_block(bk, config.block_k_compute)
-    _check_footprint(config, "forward", b, d, q.dtype)
+    _check_footprint(config, "forward", b, d, q.dtype, _bias_width(bias))
     walk, prefetch = _tables(layout, False, valid, bkc)
     q_of, k_of = walk.maps(rows_are_q=True)
     kernel = functools.partial(
         _forward_kernel, block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, walk=walk,
         left=layout.left, right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
-        dots=visit.dots_for(config.backend, q.dtype),
+        dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None,
     )
     q_spec = _spec((None, None, bq, d), q_of, 1)
+    bias_specs, bias_args = [], []
+    if bias is not None:
+        bias_args = [_bias_rows(bias)]
+        bias_specs = [_spec((None, None, bq, bias_args[0].shape[-1]), q_of, 1)]
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(b, h, walk.length),
             in_specs=[q_spec, _spec((None, None, bk, d), k_of, 1), _spec((None, None, bk, d), k_of, 1),
-                      _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False)],
+                      _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False), *bias_specs],
             out_specs=[q_spec, _spec((None, None, bq, NUM_LANES), q_of, 1)],
             scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                             pltpu.VMEM((bq, d), jnp.float32)],
@@ -311,15 +384,16 @@ def forward(q, k, v, valid, config):
         out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n, NUM_LANES), jnp.float32)],
         compiler_params=_params(),
         interpret=config.interpret,
-        name="block_sparse_flash_fwd",
-    )(*prefetch, qt, kt, vt, _valid_rows(valid, bk))
+        name="block_sparse_flash_fwd" if bias is None else "block_sparse_flash_bias_fwd",
+    )(*prefetch, qt, kt, vt, _valid_rows(valid, bk), *bias_args)
     return jnp.swapaxes(out, 1, 2), lse[..., 0]
 
 
 def _forward_kernel(
-    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
-    m_ref, l_ref, acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, *refs,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots, has_bias,
 ):
+    bias_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs if has_bias else (None, *refs)
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     # Read here, not in the masked bodies: a grid position is read outside conditionals.
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
@@ -332,7 +406,12 @@ def _forward_kernel(
 
     def body(c, masked):
         keys = slice(c * block_kc, (c + 1) * block_kc)
-        s = visit.scores(q_ref[...], k_ref[keys, :], qk_scale, dots)
+        bias = None
+        if bias_ref is not None:
+            # Key j0 + c' of query i0 + r: column left + j0 - i0 + c' - r of the query block's rows.
+            shift = jnp.remainder(qb * block_q - (kb * block_k + c * block_kc) - left, bias_ref.shape[-1])
+            bias = _bias_tile(bias_ref[...], shift, block_kc)
+        s = visit.scores(q_ref[...], k_ref[keys, :], qk_scale, dots, bias)
         if masked:
             pairs = None if sub is None else sub.pairs(s.shape, sub_mask, c * block_kc)
             s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right,
@@ -360,7 +439,8 @@ def _forward_kernel(
         lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) / visit.LOG2E, MASK_VALUE)
 
 
-def backward(q, k, v, valid, do, lse2, row_term, config):
+def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
+    """(dq, dk, dv) without a bias; (dq, dk, dv, d_bias) with one (float32, the bias's shape)."""
     layout = config.backward_layout
     qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
     b, h, _, d = qt.shape
@@ -369,47 +449,67 @@ def backward(q, k, v, valid, do, lse2, row_term, config):
     lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
-                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype))
+                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None)
+    width = _bias_width(bias)
+    if bias is not None:
+        by_query, by_key = _bias_rows(bias), _bias_rows(_bias_by_key(bias, layout.left, layout.right))
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
-        _check_footprint(config, kind, b, d, q.dtype)
+        _check_footprint(config, kind, b, d, q.dtype, width)
         walk, prefetch = _tables(layout, transposed, valid, bkc)
         q_of, k_of = walk.maps(rows_are_q=not transposed)
         q_spec, k_spec = _spec((None, None, bq, d), q_of, 1), _spec((None, None, bk, d), k_of, 1)
         rows_spec = _spec((None, None, None, NUM_SUBLANES, bq), q_of, 2)
+        bias_specs, bias_args = [], []
         if kind == "dq":
-            kernel, out_specs = _dq_kernel, q_spec
-            out_shape, scratch = jax.ShapeDtypeStruct(qt.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)]
+            kernel, out_specs = _dq_kernel, [q_spec]
+            out_shape, scratch = [jax.ShapeDtypeStruct(qt.shape, q.dtype)], [pltpu.VMEM((bq, d), jnp.float32)]
             valid_spec = _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False)
             valid_in = _valid_rows(valid, bk)
+            if bias is not None:
+                # The query block's bias rows in, and their gradient out, resident across the row.
+                bias_args, bias_specs = [by_query], [_spec((None, None, bq, by_query.shape[-1]), q_of, 1)]
+                out_specs = out_specs + bias_specs
+                out_shape = out_shape + [jax.ShapeDtypeStruct(by_query.shape, jnp.float32)]
         else:
             kernel, out_specs = _dkv_kernel, [k_spec, k_spec]
             out_shape = [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)]
             scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]
             # Keys along sublanes, as the transposed scores: a column, read once per key block (the row).
             valid_spec, valid_in = _spec((None, bk, 1), k_of, 1, per_batch=False), valid.astype(jnp.int32)[..., None]
+            if bias is not None:
+                bias_args, bias_specs = [by_key], [_spec((None, None, bk, by_key.shape[-1]), k_of, 1)]
+        name = f"block_sparse_flash_{kind}" if bias is None else f"block_sparse_flash_bias_{kind}"
         result = pl.pallas_call(
             functools.partial(kernel, walk=walk, **static),
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=5,
                 grid=(b, h, walk.length),
-                in_specs=[q_spec, k_spec, k_spec, valid_spec, q_spec, rows_spec, rows_spec],
+                in_specs=[q_spec, k_spec, k_spec, valid_spec, q_spec, rows_spec, rows_spec, *bias_specs],
                 out_specs=out_specs,
                 scratch_shapes=scratch,
             ),
             out_shape=out_shape,
             compiler_params=_params(),
             interpret=config.interpret,
-            name=f"block_sparse_flash_{kind}",
-        )(*prefetch, qt, kt, vt, valid_in, dot_, lse2, row_term)
-        outputs.extend([result] if kind == "dq" else result)
-    return tuple(jnp.swapaxes(x, 1, 2) for x in outputs)
+            name=name,
+        )(*prefetch, qt, kt, vt, valid_in, dot_, lse2, row_term, *bias_args)
+        outputs.extend(result)
+    grads = tuple(jnp.swapaxes(x, 1, 2) for x in (outputs[0], *outputs[-2:]))
+    if bias is None:
+        return grads
+    # The rows' lanes past the band, and rows no visit reached, hold zeros or what no pair reads.
+    return grads + (jnp.swapaxes(outputs[1][..., :width], 1, 2),)
 
 
 def _dq_kernel(
     base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    dq_ref, acc_ref, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots,
+    *refs, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias,
 ):
+    if has_bias:
+        bias_ref, dq_ref, d_bias_ref, acc_ref = refs
+    else:
+        (dq_ref, acc_ref), bias_ref, d_bias_ref = refs, None, None
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     # Read here, not in the masked bodies: a grid position is read outside conditionals.
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
@@ -417,11 +517,17 @@ def _dq_kernel(
     @pl.when(first)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        if d_bias_ref is not None:
+            d_bias_ref[...] = jnp.zeros(d_bias_ref.shape, jnp.float32)
 
     def body(c, masked):
         keys = slice(c * block_kc, (c + 1) * block_kc)
         k = k_ref[keys, :]
-        s = visit.scores(q_ref[...], k, qk_scale, dots)
+        bias = shift = None
+        if bias_ref is not None:
+            shift = jnp.remainder(qb * block_q - (kb * block_k + c * block_kc) - left, bias_ref.shape[-1])
+            bias = _bias_tile(bias_ref[...], shift, block_kc)
+        s = visit.scores(q_ref[...], k, qk_scale, dots, bias)
         if masked:
             pairs = None if sub is None else sub.pairs(s.shape, sub_mask, c * block_kc)
             s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[:1, keys], left, right,
@@ -430,6 +536,9 @@ def _dq_kernel(
         lse2, row_term = jnp.expand_dims(lse_ref[0], -1), jnp.expand_dims(rt_ref[0], -1)
         _, ds = visit.probs_and_dscores(s, lse2, row_term, do_ref[...], v_ref[keys, :], dots)
         acc_ref[...] += dots(ds, k, visit.NN)
+        if d_bias_ref is not None:
+            # ds is the gradient of the natural-log logits `scale * (q.k + bias)`: the bias's is ds * scale.
+            d_bias_ref[...] += _bias_gradient(ds * scale, shift, d_bias_ref.shape[-1])
 
     _sub_blocks(code, kflags_ref, qb=qb, kb=kb, block_q=block_q, block_k=block_k, block_kc=block_kc,
                 num_k_blocks=num_k_blocks, left=left, right=right, sub=sub, body=body)
@@ -441,9 +550,9 @@ def _dq_kernel(
 
 def _dkv_kernel(
     base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    dk_ref, dv_ref, dk_acc, dv_acc, *, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale,
-    scale, dots,
+    *refs, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias,
 ):
+    bias_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs if has_bias else (None, *refs)
     kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
 
@@ -457,7 +566,12 @@ def _dkv_kernel(
         # along sublanes and dk, dv are plain (NN) products.
         keys = slice(c * block_kc, (c + 1) * block_kc)
         q, do = q_ref[...], do_ref[...]
-        s = visit.scores(k_ref[keys, :], q, qk_scale, dots)
+        bias_t = None
+        if bias_ref is not None:
+            # Query i0 + c' of key j0 + r: column right + i0 - j0 + c' - r of the key block's rows (by key).
+            shift = jnp.remainder(kb * block_k + c * block_kc - qb * block_q - right, bias_ref.shape[-1])
+            bias_t = _bias_tile(bias_ref[keys, :], shift, block_q)
+        s = visit.scores(k_ref[keys, :], q, qk_scale, dots, bias_t)
         if masked:
             pairs = None if sub is None else sub.pairs(s.shape, sub_mask, c * block_kc, keys_axis=0)
             s = visit.masked(s, qb * block_q, kb * block_k + c * block_kc, valid_ref[keys, :], left, right,

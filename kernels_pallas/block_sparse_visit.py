@@ -91,6 +91,19 @@ def band_columns(shape, q_first, k_first, left: int, width: int, keys_axis: int 
     return rows, columns, inside
 
 
+def visit_columns(shape, q_first, column_first, keys_axis: int = 1):
+    """Where a score tile's pairs sit in a per-visit bias `[seq, width]`: (rows, columns).
+
+    A per-visit bias (BigBird's relative positions) gives each visit its own
+    columns: the tile's keys are the consecutive columns from `column_first`
+    (an int32 scalar the layout's column table holds), for every query row.
+    `shape` is the tile's (`keys_axis` as in `masked`).
+    """
+    rows = q_first + lax.broadcasted_iota(jnp.int32, shape, 1 - keys_axis)
+    columns = column_first + lax.broadcasted_iota(jnp.int32, shape, keys_axis)
+    return rows, columns
+
+
 def masked(s, q_first, k_first, valid, left, right, keys_axis: int = 1, pairs=None):
     """Applies key validity, the band and (when given) a bool `pairs` of s's shape to the logits.
 

@@ -129,6 +129,25 @@ def key_block_lists(spec: BlockSparseSpec):
     return query_blocks, np.where(used, key_blocks, 0).astype(np.int32), used
 
 
+def kernel_key_lists(spec: BlockSparseSpec):
+    """The sparse rows' key blocks without the global blocks: what the Pallas kernels visit.
+
+    Returns:
+      query_blocks: int32 `[rows]`, as `key_block_lists`.
+      key_blocks: int32 `[heads, rows, entries]`: the window, then the random blocks
+        (`entries = window entries + num_random_blocks`).
+      key_used: bool, same shape: as `key_block_lists`, and False for global blocks.
+    """
+    query_blocks, key_blocks, key_used = key_block_lists(spec)
+    random = spec.random_layout.shape[-1]
+    window = key_blocks.shape[-1] - len(spec.global_blocks) - random
+    keep = np.r_[0:window, key_blocks.shape[-1] - random:key_blocks.shape[-1]]
+    is_global = np.zeros(spec.num_blocks, bool)
+    is_global[list(spec.global_blocks)] = True
+    key_blocks, key_used = key_blocks[..., keep], key_used[..., keep]
+    return query_blocks, key_blocks, key_used & ~is_global[key_blocks]
+
+
 def _global_row_lists(spec: BlockSparseSpec, keys_per_row: int):
     """The global query blocks' rows: every key block (causal: up to their own), `keys_per_row` a row.
 
@@ -238,11 +257,14 @@ def _offset_index(embeddings, a, ids, block: int):
     return jnp.clip(first[..., None] - jnp.arange(2 * block - 1), 0, embeddings.shape[0] - 1)
 
 
-def _by_offset(rel_blk, embeddings, index):
+def _by_offset(rel_blk, embeddings, index, precision=None):
     """The position queries of a block `[batch, block, heads, d]` against the rows `index` of each
     head: float32 `[batch, heads, n, block, 2 * block - 1]`, and the rows `[heads, n, 2 * block - 1, d]`."""
     rows = embeddings[index, jnp.arange(index.shape[0])[:, None, None]]
-    return jnp.einsum("bqhd,hnwd->bhnqw", rel_blk, rows, preferred_element_type=jnp.float32), rows
+    by_offset = jnp.einsum(
+        "bqhd,hnwd->bhnqw", rel_blk, rows, preferred_element_type=jnp.float32, precision=precision
+    )
+    return by_offset, rows
 
 
 def _relative_scores(by_offset, block: int):
@@ -263,6 +285,30 @@ def _row_bias(relb, embeddings, a, ids, block: int, scale: float):
     rel_blk = relb[:, a] * scale
     by_offset, rows = _by_offset(rel_blk, embeddings, index)
     return _relative_scores(by_offset, block), (rel_blk, rows, index)
+
+
+def position_terms(queries, embeddings, query_blocks, key_blocks, block: int):
+    """The position term of each (query block, key block) pair: float32 `[rows, batch, heads, n, block, block]`.
+
+    Entry `[r, :, h, i, s, t]` is `queries_p . r_{p - k}` for query p = `query_blocks[r] * block + s`
+    and key k = `key_blocks[h, r, i] * block + t` (unscaled), by one `[block, 2 * block - 1]`
+    product per pair and the relative shift, a row at a time (no `[seq, keys, head_dim]` gather).
+    Float32 queries get float32 products (`Precision.HIGHEST`). Differentiable (autodiff).
+
+    Args:
+      queries: `[batch, seq, heads, head_dim]`, the position queries.
+      embeddings: `[2 * max_offset + 1, heads, head_dim]` covering every offset of the sequence.
+      query_blocks: int `[rows]`; key_blocks: int `[heads, rows, n]`.
+    """
+    relb = _blocks(queries, -(-queries.shape[1] // block), block)
+    precision = jax.lax.Precision.HIGHEST if queries.dtype == jnp.float32 else None
+
+    def row(xs):
+        a, ids = xs
+        by_offset, _ = _by_offset(relb[:, a], embeddings, _offset_index(embeddings, a, ids, block), precision)
+        return relative_lib.skew(by_offset, shift=block - 1, span=block)
+
+    return jax.lax.map(row, (jnp.asarray(query_blocks), jnp.moveaxis(jnp.asarray(key_blocks), 1, 0)))
 
 
 def _relative_grads(d_scores, by_offset_inputs, block: int):
@@ -441,6 +487,62 @@ def _merge_rows(out, lse, segment, count: int):
     return merged / as_out(total)
 
 
+def _sparse_partial(out, lse, query_blocks, global_blocks, seq: int) -> PartialAttention:
+    """The sparse rows' results (`_rows` order) as a partial attention `[batch, heads, seq(, head_dim)]`,
+    float32; the global blocks' rows attend nothing in it (out 0, lse `MASK_VALUE`)."""
+    none = lambda x, fill: jnp.full((len(global_blocks),) + x.shape[1:], fill, x.dtype)
+    sparse_out = _in_block_order(out, none(out, 0.0), query_blocks, global_blocks)
+    sparse_lse = _in_block_order(lse, none(lse, MASK_VALUE), query_blocks, global_blocks)
+    b, h = lse.shape[1:3]
+    return PartialAttention(
+        jnp.swapaxes(_unblock(jnp.moveaxis(sparse_out, 0, 1), seq), 1, 2),
+        jnp.moveaxis(sparse_lse, 0, 2).reshape(b, h, -1)[..., :seq],
+    )
+
+
+def global_blocks_relative(q, k, v, key_valid, *, spec: BlockSparseSpec, relative, scale: float):
+    """BigBird's global blocks with relative positions, through this module's rows: what the Pallas
+    kernels leave out of the pattern when they add the position term.
+
+    Args:
+      q, k, v: `[batch, seq, heads, head_dim]`.
+      key_valid: bool `[batch, seq]`, the keys any query may attend.
+      spec: with at least one global block.
+      relative: a `RelativePositions` covering every offset of the sequence.
+      scale: the score multiplier.
+
+    Returns:
+      part: every query of a sparse block against the global blocks' keys, a float32 partial
+        attention (out `[batch, heads, seq, head_dim]`, lse `[batch, heads, seq]`; the global
+        blocks' own rows attend nothing in it).
+      rows: the global blocks' queries against every key, float32 `[batch, g, heads, head_dim]`
+        for the `g` positions of `global_block_positions`, in its order.
+    """
+    b, seq, h, d = q.shape
+    block, rel = spec.block_size, (relative.queries, relative.embeddings)
+    key_valid = key_valid[None]
+    query_blocks, key_blocks, _ = key_block_lists(spec)
+    global_q, global_k, global_used, segment = _global_row_lists(spec, key_blocks.shape[-1])
+    row_kind = lambda rows: jnp.zeros(len(rows), jnp.int32)
+    out, lse = _rows(
+        q, k, v, key_valid, jnp.asarray(global_q), jnp.asarray(global_k), jnp.asarray(global_used),
+        row_kind(global_q), rel, block, spec.causal, scale,
+    )
+    merged = _merge_rows(out, lse, segment, len(spec.global_blocks))
+    rows = jnp.moveaxis(merged, 0, 1).reshape(b, -1, h, d)[:, :len(global_block_positions(spec, seq))]
+    if not len(query_blocks):
+        none = jnp.zeros((b, h, seq, d), jnp.float32)
+        return PartialAttention(none, jnp.full((b, h, seq), MASK_VALUE, jnp.float32)), rows
+    globals_ = np.asarray(spec.global_blocks, np.int32)
+    keys = np.broadcast_to(globals_, (h, len(query_blocks), len(globals_)))
+    used = np.broadcast_to(globals_[None] <= query_blocks[:, None] if spec.causal else True, keys.shape)
+    out, lse = _rows(
+        q, k, v, key_valid, jnp.asarray(query_blocks), jnp.asarray(keys), jnp.asarray(used), row_kind(query_blocks),
+        rel, block, spec.causal, scale,
+    )
+    return _sparse_partial(out, lse, query_blocks, spec.global_blocks, seq), rows
+
+
 def block_sparse_xla(
     q, k, v, *, spec: BlockSparseSpec, global_mask=None, padding_mask=None, scale=None,
     max_global_tokens=None, relative=None,
@@ -482,13 +584,7 @@ def block_sparse_xla(
         return global_tokens.finish(_unblock(jnp.moveaxis(out, 0, 1), seq), padding_mask, q.dtype)
     to_bhnd = lambda x: jnp.swapaxes(x, 1, 2)
     qh, kh, vh = to_bhnd(q), to_bhnd(k), to_bhnd(v)
-    none = lambda x, fill: jnp.full((len(spec.global_blocks),) + x.shape[1:], fill, x.dtype)
-    sparse_out = _in_block_order(out[:rows], none(out, 0.0), query_blocks, spec.global_blocks)
-    sparse_lse = _in_block_order(lse[:rows], none(lse, MASK_VALUE), query_blocks, spec.global_blocks)
-    part = PartialAttention(
-        to_bhnd(_unblock(jnp.moveaxis(sparse_out, 0, 1), seq)),
-        jnp.moveaxis(sparse_lse, 0, 2).reshape(b, h, -1)[..., :seq],
-    )
+    part = _sparse_partial(out[:rows], lse[:rows], query_blocks, spec.global_blocks, seq)
     out = to_bhnd(global_tokens.add_global_tokens(
         part, qh, kh, vh, global_mask=global_mask, global_qkv=None, padding_mask=padding_mask,
         max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,

@@ -114,6 +114,23 @@ class BigBirdPattern:
             self.spec, seq_len=self.seq_len, slot=self.slot, block_q=block_q, block_k=block_k, padded_len=padded_len
         )
 
+    @property
+    def visit_bias_width(self) -> int:
+        """Columns of a per-visit score bias: a slot per entry of `block_sparse.kernel_key_lists`."""
+        return block_sparse_lib.kernel_key_lists(self.spec)[1].shape[-1] * self.slot
+
+    def visit_bias_columns(self, layout: BlockLayout):
+        """Each visit's first column in a per-visit bias, by `layout.codes` and by `layout.t_codes`.
+
+        The bias of a query position in pattern block a holds, for entry e of
+        a's row in `kernel_key_lists` (key block b), the keys of b's slot at
+        columns `e * slot ...`: a visit of kernel key block c starts at
+        `e * slot + c * block_k - b * slot`. Layout-independent, so the
+        forward and backward layouts (other block lengths) share one bias.
+        GPU layouts only: their kernel blocks lie within a slot.
+        """
+        return bigbird_bias_columns(self.spec, self.slot, layout)
+
 
 @functools.lru_cache(maxsize=128)
 def band_layout(
@@ -233,6 +250,33 @@ def bigbird_layout(
         left=None, right=0 if causal else None, sub_block=slot if with_sub_blocks else None,
         sub_masks=sub_masks if with_sub_blocks else None,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def bigbird_bias_columns(spec: BlockSparseSpec, slot: int, layout: BlockLayout):
+    """`BigBirdPattern.visit_bias_columns`: int32 tables shaped as `layout.codes` and `layout.t_codes`."""
+    if layout.block_q > slot or layout.block_k > slot:
+        raise NotImplementedError(
+            f"a per-visit bias needs kernel blocks within one slot of {slot}, got ({layout.block_q}, {layout.block_k})"
+        )
+    query_blocks, key_blocks, key_used = block_sparse_lib.kernel_key_lists(spec)
+    row_of = np.full(spec.num_blocks, -1, np.int64)
+    row_of[query_blocks] = np.arange(len(query_blocks))
+    tables = []
+    for offsets, codes, transposed in ((layout.offsets, layout.codes, False), (layout.t_offsets, layout.t_codes, True)):
+        table = np.zeros(codes.shape, np.int32)
+        for h in range(codes.shape[0]):
+            total = offsets[h, -1]
+            owner, other, _ = layout.entries(h, transposed)
+            q_tile, k_tile = (np.asarray(x, np.int64) for x in ((other, owner) if transposed else (owner, other)))
+            a, b = q_tile * layout.block_q // slot, k_tile * layout.block_k // slot
+            row = row_of[a]
+            match = key_used[h, row] & (key_blocks[h, row] == b[:, None]) & (row >= 0)[:, None]
+            if np.any(match.sum(-1) != 1):
+                raise AssertionError("a BigBird layout visit is not exactly one entry of its row's key list")
+            table[h, :total] = match.argmax(-1) * slot + k_tile * layout.block_k - b * slot
+        tables.append(table)
+    return tuple(tables)
 
 
 @dataclasses.dataclass(frozen=True)

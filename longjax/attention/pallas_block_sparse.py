@@ -28,9 +28,18 @@ kernels:
   group, the position queries (split like q) meet the embeddings of the band's
   `left + right + 1` offsets (`relative.offset_rows`, steps of the dilation)
   outside the kernels, `by_offset[b, i, h, c] = queries_i . r_{dilation * (left - c)}`,
-  which the Triton kernels take as a banded score bias (column `left - i + j`
+  which the kernels take as a banded score bias (column `left - i + j`
   for key j) and differentiate; autodiff of the product gives the gradients of
-  the queries and the embeddings. The Mosaic (TPU) kernels refuse it.
+  the queries and the embeddings. BigBird's random blocks reach any offset, so
+  its term comes as a per-visit bias instead: per query block and kernel key
+  list entry (`block_sparse.kernel_key_lists`), the `[block, block]` terms of
+  that key block (`block_sparse.position_terms`: one `[block, 2 * block - 1]`
+  product and the relative shift), placed in slots, `[b, blocks x slot, h,
+  entries x slot]`, which the kernels read at each visit's columns
+  (`BigBirdPattern.visit_bias_columns`). The global blocks, which the kernels
+  leave out, then go through the XLA implementation's rows with the term
+  (`block_sparse.global_blocks_relative`). The Mosaic (TPU) kernels take the
+  banded bias (cut per tile by a strided lane rotation) and refuse the per-visit one.
 
 With `block_sizes=None` on a CPU host, compiled (an export), everything that
 depends on the block sizes (the kernels, BigBird's slots) is traced for both
@@ -177,7 +186,7 @@ def refuse_relative(relative) -> None:
     """Where the kernels' path does not take Transformer-XL's relative term (sequence-parallel): refused."""
     if relative is not None:
         raise NotImplementedError(
-            "impl='pallas' computes relative positions (relative=) only unsharded, on the Triton kernels; "
+            "impl='pallas' computes relative positions (relative=) only unsharded; "
             "impl='xla' does, or add them as head features (model.relative_positions='features')"
         )
 
@@ -185,7 +194,7 @@ def refuse_relative(relative) -> None:
 def _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret, relative=None):
     """(out `[b, n, h, d]`, lse `[b, h, n]`) of the band on the lowering's kernels.
 
-    relative: None or a `RelativePositions` (the Triton kernels only).
+    relative: None or a `RelativePositions`.
     """
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
@@ -263,24 +272,24 @@ def block_sparse_pallas(
     """BigBird attention on the block-sparse flash kernels; arguments as
     `longjax.attention.block_sparse_attention`.
 
-    `max_global_tokens` must already be resolved to an int when `global_mask` is given. The kernels
-    take the position term only as a banded bias (the sliding window's); BigBird's random and
-    global blocks reach any offset, so `relative` is refused.
+    `max_global_tokens` must already be resolved to an int when `global_mask` is given.
+    `relative` (the Triton kernels only; not with `global_mask`): the kernels take the position
+    term of their window and random blocks as a per-visit bias, and the global blocks go through
+    `block_sparse.global_blocks_relative`.
     """
-    if relative is not None:
-        raise NotImplementedError(
-            "impl='pallas' BigBird does not compute relative positions (relative=): its random and global "
-            "blocks reach any offset, past the kernels' banded bias; impl='xla' does"
-        )
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_valid = global_tokens.local_key_valid(q, global_mask, padding_mask)
+    relative_arrays = () if relative is None else (relative.queries, relative.embeddings)
     # The slots, so the kernel's inputs, depend on the lowering: all of it runs per lowering.
     out, lse = block_sparse_kernels.per_lowering(
         lambda blocks, *xs: _bigbird_kernel(*xs, spec=spec, scale=scale, block_sizes=blocks, interpret=interpret),
-        q, k, v, key_valid, block_sizes=block_sizes, interpret=interpret,
+        q, k, v, key_valid, *relative_arrays, block_sizes=block_sizes, interpret=interpret,
     )
+    if relative is not None:
+        return _complete_relative(out, lse, q, k, v, key_valid, spec=spec, relative=relative, scale=scale,
+                                  padding_mask=padding_mask)
     return _complete(
         out, lse, q, k, v, global_mask=global_mask, global_qkv=None,
         padding_mask=padding_mask, max_global_tokens=max_global_tokens, causal=spec.causal, scale=scale,
@@ -288,9 +297,44 @@ def block_sparse_pallas(
     )
 
 
-def _bigbird_kernel(q, k, v, key_valid, *, spec: BlockSparseSpec, scale, block_sizes, interpret):
+def _complete_relative(out, lse, q, k, v, key_valid, *, spec, relative, scale, padding_mask):
+    """`_complete` of a BigBird pattern with relative positions (no token-level globals): the global
+    blocks' keys merged into every sparse row, their rows written over, both with the position term."""
+    positions = block_sparse_lib.global_block_positions(spec, q.shape[1])
+    if positions is None:
+        return global_tokens.finish(out, padding_mask, q.dtype)
+    to_keys, rows = block_sparse_lib.global_blocks_relative(
+        q, k, v, key_valid, spec=spec, relative=relative, scale=scale
+    )
+    part = partial_softmax.merge(PartialAttention(jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse), to_keys)
+    out = jnp.swapaxes(part.out, 1, 2).at[:, positions].set(rows)
+    return global_tokens.finish(out, padding_mask, q.dtype)
+
+
+def _visit_bias(queries, embeddings, spec: BlockSparseSpec, slot: int):
+    """The position term as the kernels' per-visit bias: float32 `[b, blocks x slot, h, entries x slot]`.
+
+    Row `a * slot + s` (s < block_size) holds, for entry e of block a's kernel key list
+    (`block_sparse.kernel_key_lists`), the terms of that key block's keys at columns
+    `e * slot + t`; slot tails, the global blocks' rows and unused entries are zeros
+    (never attended).
+    """
+    size, blocks = spec.block_size, spec.num_blocks
+    query_blocks, key_blocks, _ = block_sparse_lib.kernel_key_lists(spec)
+    terms = block_sparse_lib.position_terms(queries, embeddings, query_blocks, key_blocks, size)
+    rows, b, h, entries = terms.shape[:4]
+    terms = jnp.pad(terms, [(0, 0)] * 4 + [(0, slot - size)] * 2)  # [rows, b, h, e, slot, slot]
+    full = jnp.zeros((blocks,) + terms.shape[1:], terms.dtype).at[query_blocks].set(terms)
+    # [blocks, b, h, e, s, t] -> [b, blocks, s, h, e, t]
+    return jnp.transpose(full, (1, 0, 4, 2, 3, 5)).reshape(b, blocks * slot, h, entries * slot)
+
+
+def _bigbird_kernel(q, k, v, key_valid, *relative, spec: BlockSparseSpec, scale, block_sizes, interpret):
     """(out `[b, n, h, d]`, lse `[b, h, n]`) of the BigBird pattern's sparse part, through slots the
-    lowering allows; the global blocks' rows come out empty (zeros, lse `MASK_VALUE`)."""
+    lowering allows; the global blocks' rows come out empty (zeros, lse `MASK_VALUE`).
+
+    relative: () or (position queries like q, embeddings `[2M + 1, h, d]` covering the sequence).
+    """
     b, n = q.shape[:2]
     size, blocks = spec.block_size, spec.num_blocks
     # Each BigBird block sits in a slot of the next length the backend's blocks allow; kernel
@@ -307,8 +351,9 @@ def _bigbird_kernel(q, k, v, key_valid, *, spec: BlockSparseSpec, scale, block_s
         return x.reshape(x.shape[:axis] + (blocks * size,) + x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, n),)]
 
     pattern = BigBirdPattern(spec, seq_len=n, slot=slot)
+    bias = _visit_bias(*relative, spec, slot) if relative else None
     out, lse = block_sparse_kernels.block_sparse_flash(
-        to_slots(q), to_slots(k), to_slots(v), to_slots(key_valid), pattern=pattern, scale=scale,
+        to_slots(q), to_slots(k), to_slots(v), to_slots(key_valid), pattern=pattern, scale=scale, bias=bias,
         block_sizes=block_sizes, interpret=interpret,
     )
     return from_slots(out, 1), from_slots(lse, 2)

@@ -119,12 +119,13 @@ AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention 
 # The layer types whose ops compute Transformer-XL's position term themselves (relative_positions='native'),
 # and the implementations of each that do.
 NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
-    # Sliding-window 'pallas': the Triton (GPU) kernels; the Mosaic (TPU) ones refuse the term.
+    # 'pallas': the sliding window on the Triton (GPU) and Mosaic (TPU) kernels, BigBird on the Triton
+    # ones (the Mosaic kernels refuse its per-visit bias).
     # impl None picks, per call, the first implementation of the backend that takes it.
     {
         FullAttention: FullAttention.IMPLS,
         SlidingWindowAttention: (None, "xla", "pallas", "reference"),
-        BlockSparseAttention: (None, "xla", "reference"),
+        BlockSparseAttention: (None, "xla", "pallas", "reference"),
     }
 )
 # With the sequence sharded (sequence_axis), the implementations that still compute the term.
@@ -158,8 +159,9 @@ class TransformerConfig:
       relative_positions: how 'txl_relative' positions reach the attention ops:
         'native' (the ops compute the position term `(q_i + v) . r_{i-j}` for the
         offsets their blocks can have: sliding-window layers without global
-        tokens (XLA, or the Triton kernels; the TPU kernels refuse it), BigBird
-        layers without global tokens (XLA), and full layers; with the sequence
+        tokens (XLA, or the Triton and Mosaic kernels), BigBird layers without
+        global tokens (XLA, or the Triton kernels; the Mosaic ones refuse it),
+        and full layers; with the sequence
         sharded, sliding-window layers (XLA) only; other layers are an error),
         'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers

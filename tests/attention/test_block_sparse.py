@@ -63,8 +63,9 @@ CASES = {
     "global_mask_in_global_blocks": (
         (2, 40, 2, 8), dict(block_size=4, global_mask=((1, 22), (13, 37)), padding=(40, 38))
     ),
-    # Transformer-XL relative positions (impl='xla' and the reference): `relative=n` gives a table n
-    # offsets wider than the sequence's reach, seq - 1. Random and global blocks reach any offset.
+    # Transformer-XL relative positions (impl='xla', the Triton kernels and the reference): `relative=n`
+    # gives a table n offsets wider than the sequence's reach, seq - 1. Random and global blocks reach
+    # any offset.
     "relative": ((2, 48, 2, 8), dict(block_size=4, relative=0)),
     "relative_causal_padding": ((2, 41, 2, 8), dict(block_size=4, causal=True, padding=(41, 30), relative=3)),
     "relative_given_layout_seq_not_multiple": (
@@ -118,6 +119,10 @@ SUBSETS = {
         ("padding_with_empty_row", "f32"), ("causal_global_mask_padding", "f32"),
         ("block_size_not_power_of_two", "f32"), ("other_global_blocks", "bf16"), ("causal", "bf16"),
         ("global_mask_in_global_blocks", "f32"),
+        # The position term as a per-visit bias; the global blocks through the XLA rows. The
+        # given layout's 6-token blocks sit in 8-position slots, split by the 4-position kernel blocks.
+        ("relative", "f32"), ("relative_causal_padding", "bf16"), ("relative_given_layout_seq_not_multiple", "f32"),
+        ("relative_single_block", "f32"),
     },
     "pallas-tpu": {
         ("causal", "f32"), ("global_mask", "f32"), ("block_size_not_power_of_two", "f32"), ("short_sequence", "bf16"),
@@ -352,8 +357,10 @@ def test_relative_is_refused_where_it_is_not_computed():
     for impl in ("xla", "pallas", "reference"):
         with pytest.raises(NotImplementedError, match="relative with global_mask"):
             block_sparse_attention(q, q, q, block_size=4, global_mask=global_mask, relative=relative, impl=impl)
-    with pytest.raises(NotImplementedError, match="impl='pallas' BigBird does not compute relative positions"):
-        block_sparse_attention(q, q, q, block_size=4, relative=relative, impl="pallas", interpret=True)
+    with pytest.raises(NotImplementedError, match=r"the TPU \(Mosaic\) kernels take only a banded score bias"):
+        block_sparse_attention(
+            q, q, q, block_size=4, relative=relative, impl="pallas", interpret=True, block_sizes=TpuBlockSizes(8, 8, 8, 8)
+        )
     with jax.set_mesh(jax.make_mesh((1,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))):
         with pytest.raises(NotImplementedError, match="relative positions .relative=. only unsharded"):
             block_sparse_attention(q, q, q, block_size=4, relative=relative, impl="xla", sequence_axis="sequence")

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
-from longjax.attention import arguments, bigbird_random_layout, kernel_layouts, masks, specs
+from longjax.attention import arguments, bigbird_random_layout, block_sparse, kernel_layouts, masks, specs
 from tests.kernels.layout_checks import bigbird_dense_part, check_transposed_and_flattened, visited
 
 _BLOCKS = st.sampled_from([1, 2, 4, 8, 16, 24])
@@ -108,6 +108,36 @@ def test_bigbird_layout_matches_mask(problem):
         assert np.all([real[c * block_k:(c + 1) * block_k].any() for c in cols.tolist()])
         assert np.all([real[r * block_q:(r + 1) * block_q].any() for r in rows.tolist()])
     check_transposed_and_flattened(layout)
+
+
+@settings(max_examples=60)
+@given(_bigbird())
+def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
+    # The per-visit bias (relative positions on the Triton kernels): the visit of kernel blocks
+    # (r, c) reads the keys of c at consecutive columns from its table entry. Those columns must
+    # be key j's slot within the entry of j's block in the row's kernel key list (where
+    # `_visit_bias` puts its term), the same from the forward and the transposed tables.
+    seq, spec, slot, block_q, block_k = problem
+    if max(block_q, block_k) > slot:
+        return  # the Triton kernels' blocks lie within a slot
+    layout = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=slot, block_q=block_q, block_k=block_k)
+    columns, t_columns = kernel_layouts.bigbird_bias_columns(spec, slot, layout)
+    assert columns.shape == layout.codes.shape and t_columns.shape == layout.t_codes.shape
+    query_blocks, key_blocks, key_used = block_sparse.kernel_key_lists(spec)
+    row_of = {int(a): i for i, a in enumerate(query_blocks)}
+    width = kernel_layouts.BigBirdPattern(spec, seq_len=seq, slot=slot).visit_bias_width
+    for h in range(layout.layout_heads):
+        rows, cols, _ = layout.entries(h)
+        forward = dict(zip(zip(rows.tolist(), cols.tolist()), columns[h, :len(rows)].tolist()))
+        t_cols, t_rows, _ = layout.entries(h, transposed=True)
+        assert dict(zip(zip(t_rows.tolist(), t_cols.tolist()), t_columns[h, :len(t_rows)].tolist())) == forward
+        for (r, c), first in forward.items():
+            a, keys = r * block_q // slot, c * block_k + np.arange(block_k)
+            entry, within = (first + np.arange(block_k)) // slot, (first + np.arange(block_k)) % slot
+            assert 0 <= first and first + block_k <= width
+            np.testing.assert_array_equal(key_blocks[h, row_of[a], entry], keys // slot)
+            assert key_used[h, row_of[a], entry].all()
+            np.testing.assert_array_equal(within, keys % slot)
 
 
 def _bigbird_4096(causal):

@@ -82,10 +82,10 @@ def _build(case: str, dtype):
         options["global_mask"] = battery.token_mask(batch, seq, options["global_mask"])
     if "padding" in options:
         options["padding_mask"] = battery.padding_mask(batch, seq, options.pop("padding"))
-    arrays = battery.random_inputs(hash(case) % 1000, shape, dtype, 6 if separate else 3)
+    arrays = battery.random_inputs(sum(map(ord, case)), shape, dtype, 6 if separate else 3)
     if extra_offsets is not None:
         spec_reach = sliding_window_reach(*_window_sides(options), options.get("dilation", (1,)), seq)
-        arrays += battery.relative_inputs(hash(case) % 1000 + 7, shape, dtype, max_offset=spec_reach + extra_offsets)
+        arrays += battery.relative_inputs(sum(map(ord, case)) + 7, shape, dtype, max_offset=spec_reach + extra_offsets)
 
     def make(impl, extra):
         def fn(q, k, v, *rest):
@@ -121,6 +121,8 @@ SUBSETS = {
     },
     "pallas-tpu": {
         ("asymmetric_right_only", "f32"), ("dilation_causal", "f32"), ("padding_globals", "f32"), ("causal", "bf16"),
+        ("relative_causal", "f32"), ("relative_asymmetric_dilation", "f32"), ("relative_causal_dilation", "bf16"),
+        ("relative_padding_beyond_window", "f32"),
     },
 }
 
@@ -279,15 +281,3 @@ def test_default_impl_is_exact():
         sliding_window_attention(q, k, v, window=3, impl="reference"),
         **battery.TOLERANCES[jnp.dtype(jnp.float32)],
     )
-
-
-def test_relative_on_pallas_takes_the_triton_kernels_only():
-    q, k, v = battery.random_inputs(3, (1, 20, 2, 8), jnp.float32, 3)
-    relative = RelativePositions(*battery.relative_inputs(4, q.shape, jnp.float32, max_offset=2))
-    op = functools.partial(sliding_window_attention, window=2, relative=relative, impl="pallas")
-    with pytest.raises(NotImplementedError, match=r"TPU \(Mosaic\) kernels take no score bias"):
-        op(q, k, v, interpret=True, block_sizes=TpuBlockSizes())
-    if jax.default_backend() == "cpu":
-        # Compiled on a CPU host with block_sizes=None, both lowerings are traced: the Mosaic one refuses.
-        with pytest.raises(NotImplementedError, match=r"no score bias.*TpuBlockSizes one: pass GpuBlockSizes"):
-            jax.eval_shape(functools.partial(op, interpret=False), q, k, v)

@@ -27,7 +27,7 @@ from jax import export
 
 from kernels_pallas.block_sparse_flash import GpuBlockSizes, TpuBlockSizes
 from kernels_pallas.gpu_resources import TRITON_CALL
-from longjax.attention import block_sparse_attention
+from longjax.attention import RelativePositions, block_sparse_attention, sliding_window_attention
 from tests.kernels import gpu_cases
 
 SEQ, HEADS = 8192, 4
@@ -118,3 +118,23 @@ def test_bigbird_short_blocks_lower_with_128_tiles_for_tpu(block_size):
     grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), (0, 1, 2))
     assert _pallas_block_rows(jax.make_jaxpr(grad)(x, x, x).jaxpr) == [(128, 128)] * 3
     assert _export(grad, "tpu", (x, x, x)).count("@tpu_custom_call(") == 3
+
+
+@pytest.mark.parametrize("block_sizes", [TpuBlockSizes(), None], ids=["tpu-blocks", "default-blocks"])
+def test_sliding_window_relative_lowers_for_tpu(block_sizes):
+    # Transformer-XL's term on the Mosaic kernels: the banded bias's 513 columns (window 256 a side)
+    # as 640-lane row blocks, cut per tile by strided lane rotations. Without block sizes both
+    # lowerings are traced (each takes the banded bias) and the TPU export keeps Mosaic's.
+    x = jax.ShapeDtypeStruct((1, SEQ, HEADS, 64), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((2 * 256 + 1, HEADS, 64), jnp.bfloat16)
+
+    def loss(q, k, v, queries, embeddings):
+        out = sliding_window_attention(
+            q, k, v, window=256, relative=RelativePositions(queries, embeddings), impl="pallas", interpret=False,
+            **({} if block_sizes is None else {"block_sizes": block_sizes}),
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = _export(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), "tpu", (x, x, x, x, table))
+    assert text.count("@tpu_custom_call(") == 3 and TRITON_CALL not in text
+    assert f"{SEQ}x{SEQ}" not in text

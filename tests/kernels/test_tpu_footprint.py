@@ -195,3 +195,18 @@ def test_over_vmem_budget_is_refused_before_lowering():
     )
     with pytest.raises(ValueError, match=r"needs [\d,]+ B of TPU vector memory \(VMEM\).*over the 16,777,216 B budget"):
         jax.eval_shape(fn, q)
+
+
+def test_a_banded_bias_adds_its_row_blocks():
+    # Relative positions on the Mosaic kernels: the forward and dk/dv kernels read a [block, 640]
+    # float32 block of the 513-column bias (window 256 a side, whole lanes); dq reads one and
+    # writes its gradient. Each is double-buffered.
+    pattern = BandPattern(seq_len=4096, left=256, right=256)
+    plain = block_sparse_kernels.tpu_footprints(pattern, batch=1, head_dim=64, dtype=jnp.bfloat16)
+    with_bias = block_sparse_kernels.tpu_footprints(
+        pattern, batch=1, head_dim=64, dtype=jnp.bfloat16, bias_width=513
+    )
+    rows = 2 * tpu_footprint.vmem_tile_bytes((128, 640), jnp.float32)
+    extra = {kind: with_bias[kind].vmem_bytes - plain[kind].vmem_bytes for kind in plain}
+    assert extra == {"forward": rows, "dq": 2 * rows, "dkv": rows}
+    assert all(fp.vmem_bytes <= tpu_footprint.VMEM_BUDGET for fp in with_bias.values())

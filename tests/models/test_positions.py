@@ -104,6 +104,22 @@ def test_native_relative_matches_features_in_sparse_bigbird(causal):
     chex.assert_trees_all_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
 
 
+def test_native_relative_in_pallas_bigbird_matches_xla():
+    # The Triton kernels (interpreted) take the term as a per-visit bias; their float32 matmuls
+    # have bfloat16 operands (as on a GPU), so agreement is to a few bfloat16 roundings.
+    x = jax.random.normal(jax.random.key(4), (2, 29, 16))
+    outs = []
+    for impl in ("xla", "pallas"):
+        attention = dict(type="block_sparse", block_size=4, num_random_blocks=3, impl=impl)
+        cfg = tiny_config(attention, num_layers=1, relative_positions="native")
+        assert cfg.native_relative(0)
+        layer = models.MultiHeadAttention(cfg, layer=0, causal=True)
+        params = layer.init(jax.random.key(1), x)
+        outs.append(jax.jit(layer.apply)(params, x))
+    chex.assert_trees_all_close(outs[1], outs[0], atol=1e-2, rtol=1e-2)
+    assert float(jnp.abs(outs[0]).max()) > 0.1
+
+
 def test_native_relative_with_the_sequence_sharded_is_the_sliding_window_only():
     # sequence_axis is the run's (mesh.sequence), set on the built config.
     sharded = lambda attention, **fields: dataclasses.replace(
