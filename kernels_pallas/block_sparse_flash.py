@@ -42,7 +42,10 @@ kernels) enters without a `seq x seq` array. A pattern whose keys reach any
 offset (BigBird's random blocks) takes a per-visit bias instead: its
 `visit_bias_columns` place each visit's keys at consecutive columns of a
 `[batch, seq, heads, visit_bias_width]` bias. Its gradient comes back through
-the `custom_vjp`. The Triton kernels take both (they gather the bias tiles with
+the `custom_vjp`. A bias given as a `ComputedBias` (a function of smaller
+arrays, as relative positions' queries and embeddings) is recomputed in the
+backward pass rather than saved, so a model keeps those arrays between its
+passes, not the float32 bias. The Triton kernels take both (they gather the bias tiles with
 integer-array loads); the Mosaic ones take the banded bias only, cutting each
 tile out of the query block's rows with a strided lane rotation
 (`block_sparse_tpu`), as Mosaic has no gather.
@@ -54,7 +57,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -305,6 +309,20 @@ class _Config:
 # --- the public wrapper ------------------------------------------------------------------------
 
 
+class ComputedBias(NamedTuple):
+    """A score bias computed from arrays: `fn(*args)`, float32 (see `block_sparse_flash`'s `bias`).
+
+    The call computes it in the forward pass and again in the backward pass,
+    where `jax.vjp(fn, *args)` takes the bias's gradient to the arguments': only
+    `args` are saved between the passes. `fn` must be a function of `args`
+    alone (static settings bound, e.g. with `functools.partial`), no traced
+    values closed over.
+    """
+
+    fn: Callable
+    args: tuple
+
+
 def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, block_sizes=None, interpret=None):
     """Block-sparse flash attention over a band or BigBird pattern.
 
@@ -316,7 +334,8 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, 
       pattern: a `Pattern`, e.g. `longjax.attention.kernel_layouts.BandPattern`
         or `BigBirdPattern`.
       scale: score multiplier.
-      bias: None, or a banded score bias, float32 `[batch, seq, heads, left + right + 1]`
+      bias: None, a `ComputedBias` computing one (recomputed in the backward pass, not
+        saved), or the bias itself (saved for the backward pass): a banded score bias, float32 `[batch, seq, heads, left + right + 1]`
         for a band pattern of sides (left, right): the score of query i and key j
         becomes `scale * (q_i . k_j + bias[i, left - i + j])`; for a pattern with
         `visit_bias_columns` (BigBird's), a per-visit bias, float32 `[batch, seq,
@@ -340,11 +359,23 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, 
       attend nothing; lse float32 `[batch, heads, seq]`, `MASK_VALUE` for them.
     """
     interpret = common.resolve_interpret(interpret)
-    args = (q, k, v, key_valid) if bias is None else (q, k, v, key_valid, bias)
+    if bias is not None and not isinstance(bias, ComputedBias):
+        bias = ComputedBias(_given, (bias,))
+    bias_fn, bias_args = (None, ()) if bias is None else (bias.fn, tuple(bias.args))
     return per_lowering(
-        functools.partial(_block_sparse_flash, pattern=pattern, scale=scale, interpret=interpret),
-        *args, block_sizes=block_sizes, interpret=interpret,
+        functools.partial(_block_sparse_flash, pattern=pattern, scale=scale, interpret=interpret, bias_fn=bias_fn),
+        q, k, v, key_valid, *bias_args, block_sizes=block_sizes, interpret=interpret,
     )
+
+
+def _given(bias):
+    """The bias of a call given it as an array: itself (so the array is what the backward pass keeps)."""
+    return bias
+
+
+def _padded_bias(fn, pad: int, *args):
+    """`fn(*args)` padded along seq by `pad` positions (zeros), as the kernels' inputs."""
+    return jnp.pad(fn(*args), ((0, 0), (0, pad), (0, 0), (0, 0)))
 
 
 def _check_bias(bias, config: _Config, q) -> None:
@@ -373,7 +404,7 @@ def _check_bias(bias, config: _Config, q) -> None:
         )
 
 
-def _block_sparse_flash(block_sizes, q, k, v, key_valid, bias=None, *, pattern, scale, interpret):
+def _block_sparse_flash(block_sizes, q, k, v, key_valid, *bias_args, pattern, scale, interpret, bias_fn=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4 or x.shape != q.shape or x.dtype != q.dtype:
             raise ValueError(
@@ -397,14 +428,15 @@ def _block_sparse_flash(block_sizes, q, k, v, key_valid, bias=None, *, pattern, 
                 f"(tiles {width} wide); impl='xla' serves it"
             )
     config = _make_config(pattern, block_sizes, interpret, scale, head_dim, q.dtype)
-    if bias is not None:
-        _check_bias(bias, config, q)
+    if bias_fn is not None:
+        _check_bias(jax.eval_shape(bias_fn, *bias_args), config, q)
     padded = config.padded_len
     # Whole blocks in seq only: the Triton kernels mask the head to its power-of-two tile width
     # in-kernel, and Mosaic takes full-width head blocks.
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0), (0, 0)))
     valid = jnp.pad(key_valid, ((0, 0), (0, padded - seq)))
-    out, lse = _flash(pad(q), pad(k), pad(v), valid, None if bias is None else pad(bias), config)
+    bias_fn = None if bias_fn is None else functools.partial(_padded_bias, bias_fn, padded - seq)
+    out, lse = _flash(pad(q), pad(k), pad(v), valid, bias_args, config, bias_fn)
     return out[:, :seq], lse[:, :, :seq]
 
 
@@ -473,18 +505,19 @@ def _make_config(pattern, block_sizes: BlockSizes, interpret: bool, scale: float
 # --- custom VJP ----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, valid, bias, config: _Config):
-    return _forward(q, k, v, valid, bias, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, valid, bias_args, config: _Config, bias_fn):
+    """(out, lse); with `bias_fn`, the score bias `bias_fn(*bias_args)` (padded), recomputed backward."""
+    return _forward(q, k, v, valid, None if bias_fn is None else bias_fn(*bias_args), config)
 
 
-def _flash_fwd(q, k, v, valid, bias, config):
-    out, lse = _forward(q, k, v, valid, bias, config)
-    return (out, lse), (q, k, v, valid, bias, out, lse)
+def _flash_fwd(q, k, v, valid, bias_args, config, bias_fn):
+    out, lse = _forward(q, k, v, valid, None if bias_fn is None else bias_fn(*bias_args), config)
+    return (out, lse), (q, k, v, valid, bias_args, out, lse)
 
 
-def _flash_bwd(config, residuals, cotangents):
-    q, k, v, valid, bias, out, lse = residuals
+def _flash_bwd(config, bias_fn, residuals, cotangents):
+    q, k, v, valid, bias_args, out, lse = residuals
     d_out, d_lse = cotangents
     # Per-row terms in [batch, heads, seq]; rows that attended nothing get lse = +1e30,
     # so every p = exp2(s - lse) of theirs is 0.
@@ -493,11 +526,12 @@ def _flash_bwd(config, residuals, cotangents):
     )
     lse2 = jnp.where(lse < -MASK_VALUE / 2, lse * LOG2E, -MASK_VALUE)
     lowering, do = _LOWERINGS[config.backend], d_out.astype(q.dtype)
-    if bias is None:
+    if bias_fn is None:
         dq, dk, dv = lowering.backward(q, k, v, valid, do, lse2, row_term, config)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, ()
+    bias, bias_vjp = jax.vjp(bias_fn, *bias_args)
     dq, dk, dv, d_bias = lowering.backward(q, k, v, valid, do, lse2, row_term, config, bias=bias)
-    return dq, dk, dv, None, d_bias
+    return dq, dk, dv, None, bias_vjp(d_bias)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

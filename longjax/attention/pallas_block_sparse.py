@@ -40,6 +40,10 @@ kernels:
   leave out, then go through the XLA implementation's rows with the term
   (`block_sparse.global_blocks_relative`). The Mosaic (TPU) kernels take the
   banded bias (cut per tile by a strided lane rotation) and refuse the per-visit one.
+  Either bias goes to the kernels as a `ComputedBias` of the position queries
+  and the table: recomputed in the backward pass, so what stays saved between
+  the passes is those arrays, not the float32 bias (`left + right + 1` or
+  `entries x slot` columns a query).
 
 With `block_sizes=None` on a CPU host, compiled (an export), everything that
 depends on the block sizes (the kernels, BigBird's slots) is traced for both
@@ -51,6 +55,7 @@ Layout: `[batch, seq, heads, head_dim]`, as the public ops.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -105,7 +110,11 @@ def _dilated_band(q, k, v, key_valid, *, left, right, dilation, scale, block_siz
     def run(q, k, v, key_valid, queries=None):
         bias = None
         if queries is not None:
-            bias = _offset_bias(queries, relative[1], relative[2], pattern, dilation)
+            # Recomputed in the backward pass from the queries and the table, which are what stay saved.
+            bias = block_sparse_kernels.ComputedBias(
+                functools.partial(_offset_bias, max_offset=relative[2], pattern=pattern, dilation=dilation),
+                (queries, relative[1]),
+            )
         return block_sparse_kernels.block_sparse_flash(
             q, k, v, key_valid, pattern=pattern, scale=scale, bias=bias, block_sizes=block_sizes,
             interpret=interpret,
@@ -351,7 +360,9 @@ def _bigbird_kernel(q, k, v, key_valid, *relative, spec: BlockSparseSpec, scale,
         return x.reshape(x.shape[:axis] + (blocks * size,) + x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, n),)]
 
     pattern = BigBirdPattern(spec, seq_len=n, slot=slot)
-    bias = _visit_bias(*relative, spec, slot) if relative else None
+    bias = None
+    if relative:
+        bias = block_sparse_kernels.ComputedBias(functools.partial(_visit_bias, spec=spec, slot=slot), relative)
     out, lse = block_sparse_kernels.block_sparse_flash(
         to_slots(q), to_slots(k), to_slots(v), to_slots(key_valid), pattern=pattern, scale=scale, bias=bias,
         block_sizes=block_sizes, interpret=interpret,

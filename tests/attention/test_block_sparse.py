@@ -373,3 +373,18 @@ def test_relative_changes_the_output():
     plain = block_sparse_attention(q, k, v, block_size=4, impl="xla")
     with_positions = block_sparse_attention(q, k, v, block_size=4, relative=relative, impl="xla")
     assert float(jnp.abs(with_positions - plain).max()) > 0.1
+
+
+def test_relative_on_the_kernels_keeps_the_queries_not_the_bias():
+    # The Triton kernels' per-visit bias (6 entries of 4-position slots, 24 float32 columns a query)
+    # is recomputed in the backward pass: the gradient keeps the position queries and the table.
+    q, k, v = battery.random_inputs(6, (1, 40, 2, 8), jnp.float32, 3)
+    relative = _relative(q.shape, 39)
+    op = lambda q, k, v, queries, table: block_sparse_attention(
+        q, k, v, block_size=4, relative=RelativePositions(queries, table), impl="pallas", interpret=True,
+        block_sizes=GpuBlockSizes(8, 4, 4, 8),
+    )
+    _, backward = jax.vjp(op, q, k, v, *relative)
+    saved = jax.tree_util.tree_leaves(backward)
+    assert not [x.shape for x in saved if x.ndim == 4 and x.shape[-1] == 24]
+    assert any(x.shape == relative.embeddings.shape for x in saved)

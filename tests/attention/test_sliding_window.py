@@ -281,3 +281,21 @@ def test_default_impl_is_exact():
         sliding_window_attention(q, k, v, window=3, impl="reference"),
         **battery.TOLERANCES[jnp.dtype(jnp.float32)],
     )
+
+
+@pytest.mark.parametrize(
+    "block_sizes", [GpuBlockSizes(8, 4, 4, 8), TpuBlockSizes(8, 16, 16, 8)], ids=["pallas-gpu", "pallas-tpu"]
+)
+def test_relative_on_the_kernels_keeps_the_queries_not_the_bias(block_sizes):
+    # The kernels' float32 banded bias (left + right + 1 = 30 columns a query) is recomputed in the
+    # backward pass: between the passes the gradient keeps the position queries and the table.
+    q, k, v = battery.random_inputs(6, (1, 61, 2, 8), jnp.float32, 3)
+    queries, table = battery.relative_inputs(7, q.shape, jnp.float32, max_offset=20)
+    op = lambda q, k, v, queries, table: sliding_window_attention(
+        q, k, v, window=(20, 9), relative=RelativePositions(queries, table), impl="pallas", interpret=True,
+        block_sizes=block_sizes,
+    )
+    _, backward = jax.vjp(op, q, k, v, queries, table)
+    saved = jax.tree_util.tree_leaves(backward)
+    assert not [x.shape for x in saved if x.ndim == 4 and x.shape[-1] == 30]
+    assert any(x.shape == table.shape for x in saved)
