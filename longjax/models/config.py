@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from longjax import sections
@@ -132,12 +133,20 @@ NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
 SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     {SlidingWindowAttention: (None, "xla")}
 )
+# The (layer type, impl) pairs whose kernels refuse the term on some backends: BigBird's per-visit
+# bias is gathered per tile, which the Mosaic (TPU) kernels cannot.
+NATIVE_RELATIVE_REFUSED_ON: Mapping[tuple, tuple] = types.MappingProxyType(
+    {(BlockSparseAttention, "pallas"): ("tpu",)}
+)
 
 
-def takes_native_relative(attention, *, sequence_parallel: bool = False) -> bool:
-    """Whether a layer's op computes Transformer-XL's position term itself (its type and impl)."""
+def takes_native_relative(attention, *, sequence_parallel: bool = False, backend: str | None = None) -> bool:
+    """Whether a layer's op computes Transformer-XL's position term itself (its type and impl), on
+    `backend` (None: the default backend, `jax.default_backend()`)."""
     table = SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS if sequence_parallel else NATIVE_RELATIVE_IMPLS
-    return attention.impl in table.get(type(attention), ())
+    backend = jax.default_backend() if backend is None else backend
+    refused_on = NATIVE_RELATIVE_REFUSED_ON.get((type(attention), attention.impl), ())
+    return attention.impl in table.get(type(attention), ()) and backend not in refused_on
 # The layer types whose ops shard the sequence, and the implementations of each that do.
 SEQUENCE_PARALLEL_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     {SlidingWindowAttention: (None, "xla", "pallas"), BlockSparseAttention: (None, "xla"), PerformerAttention: (None, "xla")}
@@ -166,8 +175,8 @@ class TransformerConfig:
         'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers
         and kernels included, at the cost of heads `head_dim + d_model` wide) or
-        'auto' (per layer and call: 'native' where its op computes the term,
-        'features' elsewhere, and in calls with global tokens). All compute the
+        'auto' (per layer and call: 'native' where its op computes the term on
+        the default backend, 'features' elsewhere, and in calls with global tokens). All compute the
         same scores from the same parameters.
       max_positions: rows of the learned position table.
       position_offset: RoBERTa's padding offset: the first real token gets
@@ -254,8 +263,13 @@ class TransformerConfig:
                 raise ValueError(
                     f"model.relative_positions='native': layer {layer} is {type(attention).__name__}"
                     f"(impl={attention.impl!r}), whose op does not compute relative positions"
-                    + (" with the sequence sharded" if sharded else "") + " (those that do: "
+                    + (" with the sequence sharded" if sharded else "")
+                    + (f" on {jax.default_backend()}" if takes_native_relative(attention, sequence_parallel=sharded,
+                                                                               backend="cpu") else "")
+                    + " (those that do: "
                     + ", ".join(f"{t.__name__} with impl in {impls}" for t, impls in table.items())
+                    + "; not " + ", ".join(f"{t.__name__} impl={impl!r} on {', '.join(on)}"
+                                           for (t, impl), on in NATIVE_RELATIVE_REFUSED_ON.items())
                     + "); set model.relative_positions='features' or 'auto'"
                 )
             if isinstance(attention, PerformerAttention) and not attention.random_features:
