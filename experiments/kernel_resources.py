@@ -1,6 +1,7 @@
 """Shared memory, registers, spills and tensor-core use of every Pallas GPU kernel, compiled for sm_90 here.
 
-Exports each op's gradient program for CUDA (`tests/kernels/gpu_cases.py`),
+Exports each op's gradient program for CUDA (`tests/kernels/gpu_cases.py`; the
+`*_relative` ops with Transformer-XL positions computed in the kernels),
 compiles every Triton kernel in it with the pip `triton` (the `gpu-check`
 extra) and `ptxas -v`, and prints one row per kernel; `--csv` writes them.
 Runs on a CPU host in a few minutes:
@@ -24,7 +25,7 @@ from tests.kernels import gpu_cases  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default=",".join(gpu_cases.OPS))
+    parser.add_argument("--ops", default=",".join(gpu_cases.OPS + tuple(gpu_cases.RELATIVE_OPS)))
     parser.add_argument("--dtypes", default=",".join(gpu_cases.DTYPES))
     parser.add_argument("--head-dims", default=",".join(map(str, gpu_cases.HEAD_DIMS)))
     parser.add_argument("--csv", default=None)

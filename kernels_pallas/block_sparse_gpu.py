@@ -60,8 +60,11 @@ def kernel_head_dim(head_dim: int, interpret: bool) -> int:
     return width if interpret else max(TRITON_MIN_DOT, width)
 
 
-def _params(config, width):
-    num_warps = config.num_warps or (4 if width <= 64 else 8)
+def _params(config, width, bias_tile: int = 0):
+    """Warps: as asked, else 4 up to a 64-wide head tile and 8 above; with a score bias whose tile
+    (`bias_tile` scores) exceeds 64 x 64, 8: its gathered float32 tile and int32 indices would
+    otherwise spill (a 128 x 64 float32 forward at head_dim 64 spilled 328 B with 4)."""
+    num_warps = config.num_warps or (4 if width <= 64 and bias_tile <= 64 * 64 else 8)
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=config.num_stages)
 
 
@@ -179,7 +182,7 @@ def forward(q, k, v, valid, config, bias=None):
                   q_block, whole_seq, whole_seq, *extra_specs],
         out_specs=[q_block, pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n), jnp.float32)],
-        compiler_params=_params(config, d),
+        compiler_params=_params(config, d, 0 if bias is None else bq * bk),
         interpret=config.interpret,
         name="block_sparse_flash_fwd" if bias is None else "block_sparse_flash_bias_fwd",
     )(offsets, codes, visit.key_block_flags(valid, bk), valid.astype(jnp.int32), q, k, v, *extra_args)
@@ -260,7 +263,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     whole_rows = pl.BlockSpec((None, None, n), lambda r, bi, hi: (bi, hi, 0))
     block_of = lambda size: pl.BlockSpec((None, size, None, d), lambda r, bi, hi: (bi, r, hi, 0))
     rows_of = lambda size: pl.BlockSpec((None, None, size), lambda r, bi, hi: (bi, hi, r))
-    params = _params(config, d)
+    params = _params(config, d, 0 if bias is None else bq * bk)
 
     offsets, codes = _layout_arrays(layout, transposed=False)
     dq_args = [offsets, codes, flags, valid_i32, q, k, v, do, lse2, row_term]

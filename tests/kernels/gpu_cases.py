@@ -15,7 +15,8 @@ from jax import export
 
 from kernels_pallas import gpu_resources
 from kernels_pallas.gpu_resources import TRITON_CALL
-from longjax.attention import block_sparse_attention, favor_attention, sliding_window_attention
+from kernels_pallas.block_sparse_flash import GpuBlockSizes
+from longjax.attention import RelativePositions, block_sparse_attention, favor_attention, sliding_window_attention
 
 SEQ, HEADS, FEATURES = 4096, 4, 256
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
@@ -62,6 +63,45 @@ def _ops():
 
 OPS = tuple(_ops())
 
+# Transformer-XL relative positions computed in the op (`relative=`): the Triton kernels' banded
+# bias (window 256, per-head dilation or none) and BigBird's per-visit bias. None: BigBird.
+RELATIVE_OPS = {"band_relative": (1, 1, 1, 1), "band_relative_dilated": (1, 1, 2, 2), "bigbird_relative": None}
+RELATIVE_WINDOW = 256
+
+
+def relative_gradient(op: str, dtype, head_dim: int) -> str:
+    """The CUDA export of `value_and_grad` of a `RELATIVE_OPS` op wrt q, k, v, the position queries
+    and the offset embeddings (the dilated band causal, the plain band not; BigBird causal)."""
+    dilation = RELATIVE_OPS[op]
+    dtype = DTYPES.get(dtype, dtype)
+    x = jax.ShapeDtypeStruct((1, SEQ, HEADS, head_dim), dtype)
+    # BigBird's random blocks reach any offset: its table covers the sequence.
+    reach = SEQ - 1 if dilation is None else max(dilation) * RELATIVE_WINDOW
+    table = jax.ShapeDtypeStruct((2 * reach + 1, HEADS, head_dim), dtype)
+    mask = jax.ShapeDtypeStruct((1, SEQ), jnp.bool_)
+    # block_sizes=None on a CPU host traces the Mosaic lowering too, which refuses BigBird's bias.
+    options = dict(impl="pallas", interpret=False, block_sizes=GpuBlockSizes())
+
+    def loss(q, k, v, queries, embeddings, padding_mask):
+        relative = RelativePositions(queries, embeddings)
+        if dilation is None:
+            out = block_sparse_attention(
+                q, k, v, block_size=64, causal=True, padding_mask=padding_mask, relative=relative, **options
+            )
+        else:
+            out = sliding_window_attention(
+                q, k, v, window=RELATIVE_WINDOW, dilation=dilation, causal=len(set(dilation)) > 1,
+                padding_mask=padding_mask, relative=relative, **options,
+            )
+        return jnp.sum(out.astype(jnp.float32))
+
+    with target_gpu():
+        exported = export.export(
+            jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(x, x, x, x, table, mask)
+    return exported.mlir_module()
+
 
 def target_gpu():
     """The abstract H100 a CUDA export names: from JAX 0.11 the Triton lowering asks for its target."""
@@ -72,7 +112,10 @@ def target_gpu():
 
 
 def exported_gradient(op: str, dtype: str, head_dim: int) -> str:
-    """The module text of `value_and_grad` of the op wrt q, k, v, exported for CUDA."""
+    """The module text of `value_and_grad` of the op wrt q, k, v (and, for `RELATIVE_OPS`, the
+    position queries and embeddings), exported for CUDA."""
+    if op in RELATIVE_OPS:
+        return relative_gradient(op, dtype, head_dim)
     fn = _ops()[op]
     x = jax.ShapeDtypeStruct((1, SEQ, HEADS, head_dim), DTYPES[dtype])
     mask = jax.ShapeDtypeStruct((1, SEQ), jnp.bool_)
