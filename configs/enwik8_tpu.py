@@ -20,9 +20,10 @@ measurements: no TPU has run this config yet.
   that width: the forward and gradient programs of phases 1 and 2 lower for
   TPU from a CPU host, each kernel's VMEM footprint at most 2.7 MiB of a v5e's
   16 MiB scoped limit. The GPU (Triton) kernels take heads of at most 256 features
-  and refuse this model (NotImplementedError naming the width): on a GPU run
-  it with `--config.model.attention.impl=xla --config.model.relative_positions=native`
-  (the same model, its position term computed in the XLA op on 64-wide heads).
+  and refuse the 576-wide ones (NotImplementedError naming the width): on a GPU run
+  it with `--config.model.relative_positions=native` (the same model, its position
+  term computed in the Triton kernels on 64-wide heads; the banded bias is
+  recomputed in the backward pass, so a layer holds it only while it runs).
 * One device only for Pallas. The run's data-parallel step is partitioned by
   the compiler, and JAX refuses to partition a Mosaic kernel ("Mosaic kernels
   cannot be automatically partitioned"), so on a multi-device runtime such as

@@ -113,12 +113,13 @@ def _check_no_sub_blocks(layout) -> None:
 
 
 def _bias_width(bias) -> int | None:
-    """The bias's band width, None without one (`block_sparse_flash._check_bias` checked it against the band)."""
+    """The bias's columns, None without one (`block_sparse_flash._check_bias` checked them against the pattern)."""
     return None if bias is None else bias.shape[-1]
 
 
 def _bias_spec(n: int, width: int):
-    """The whole banded bias (or its gradient) of a (batch, head): `[seq, width]`, gathered from per visit."""
+    """The whole bias (or its gradient) of a (batch, head), banded or per visit: `[seq, width]`, gathered
+    from per visit."""
     return pl.BlockSpec((None, n, None, width), lambda r, bi, hi: (bi, 0, hi, 0))
 
 

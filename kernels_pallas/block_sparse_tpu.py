@@ -210,18 +210,28 @@ def _row_terms(x, block_q):
     return jnp.broadcast_to(rows, (b, h, n // block_q, NUM_SUBLANES, block_q))
 
 
-def bias_lanes(width: int) -> int:
-    """The lanes a banded bias of `width` columns takes in the kernels: whole lanes (a multiple of 128)."""
-    return -(-width // NUM_LANES) * NUM_LANES
+def bias_lanes(width: int, tile: int) -> int:
+    """The lanes of a banded bias's row blocks: its `width` columns, and at least the `tile` columns
+    a kernel cuts out of them (its key compute block, or for dk/dv its query block), in whole lanes
+    (a multiple of 128). Columns are read modulo this width, so any width covering the band is exact."""
+    return -(-max(width, tile) // NUM_LANES) * NUM_LANES
 
 
-def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None):
+def _bias_tile_width(kind: str, block_q: int, block_kc: int) -> int:
+    """The columns a kernel cuts from its bias rows per tile: its key compute block, or dk/dv's query block."""
+    return block_q if kind == "dkv" else block_kc
+
+
+def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block_kc=None):
     """(inputs, outputs, scratch) of a kernel as (block shape, dtype): what `footprints` counts."""
     f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
     q_blk, k_blk = ((block_q, head_dim), dtype), ((block_k, head_dim), dtype)
     lanes, rows = ((block_q, NUM_LANES), f32), ((NUM_SUBLANES, block_q), f32)
     valid_rows, valid_col = ((NUM_SUBLANES, block_k), i32), ((block_k, 1), i32)
-    bias = [] if bias_width is None else [((block_k if kind == "dkv" else block_q, bias_lanes(bias_width)), f32)]
+    bias = []
+    if bias_width is not None:
+        width = bias_lanes(bias_width, _bias_tile_width(kind, block_q, block_k if block_kc is None else block_kc))
+        bias = [((block_k if kind == "dkv" else block_q, width), f32)]
     if kind == "forward":
         return [q_blk, k_blk, k_blk, valid_rows, *bias], [q_blk, lanes], [lanes, lanes, ((block_q, head_dim), f32)]
     if kind == "dq":
@@ -241,7 +251,10 @@ def footprints(config, batch: int, head_dim: int, dtype, bias_width=None) -> dic
     ):
         n_sub = layout.block_k // key_compute_block(layout.block_k, compute)
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
-        ins, outs, scratch = _block_specs(kind, layout.block_q, layout.block_k, head_dim, dtype, bias_width)
+        ins, outs, scratch = _block_specs(
+            kind, layout.block_q, layout.block_k, head_dim, dtype, bias_width,
+            key_compute_block(layout.block_k, compute),
+        )
         out[kind] = tpu_footprint.footprint(
             f"block_sparse_flash_{'fwd' if kind == 'forward' else kind}",
             smem_arrays=smem, inputs=ins, outputs=outs, scratch=scratch,
@@ -270,12 +283,12 @@ def _lanes(x, width: int):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
-def _bias_rows(bias):
-    """A banded bias `[batch, seq, heads, width]` as the kernels' rows: float32 `[batch, heads, seq, Wp]`
-    (`Wp = bias_lanes(width)`; the columns past the band are zeros)."""
+def _bias_rows(bias, tile: int):
+    """A banded bias `[batch, seq, heads, width]` as the rows of a kernel cutting `tile`-column tiles:
+    float32 `[batch, heads, seq, Wp]` (`Wp = bias_lanes(width, tile)`; the columns past the band are zeros)."""
     width = bias.shape[-1]
     rows = jnp.swapaxes(bias.astype(jnp.float32), 1, 2)
-    return jnp.pad(rows, ((0, 0), (0, 0), (0, 0), (0, bias_lanes(width) - width)))
+    return jnp.pad(rows, ((0, 0), (0, 0), (0, 0), (0, bias_lanes(width, tile) - width)))
 
 
 def _bias_by_key(bias, left: int, right: int):
@@ -368,7 +381,7 @@ def forward(q, k, v, valid, config, bias=None):
     q_spec = _spec((None, None, bq, d), q_of, 1)
     bias_specs, bias_args = [], []
     if bias is not None:
-        bias_args = [_bias_rows(bias)]
+        bias_args = [_bias_rows(bias, _bias_tile_width("forward", bq, bkc))]
         bias_specs = [_spec((None, None, bq, bias_args[0].shape[-1]), q_of, 1)]
     out, lse = pl.pallas_call(
         kernel,
@@ -452,7 +465,8 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
                   scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None)
     width = _bias_width(bias)
     if bias is not None:
-        by_query, by_key = _bias_rows(bias), _bias_rows(_bias_by_key(bias, layout.left, layout.right))
+        by_query = _bias_rows(bias, _bias_tile_width("dq", bq, bkc))
+        by_key = _bias_rows(_bias_by_key(bias, layout.left, layout.right), _bias_tile_width("dkv", bq, bkc))
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
         _check_footprint(config, kind, b, d, q.dtype, width)

@@ -108,11 +108,10 @@ def _sliding_window_xla_sharded(q, k, v, *, block_size, **kwargs):
 
 def _sliding_window_pallas_sharded(q, k, v, *, block_size, interpret, block_sizes, relative, **kwargs):
     pallas_block_sparse.refuse_block_size(block_size)
-    pallas_block_sparse.refuse_relative(relative)
 
     def band(*xs, spec, scale, relative):
         return pallas_block_sparse.band_part(
-            *xs, spec=spec, scale=scale, block_sizes=block_sizes, interpret=interpret
+            *xs, spec=spec, scale=scale, block_sizes=block_sizes, interpret=interpret, relative=relative
         )
 
     # The kernels' pallas_calls declare no per-axis variance of their outputs, which shard_map's

@@ -275,6 +275,7 @@ def bigbird_bias_columns(spec: BlockSparseSpec, slot: int, layout: BlockLayout):
             if np.any(match.sum(-1) != 1):
                 raise AssertionError("a BigBird layout visit is not exactly one entry of its row's key list")
             table[h, :total] = match.argmax(-1) * slot + k_tile * layout.block_k - b * slot
+        table.setflags(write=False)  # cached and shared, as the layout's own arrays
         tables.append(table)
     return tuple(tables)
 

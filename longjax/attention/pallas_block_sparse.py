@@ -169,17 +169,19 @@ def _band_heads(q, k, v, key_valid, spec: SlidingWindowSpec, scale, block_sizes,
     return jnp.concatenate(outs, axis=2)[:, :, inverse], jnp.concatenate(lses, axis=1)[:, inverse]
 
 
-def band_part(q, k, v, key_valid, *, spec: SlidingWindowSpec, scale: float, block_sizes=None, interpret=None):
+def band_part(q, k, v, key_valid, *, spec: SlidingWindowSpec, scale: float, block_sizes=None, interpret=None,
+              relative=None):
     """The band of every head on the kernels, without global tokens, as a partial attention.
 
     Args:
       q, k, v: `[batch, seq, heads, head_dim]`.
       key_valid: bool `[batch, seq]`, the keys the band may attend.
+      relative: None or a `RelativePositions` (queries like q; the table covering the band's reach).
 
     Returns:
       float32 out `[batch, heads, seq, head_dim]` and lse `[batch, heads, seq]`.
     """
-    out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret)
+    out, lse = _band_kernels(q, k, v, key_valid, spec, scale, block_sizes, interpret, relative)
     return PartialAttention(jnp.swapaxes(out, 1, 2).astype(jnp.float32), lse)
 
 
@@ -188,15 +190,6 @@ def refuse_block_size(block_size) -> None:
     if block_size is not None:
         raise NotImplementedError(
             "impl='pallas' takes its tiling from block_sizes; block_size is impl='xla''s query-block length"
-        )
-
-
-def refuse_relative(relative) -> None:
-    """Where the kernels' path does not take Transformer-XL's relative term (sequence-parallel): refused."""
-    if relative is not None:
-        raise NotImplementedError(
-            "impl='pallas' computes relative positions (relative=) only unsharded; "
-            "impl='xla' does, or add them as head features (model.relative_positions='features')"
         )
 
 

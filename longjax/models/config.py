@@ -131,7 +131,7 @@ NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
 )
 # With the sequence sharded (sequence_axis), the implementations that still compute the term.
 SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
-    {SlidingWindowAttention: (None, "xla")}
+    {SlidingWindowAttention: (None, "xla", "pallas")}
 )
 # The (layer type, impl) pairs whose kernels refuse the term on some backends: BigBird's per-visit
 # bias is gathered per tile, which the Mosaic (TPU) kernels cannot.
@@ -142,9 +142,9 @@ NATIVE_RELATIVE_REFUSED_ON: Mapping[tuple, tuple] = types.MappingProxyType(
 
 def takes_native_relative(attention, *, sequence_parallel: bool = False, backend: str | None = None) -> bool:
     """Whether a layer's op computes Transformer-XL's position term itself (its type and impl), on
-    `backend` (None: the default backend, `jax.default_backend()`)."""
+    `backend` ('cpu', 'gpu', 'tpu'; None: on some backend, without asking which, so that validating
+    a config starts no JAX backend)."""
     table = SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS if sequence_parallel else NATIVE_RELATIVE_IMPLS
-    backend = jax.default_backend() if backend is None else backend
     refused_on = NATIVE_RELATIVE_REFUSED_ON.get((type(attention), attention.impl), ())
     return attention.impl in table.get(type(attention), ()) and backend not in refused_on
 # The layer types whose ops shard the sequence, and the implementations of each that do.
@@ -171,7 +171,7 @@ class TransformerConfig:
         tokens (XLA, or the Triton and Mosaic kernels), BigBird layers without
         global tokens (XLA, or the Triton kernels; the Mosaic ones refuse it),
         and full layers; with the sequence
-        sharded, sliding-window layers (XLA) only; other layers are an error),
+        sharded, sliding-window layers (XLA or the kernels) only; other layers are an error),
         'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers
         and kernels included, at the cost of heads `head_dim + d_model` wide) or
@@ -263,13 +263,8 @@ class TransformerConfig:
                 raise ValueError(
                     f"model.relative_positions='native': layer {layer} is {type(attention).__name__}"
                     f"(impl={attention.impl!r}), whose op does not compute relative positions"
-                    + (" with the sequence sharded" if sharded else "")
-                    + (f" on {jax.default_backend()}" if takes_native_relative(attention, sequence_parallel=sharded,
-                                                                               backend="cpu") else "")
-                    + " (those that do: "
+                    + (" with the sequence sharded" if sharded else "") + " (those that do: "
                     + ", ".join(f"{t.__name__} with impl in {impls}" for t, impls in table.items())
-                    + "; not " + ", ".join(f"{t.__name__} impl={impl!r} on {', '.join(on)}"
-                                           for (t, impl), on in NATIVE_RELATIVE_REFUSED_ON.items())
                     + "); set model.relative_positions='features' or 'auto'"
                 )
             if isinstance(attention, PerformerAttention) and not attention.random_features:
@@ -306,7 +301,11 @@ class TransformerConfig:
             return False
         if self.relative_positions == "auto":
             sharded = self.sequence_axis is not None
-            return takes_native_relative(self.attention[layer], sequence_parallel=sharded) and not global_tokens
+            # At trace time, so the backend is up: 'auto' also leaves out kernels that refuse the term on it.
+            native = takes_native_relative(
+                self.attention[layer], sequence_parallel=sharded, backend=jax.default_backend()
+            )
+            return native and not global_tokens
         return True
 
     @property

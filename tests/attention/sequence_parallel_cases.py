@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
+from kernels_pallas.block_sparse_flash import TpuBlockSizes  # noqa: E402
 from longjax.attention import api, global_tokens  # noqa: E402
 from longjax.attention.relative import RelativePositions  # noqa: E402
 
@@ -120,6 +121,24 @@ def _cases():
             "data2_seq4",
             lambda q, k, v, **kw: api.sliding_window_attention(
                 q, k, v, window=9, global_mask=globals_, padding_mask=padding, impl="pallas", interpret=True, **kw
+            ),
+        ),
+        # Transformer-XL positions computed in the kernels of each shard's band, in the Mosaic
+        # formulation (float32 matmuls, so sharded and unsharded agree to float32 roundings; the
+        # Triton one's bfloat16 operands round differently per tiling, and its bias is the same
+        # input of the same band code).
+        "pallas_relative_dilated_padding": (
+            "data2_seq4",
+            lambda q, k, v, **kw: api.sliding_window_attention(
+                q, k, v, window=(7, 3), dilation=(1, 3), padding_mask=padding, relative=relative(q, v),
+                impl="pallas", interpret=True, block_sizes=TpuBlockSizes(8, 16, 16, 8), **kw,
+            ),
+        ),
+        "pallas_tpu_relative_causal": (
+            "seq8",
+            lambda q, k, v, **kw: api.sliding_window_attention(
+                q, k, v, window=13, causal=True, relative=relative(q, v), impl="pallas", interpret=True,
+                block_sizes=TpuBlockSizes(8, 8, 8, 8), **kw,
             ),
         ),
         # BigBird: window, random and global blocks fetched from the shards holding them.

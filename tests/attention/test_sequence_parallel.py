@@ -29,7 +29,7 @@ CASE_NAMES = (
     "window_inside_shard", "window_two_shards", "asymmetric_dilated", "window_beyond_sequence", "window_zero",
     "relative_dilated_padding", "relative_causal_two_shards",
     "padding", "globals_padding", "causal_globals_padding", "causal_globals_padding_chunked",
-    "global_projections", "pallas_globals", "bigbird", "bigbird_causal_padding", "bigbird_globals",
+    "global_projections", "pallas_globals", "pallas_relative_dilated_padding", "pallas_tpu_relative_causal", "bigbird", "bigbird_causal_padding", "bigbird_globals",
     "bigbird_globals_chunked",
     "favor_bidirectional", "favor_bidirectional_relu_heads", "favor_causal_short_chunks",
     "favor_causal_long_chunks", "favor_causal_relu",

@@ -299,3 +299,20 @@ def test_relative_on_the_kernels_keeps_the_queries_not_the_bias(block_sizes):
     saved = jax.tree_util.tree_leaves(backward)
     assert not [x.shape for x in saved if x.ndim == 4 and x.shape[-1] == 30]
     assert any(x.shape == table.shape for x in saved)
+
+
+def test_relative_on_mosaic_tiles_wider_than_the_bias_rows():
+    # A 9-column band (window 4) whose tiles are 256 columns: a 256-key compute block in the
+    # forward and dq kernels, a 256-query block in dk/dv. The bias rows widen to the tile.
+    block_sizes = TpuBlockSizes(256, 256, 256, 256, 256)
+    shape = (1, 264, 2, 8)
+    arrays = battery.random_inputs(8, shape, jnp.float32, 3) + battery.relative_inputs(9, shape, jnp.float32, max_offset=4)
+
+    def make(impl, extra):
+        return lambda q, k, v, queries, table: sliding_window_attention(
+            q, k, v, window=4, relative=RelativePositions(queries, table), impl=impl, **extra
+        )
+
+    battery.assert_matches_reference(
+        make("pallas", {"interpret": True, "block_sizes": block_sizes}), make("reference", {}), arrays
+    )

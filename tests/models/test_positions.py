@@ -1,6 +1,9 @@
 """Transformer-XL relative attention through every pattern, against the direct relative-shift form."""
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -13,6 +16,7 @@ from longjax.models import positions
 from tests.models.helpers import WIDE_ATTENTION, tiny_config
 
 SEQ = 12
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rel_shift(x):
@@ -129,6 +133,7 @@ def test_native_relative_with_the_sequence_sharded_is_the_sliding_window_only():
     assert tiny_config(bigbird, num_layers=1).native_relative(0)
     assert not sharded(bigbird).native_relative(0)  # 'auto': the sharded BigBird op takes no position term
     assert sharded(dict(type="sliding_window", window=4, impl="xla")).native_relative(0)
+    assert sharded(dict(type="sliding_window", window=4, impl="pallas")).native_relative(0)
     with pytest.raises(ValueError, match=r"layer 0 is BlockSparseAttention.*with the sequence sharded"):
         sharded(bigbird, relative_positions="native")
 
@@ -181,3 +186,19 @@ def test_auto_takes_features_where_the_backend_kernels_refuse_the_term():
     assert models.config.takes_native_relative(dataclasses.replace(bigbird, impl=None), backend="tpu")
     window = models.SlidingWindowAttention(window=4, impl="pallas")
     assert models.config.takes_native_relative(window, backend="tpu")
+
+
+def test_validating_relative_positions_starts_no_backend():
+    # A run parses its config before `jax.distributed.initialize`, which refuses a started backend:
+    # checking 'native' and 'auto' layers must not ask which backend there is.
+    code = (
+        "from jax._src import xla_bridge\n"
+        "from tests.models.helpers import tiny_config\n"
+        "for impl in ('pallas', 'xla', None):\n"
+        "    for mode in ('native', 'auto'):\n"
+        "        tiny_config(dict(type='block_sparse', block_size=4, impl=impl), relative_positions=mode)\n"
+        "        tiny_config(dict(type='sliding_window', window=4, impl=impl), relative_positions=mode)\n"
+        "assert not xla_bridge.backends_are_initialized()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
