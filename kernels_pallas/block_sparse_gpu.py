@@ -112,11 +112,6 @@ def _check_no_sub_blocks(layout) -> None:
         )
 
 
-def _bias_width(bias) -> int | None:
-    """The bias's columns, None without one (`block_sparse_flash._check_bias` checked them against the pattern)."""
-    return None if bias is None else bias.shape[-1]
-
-
 def _bias_spec(n: int, width: int):
     """The whole bias (or its gradient) of a (batch, head), banded or per visit: `[seq, width]`, gathered
     from per visit."""
@@ -160,7 +155,7 @@ def _load_bias(bias_ref, shape, q_first, k_first, left, width, keys_axis=1, colu
 def forward(q, k, v, valid, config, bias=None):
     layout = config.forward_layout
     _check_no_sub_blocks(layout)
-    width = _bias_width(bias)
+    width = visit.bias_width(bias)
     b, n, h, head_dim = q.shape
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
@@ -249,7 +244,10 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     """(dq, dk, dv) without a bias; (dq, dk, dv, d_bias) with one (float32, the bias's shape)."""
     layout = config.backward_layout
     _check_no_sub_blocks(layout)
-    width = _bias_width(bias)
+    width = visit.bias_width(bias)
+    columns, t_columns = (None, None) if bias is None else (
+        _visit_columns(config, layout, transposed=False), _visit_columns(config, layout, transposed=True)
+    )
     b, n, h, head_dim = q.shape
     d = kernel_head_dim(head_dim, config.interpret)
     bq, bk = layout.block_q, layout.block_k
@@ -257,8 +255,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     static = dict(block_q=bq, block_k=bk, entries=layout.codes.shape[1], per_head=layout.layout_heads > 1,
                   left=layout.left, right=layout.right, qk_scale=config.scale * visit.LOG2E,
                   scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), head_dim=head_dim,
-                  bias_width=width,
-                  per_visit=bias is not None and getattr(config.pattern, "visit_bias_columns", None) is not None)
+                  bias_width=width, per_visit=columns is not None)
     per_batch = lambda length: pl.BlockSpec((None, length), lambda r, bi, hi: (bi, 0))
     whole_seq = pl.BlockSpec((None, n, None, d), lambda r, bi, hi: (bi, 0, hi, 0))
     whole_rows = pl.BlockSpec((None, None, n), lambda r, bi, hi: (bi, hi, 0))
@@ -276,7 +273,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
         # the columns of keys no visit reaches (past the sequence's ends) stay zero. One spare
         # column takes the interpreter's masked-out scatter (which writes every lane).
         d_bias_shape = (b, n, h, width + 1)
-        bias_specs, bias_args = _bias_inputs(bias, _visit_columns(config, layout, transposed=False), n, width)
+        bias_specs, bias_args = _bias_inputs(bias, columns, n, width)
         dq_args += bias_args + [jnp.zeros(d_bias_shape, jnp.float32)]
         dq_specs += bias_specs + [_bias_spec(n, width + 1)]
         dq_out_specs = [dq_out_specs, _bias_spec(n, width + 1)]
@@ -295,7 +292,6 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     )(*dq_args)
 
     t_offsets, t_codes = _layout_arrays(layout, transposed=True)
-    t_columns = None if bias is None else _visit_columns(config, layout, transposed=True)
     extra_specs, extra_args = _bias_inputs(bias, t_columns, n, width)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, n_rows=layout.num_k_blocks, **static),

@@ -312,6 +312,14 @@ def _bias_by_key(bias, left: int, right: int):
     return jnp.transpose(sheared, (0, 3, 1, 2))
 
 
+def _bias_rotation(row_first, column_first, side: int, lanes: int):
+    """The `_bias_tile` rotation placing, at tile pair (r, c), the bias row's column `side + (column_first + c)
+    - (row_first + r)`: `(row_first - column_first - side) mod lanes`. Rows of queries and columns of keys
+    with side `left` (the bias's columns `left - i + j`); by key, rows of keys and columns of queries
+    with side `right` (`_bias_by_key`'s `right + i - j`)."""
+    return jnp.remainder(row_first - column_first - side, lanes)
+
+
 def _bias_tile(rows, shift, keys: int):
     """The `[rows, keys]` bias tile whose pair (r, c) reads column `(c - shift - r) mod Wp` of `rows`
     `[rows, Wp]`: one strided lane rotation (Transformer-XL's relative shift) and a static slice."""
@@ -360,17 +368,13 @@ def _sub_blocks(code, kflags_ref, *, qb, kb, block_q, block_k, block_kc, num_k_b
         pl.when(run & jnp.logical_not(mask))(functools.partial(body, c, False))
 
 
-def _bias_width(bias):
-    return None if bias is None else bias.shape[-1]
-
-
 def forward(q, k, v, valid, config, bias=None):
     layout = config.forward_layout
     qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [batch, heads, seq, d]
     b, h, n, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
     bkc = key_compute_block(bk, config.block_k_compute)
-    _check_footprint(config, "forward", b, d, q.dtype, _bias_width(bias))
+    _check_footprint(config, "forward", b, d, q.dtype, visit.bias_width(bias))
     walk, prefetch = _tables(layout, False, valid, bkc)
     q_of, k_of = walk.maps(rows_are_q=True)
     kernel = functools.partial(
@@ -421,8 +425,7 @@ def _forward_kernel(
         keys = slice(c * block_kc, (c + 1) * block_kc)
         bias = None
         if bias_ref is not None:
-            # Key j0 + c' of query i0 + r: column left + j0 - i0 + c' - r of the query block's rows.
-            shift = jnp.remainder(qb * block_q - (kb * block_k + c * block_kc) - left, bias_ref.shape[-1])
+            shift = _bias_rotation(qb * block_q, kb * block_k + c * block_kc, left, bias_ref.shape[-1])
             bias = _bias_tile(bias_ref[...], shift, block_kc)
         s = visit.scores(q_ref[...], k_ref[keys, :], qk_scale, dots, bias)
         if masked:
@@ -463,7 +466,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
                   scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None)
-    width = _bias_width(bias)
+    width = visit.bias_width(bias)
     if bias is not None:
         by_query = _bias_rows(bias, _bias_tile_width("dq", bq, bkc))
         by_key = _bias_rows(_bias_by_key(bias, layout.left, layout.right), _bias_tile_width("dkv", bq, bkc))
@@ -539,7 +542,7 @@ def _dq_kernel(
         k = k_ref[keys, :]
         bias = shift = None
         if bias_ref is not None:
-            shift = jnp.remainder(qb * block_q - (kb * block_k + c * block_kc) - left, bias_ref.shape[-1])
+            shift = _bias_rotation(qb * block_q, kb * block_k + c * block_kc, left, bias_ref.shape[-1])
             bias = _bias_tile(bias_ref[...], shift, block_kc)
         s = visit.scores(q_ref[...], k, qk_scale, dots, bias)
         if masked:
@@ -582,8 +585,8 @@ def _dkv_kernel(
         q, do = q_ref[...], do_ref[...]
         bias_t = None
         if bias_ref is not None:
-            # Query i0 + c' of key j0 + r: column right + i0 - j0 + c' - r of the key block's rows (by key).
-            shift = jnp.remainder(kb * block_k + c * block_kc - qb * block_q - right, bias_ref.shape[-1])
+            # By key: the key sub-block's rows, the query block's columns.
+            shift = _bias_rotation(kb * block_k + c * block_kc, qb * block_q, right, bias_ref.shape[-1])
             bias_t = _bias_tile(bias_ref[keys, :], shift, block_q)
         s = visit.scores(k_ref[keys, :], q, qk_scale, dots, bias_t)
         if masked:

@@ -20,6 +20,11 @@ from kernels_pallas.common import MASK_VALUE
 LOG2E = math.log2(math.e)
 
 
+def bias_width(bias) -> int | None:
+    """A score bias's columns, None without one (`block_sparse_flash._check_bias` checked them against the pattern)."""
+    return None if bias is None else bias.shape[-1]
+
+
 def key_block_flags(valid, block_k: int):
     """int32 `[batch, key_blocks]`: 1 where a key block holds an invalid key (it needs the mask)."""
     b, n = valid.shape

@@ -477,6 +477,13 @@ def _in_block_order(sparse, global_rows, query_blocks, global_blocks):
     return jnp.concatenate(pieces + [sparse[start:]])
 
 
+def _by_position(global_out, spec: BlockSparseSpec, seq: int):
+    """The global blocks' merged rows `[g_blocks, batch, block, heads, d]` (`_merge_rows`) as `[batch, g, heads,
+    d]` for the `g` positions of `global_block_positions`, in its order."""
+    b, h, d = global_out.shape[1], global_out.shape[3], global_out.shape[4]
+    return jnp.moveaxis(global_out, 0, 1).reshape(b, -1, h, d)[:, :len(global_block_positions(spec, seq))]
+
+
 def _merge_rows(out, lse, segment, count: int):
     """The rows of each segment merged by log-sum-exp (their key sets are disjoint): out `[count, ...]`."""
     top = jax.lax.stop_gradient(jax.ops.segment_max(lse, segment, count, indices_are_sorted=True))
@@ -528,8 +535,7 @@ def global_blocks_relative(q, k, v, key_valid, *, spec: BlockSparseSpec, relativ
         q, k, v, key_valid, jnp.asarray(global_q), jnp.asarray(global_k), jnp.asarray(global_used),
         row_kind(global_q), rel, block, spec.causal, scale,
     )
-    merged = _merge_rows(out, lse, segment, len(spec.global_blocks))
-    rows = jnp.moveaxis(merged, 0, 1).reshape(b, -1, h, d)[:, :len(global_block_positions(spec, seq))]
+    rows = _by_position(_merge_rows(out, lse, segment, len(spec.global_blocks)), spec, seq)
     if not len(query_blocks):
         none = jnp.zeros((b, h, seq, d), jnp.float32)
         return PartialAttention(none, jnp.full((b, h, seq), MASK_VALUE, jnp.float32)), rows
@@ -591,6 +597,5 @@ def block_sparse_xla(
     ))
     positions = global_block_positions(spec, seq)
     if positions is not None:
-        globals_out = jnp.moveaxis(globals_out, 0, 1).reshape(b, -1, h, d)[:, :len(positions)]
-        out = out.at[:, positions].set(globals_out)
+        out = out.at[:, positions].set(_by_position(globals_out, spec, seq))
     return global_tokens.finish(out, padding_mask, q.dtype)
