@@ -118,9 +118,13 @@ def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
     # be key j's slot within the entry of j's block in the row's kernel key list (where
     # `_visit_bias` puts its term), the same from the forward and the transposed tables.
     seq, spec, slot, block_q, block_k = problem
-    if max(block_q, block_k) > slot:
-        return  # the Triton kernels' blocks lie within a slot
     layout = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=slot, block_q=block_q, block_k=block_k)
+    if max(block_q, block_k) > slot:
+        # The Triton kernels' blocks lie within a slot; a block over several slots has no
+        # consecutive columns to read, and must be refused rather than given wrong ones.
+        with pytest.raises(NotImplementedError, match="kernel blocks within one slot"):
+            kernel_layouts.bigbird_bias_columns(spec, slot, layout)
+        return
     columns, t_columns = kernel_layouts.bigbird_bias_columns(spec, slot, layout)
     assert columns.shape == layout.codes.shape and t_columns.shape == layout.t_codes.shape
     query_blocks, key_blocks, key_used = block_sparse.kernel_key_lists(spec)
