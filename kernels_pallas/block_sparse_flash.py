@@ -45,10 +45,11 @@ offset (BigBird's random blocks) takes a per-visit bias instead: its
 the `custom_vjp`. A bias given as a `ComputedBias` (a function of smaller
 arrays, as relative positions' queries and embeddings) is recomputed in the
 backward pass rather than saved, so a model keeps those arrays between its
-passes, not the float32 bias. The Triton kernels take both (they gather the bias tiles with
-integer-array loads); the Mosaic ones take the banded bias only, cutting each
-tile out of the query block's rows with a strided lane rotation
-(`block_sparse_tpu`), as Mosaic has no gather.
+passes, not the float32 bias. The Triton kernels gather the bias tiles with
+integer-array loads; the Mosaic ones, which have no gather, cut each tile out
+of the query block's rows with a lane rotation (`block_sparse_tpu`): strided
+for the banded bias (the relative shift), plain to a visit's first column for
+the per-visit one. A per-visit bias needs kernel blocks within one slot.
 
 Layout at this module's boundary: `[batch, seq, heads, head_dim]`.
 """
@@ -341,9 +342,8 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, 
         `visit_bias_columns` (BigBird's), a per-visit bias, float32 `[batch, seq,
         heads, pattern.visit_bias_width]`, the score of query i and key j of a
         visit whose keys start at `k0` and whose column entry is c0 gaining
-        `bias[i, c0 + j - k0]`. Differentiable. The TPU kernels take the banded
-        bias only (a per-visit one raises NotImplementedError, as does
-        `block_sizes=None` compiled on a CPU host, both lowerings traced).
+        `bias[i, c0 + j - k0]`; its layouts' kernel blocks must lie within one
+        slot (no sub-blocks; NotImplementedError otherwise). Differentiable.
       block_sizes: `GpuBlockSizes` (Triton) or `TpuBlockSizes` (Mosaic), whose
         type selects the lowering; None: each platform's defaults, the platform
         choosing when lowering (so a CPU host can export for either; see
@@ -381,14 +381,16 @@ def _padded_bias(fn, pad: int, *args):
 def _check_bias(bias, config: _Config, q) -> None:
     layouts = (config.forward_layout, config.backward_layout)
     per_visit = getattr(config.pattern, "visit_bias_columns", None) is not None
-    if config.backend != "gpu" and per_visit:
-        raise NotImplementedError(
-            "the TPU (Mosaic) kernels take only a banded score bias (bias=, e.g. a sliding window's relative "
-            f"positions), not the per-visit bias of {type(config.pattern).__name__}: its tiles are gathered, "
-            "which Mosaic cannot; pass GpuBlockSizes (Triton), or use impl='xla'"
-        )
     if per_visit:
-        # Per visit: GPU layouts have no sub-blocks (`block_sparse_gpu` refuses them).
+        # A visit reads one run of consecutive columns: its kernel blocks must lie within a slot, a
+        # layout without sub-blocks (GPU layouts always; TPU ones of a pattern that keeps them so).
+        for layout in layouts:
+            if layout.sub_block is not None:
+                raise NotImplementedError(
+                    f"a per-visit score bias needs kernel blocks within one slot of {layout.sub_block} positions, "
+                    f"got ({layout.block_q}, {layout.block_k}); build {type(config.pattern).__name__} so that "
+                    "its blocks fit one slot"
+                )
         width, expected = config.pattern.visit_bias_width, "pattern.visit_bias_width"
     elif any(layout.left is None or layout.right is None or layout.sub_block is not None for layout in layouts):
         raise NotImplementedError(

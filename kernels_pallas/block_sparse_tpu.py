@@ -37,6 +37,17 @@ row j, column `right + i - j`) and cuts its transposed tiles the same way.
 The dq kernel accumulates the bias gradient into its row block with the
 inverse rotation (a stride of `Wp - 1`, i.e. -1 modulo the width).
 
+A per-visit bias (BigBird's relative positions: the pattern's
+`visit_bias_columns`, each visit's keys at consecutive columns of its query
+rows from the visit's first column) comes as the same row blocks, and the
+visits' first columns as a sixth scalar-prefetch table in the walk's order
+(`_visit_columns`). A tile is one plain lane rotation by its first column
+and a static slice; the dq kernel adds the gradient back with the inverse
+rotation. Its layouts' kernel blocks lie within one slot, so a visit reads one
+run of columns. The dk/dv kernel takes the visited query block's rows (as it
+takes its queries), cuts the tile the same way and transposes it to its
+`[keys, queries]` scores.
+
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
 the call's kernel length and the call's static configuration
 (`block_sparse_flash._Config`); `footprints` gives each kernel's SMEM and VMEM.
@@ -49,6 +60,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -112,6 +124,10 @@ class _Walk:
         """int32: the current grid step's sub-mask (its bits; int8 and int16 sign-extend above them)."""
         return sub_ref[self.index(pl.program_id(1), pl.program_id(2))].astype(jnp.int32)
 
+    def visit_column(self, columns_ref):
+        """int32: the current grid step's first per-visit bias column (`_visit_columns`)."""
+        return columns_ref[self.index(pl.program_id(1), pl.program_id(2))].astype(jnp.int32)
+
     def maps(self, rows_are_q: bool):
         """(q block, k block) index of grid step `(bi, hi, e)`, from the prefetched tables."""
 
@@ -153,19 +169,52 @@ def _spec(block_shape, block_of, tail: int, per_batch: bool = True):
     `tail` zeros follow it.
     """
 
-    def index_map(bi, hi, e, base, offset, codes, sub_masks, kflags):
+    def index_map(bi, hi, e, base, offset, codes, *other_tables):
+        del other_tables  # sub-masks, key flags and a per-visit bias's columns: read in the kernels
         lead = (bi, hi) if per_batch else (bi,)
         return lead + (block_of(hi, e, base, offset, codes),) + (0,) * tail
 
     return pl.BlockSpec(block_shape, index_map)
 
 
-def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_kc: int):
-    """(walk, the five scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block)."""
+def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_kc: int, pattern=None):
+    """(walk, the scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block):
+    the five tables of every kernel, and with a per-visit bias (`pattern` given) its columns."""
     tables = layout.visit_tables(transposed)
     # 0/1 per (batch, key sub-block): int8 in SMEM.
     kflags = visit.key_block_flags(valid, block_kc).astype(jnp.int8).reshape(-1)
-    return _Walk.of(tables), (*(jnp.asarray(a) for a in tables.arrays), kflags)
+    prefetch = (*(jnp.asarray(a) for a in tables.arrays), kflags)
+    if pattern is not None:
+        prefetch += (jnp.asarray(_visit_columns(pattern, layout, transposed)),)
+    return _Walk.of(tables), prefetch
+
+
+@functools.lru_cache(maxsize=64)
+def _visit_columns(pattern, layout: block_layout.BlockLayout, transposed: bool):
+    """Each visit's first per-visit bias column in the walk's order (`VisitTables`), smallest int.
+
+    The pattern's `visit_bias_columns` follow the layout's CSR order (`codes`, or `t_codes`
+    transposed); the walk holds the same visits in the same order, with fillers (computing
+    nothing, column 0) for empty rows and to pad each head's list. Cached (the footprint checks
+    and the kernels ask for the same table) and read-only, as the layout's own tables.
+    """
+    if layout.sub_block is not None:
+        raise NotImplementedError(
+            "a per-visit score bias needs kernel blocks within one slot of the pattern (a layout without "
+            f"sub-blocks), got blocks ({layout.block_q}, {layout.block_k}) over sub-blocks of {layout.sub_block}"
+        )
+    columns = pattern.visit_bias_columns(layout)[1 if transposed else 0]
+    _, _, flags = layout.flattened(transposed)
+    length = layout.visit_tables(transposed).length
+    walk = np.zeros((flags.shape[0], length), np.int64)
+    offsets = layout.t_offsets if transposed else layout.offsets
+    for h in range(flags.shape[0]):
+        real = np.flatnonzero(flags[h] & block_layout.FLAG_COMPUTE)
+        assert len(real) == offsets[h, -1], "the walk's visits are the layout's"
+        walk[h, real] = columns[h, : len(real)]
+    table = block_layout.smallest_int(walk.reshape(-1))
+    table.setflags(write=False)
+    return table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,12 +266,18 @@ def bias_lanes(width: int, tile: int) -> int:
     return -(-max(width, tile) // NUM_LANES) * NUM_LANES
 
 
-def _bias_tile_width(kind: str, block_q: int, block_kc: int) -> int:
-    """The columns a kernel cuts from its bias rows per tile: its key compute block, or dk/dv's query block."""
-    return block_q if kind == "dkv" else block_kc
+def _bias_tile_width(kind: str, block_q: int, block_kc: int, per_visit: bool = False) -> int:
+    """The columns a kernel cuts from its bias rows per tile: its key compute block, or dk/dv's query
+    block (a banded bias by key; a per-visit one is cut by query and transposed)."""
+    return block_q if kind == "dkv" and not per_visit else block_kc
 
 
-def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block_kc=None):
+def _per_visit(config, bias_width) -> bool:
+    """Whether a call's bias is per visit (the pattern has `visit_bias_columns`), not banded."""
+    return bias_width is not None and getattr(config.pattern, "visit_bias_columns", None) is not None
+
+
+def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block_kc=None, per_visit=False):
     """(inputs, outputs, scratch) of a kernel as (block shape, dtype): what `footprints` counts."""
     f32, i32 = jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)
     q_blk, k_blk = ((block_q, head_dim), dtype), ((block_k, head_dim), dtype)
@@ -230,8 +285,8 @@ def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block
     valid_rows, valid_col = ((NUM_SUBLANES, block_k), i32), ((block_k, 1), i32)
     bias = []
     if bias_width is not None:
-        width = bias_lanes(bias_width, _bias_tile_width(kind, block_q, block_k if block_kc is None else block_kc))
-        bias = [((block_k if kind == "dkv" else block_q, width), f32)]
+        tile = _bias_tile_width(kind, block_q, block_k if block_kc is None else block_kc, per_visit)
+        bias = [((block_k if kind == "dkv" and not per_visit else block_q, bias_lanes(bias_width, tile)), f32)]
     if kind == "forward":
         return [q_blk, k_blk, k_blk, valid_rows, *bias], [q_blk, lanes], [lanes, lanes, ((block_q, head_dim), f32)]
     if kind == "dq":
@@ -241,9 +296,11 @@ def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block
 
 def footprints(config, batch: int, head_dim: int, dtype, bias_width=None) -> dict[str, tpu_footprint.Footprint]:
     """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables); with a
-    banded bias of `bias_width` columns, its row blocks too."""
+    bias of `bias_width` columns (banded, or per visit for a pattern with `visit_bias_columns`), its
+    row blocks too, and a per-visit bias's column table."""
     out = {}
     dtype = jnp.dtype(dtype)
+    per_visit = _per_visit(config, bias_width)
     for kind, layout, transposed, compute in (
         ("forward", config.forward_layout, False, config.block_k_compute),
         ("dq", config.backward_layout, False, config.block_k_compute),
@@ -251,9 +308,11 @@ def footprints(config, batch: int, head_dim: int, dtype, bias_width=None) -> dic
     ):
         n_sub = layout.block_k // key_compute_block(layout.block_k, compute)
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
+        if per_visit:
+            smem += (_visit_columns(config.pattern, layout, transposed),)
         ins, outs, scratch = _block_specs(
             kind, layout.block_q, layout.block_k, head_dim, dtype, bias_width,
-            key_compute_block(layout.block_k, compute),
+            key_compute_block(layout.block_k, compute), per_visit,
         )
         out[kind] = tpu_footprint.footprint(
             f"block_sparse_flash_{'fwd' if kind == 'forward' else kind}",
@@ -337,6 +396,19 @@ def _bias_gradient(d_scores, shift, lanes: int):
     return pltpu.roll(padded, jnp.remainder(-shift, lanes), 1, stride=lanes - 1, stride_axis=0)
 
 
+def _visit_tile(rows, column, keys: int):
+    """The `[rows, keys]` per-visit bias tile reading columns `column ..` of `rows` `[rows, Wp]`: one
+    lane rotation and a static slice (the visit's columns are consecutive, within the width)."""
+    return pltpu.roll(rows, jnp.remainder(-column, rows.shape[-1]), 1)[:, :keys]
+
+
+def _visit_gradient(d_scores, column, lanes: int):
+    """The inverse of `_visit_tile`: `[rows, Wp]` holding `d_scores[:, t]` at column `column + t`, zeros elsewhere."""
+    rows, keys = d_scores.shape
+    padded = jnp.concatenate([d_scores, jnp.zeros((rows, lanes - keys), d_scores.dtype)], axis=1)
+    return pltpu.roll(padded, jnp.remainder(column, lanes), 1)
+
+
 def _sub_blocks(code, kflags_ref, *, qb, kb, block_q, block_k, block_kc, num_k_blocks, left, right, sub, body):
     """Runs `body(c, masked)` for each key sub-block c of a visit that has work, masked only where needed.
 
@@ -374,13 +446,15 @@ def forward(q, k, v, valid, config, bias=None):
     b, h, n, d = qt.shape
     bq, bk = layout.block_q, layout.block_k
     bkc = key_compute_block(bk, config.block_k_compute)
-    _check_footprint(config, "forward", b, d, q.dtype, visit.bias_width(bias))
-    walk, prefetch = _tables(layout, False, valid, bkc)
+    width = visit.bias_width(bias)
+    per_visit = _per_visit(config, width)
+    _check_footprint(config, "forward", b, d, q.dtype, width)
+    walk, prefetch = _tables(layout, False, valid, bkc, config.pattern if per_visit else None)
     q_of, k_of = walk.maps(rows_are_q=True)
     kernel = functools.partial(
         _forward_kernel, block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, walk=walk,
         left=layout.left, right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
-        dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None,
+        dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None, per_visit=per_visit,
     )
     q_spec = _spec((None, None, bq, d), q_of, 1)
     bias_specs, bias_args = [], []
@@ -390,7 +464,7 @@ def forward(q, k, v, valid, config, bias=None):
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=len(prefetch),
             grid=(b, h, walk.length),
             in_specs=[q_spec, _spec((None, None, bk, d), k_of, 1), _spec((None, None, bk, d), k_of, 1),
                       _spec((None, None, NUM_SUBLANES, bk), k_of, 2, per_batch=False), *bias_specs],
@@ -407,13 +481,16 @@ def forward(q, k, v, valid, config, bias=None):
 
 
 def _forward_kernel(
-    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, *refs,
-    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots, has_bias,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, *refs,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots, has_bias, per_visit,
 ):
+    columns_ref, refs = (refs[0], refs[1:]) if per_visit else (None, refs)
+    q_ref, k_ref, v_ref, valid_ref, *refs = refs
     bias_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs if has_bias else (None, *refs)
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     # Read here, not in the masked bodies: a grid position is read outside conditionals.
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
+    column = None if columns_ref is None else walk.visit_column(columns_ref)
 
     @pl.when(first)
     def _init():
@@ -424,7 +501,9 @@ def _forward_kernel(
     def body(c, masked):
         keys = slice(c * block_kc, (c + 1) * block_kc)
         bias = None
-        if bias_ref is not None:
+        if column is not None:
+            bias = _visit_tile(bias_ref[...], column + c * block_kc, block_kc)
+        elif bias_ref is not None:
             shift = _bias_rotation(qb * block_q, kb * block_k + c * block_kc, left, bias_ref.shape[-1])
             bias = _bias_tile(bias_ref[...], shift, block_kc)
         s = visit.scores(q_ref[...], k_ref[keys, :], qk_scale, dots, bias)
@@ -463,17 +542,22 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     bq, bk = layout.block_q, layout.block_k
     bkc = key_compute_block(bk, config.block_k_compute)
     lse2, row_term = _row_terms(lse2, bq), _row_terms(row_term, bq)
+    width = visit.bias_width(bias)
+    per_visit = _per_visit(config, width)
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
-                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None)
-    width = visit.bias_width(bias)
+                  scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None,
+                  per_visit=per_visit)
     if bias is not None:
         by_query = _bias_rows(bias, _bias_tile_width("dq", bq, bkc))
-        by_key = _bias_rows(_bias_by_key(bias, layout.left, layout.right), _bias_tile_width("dkv", bq, bkc))
+        # Per visit, dk/dv reads the visited query blocks' rows too; banded, the terms by key.
+        by_key = None if per_visit else _bias_rows(
+            _bias_by_key(bias, layout.left, layout.right), _bias_tile_width("dkv", bq, bkc)
+        )
     outputs = []
     for kind, transposed in (("dq", False), ("dkv", True)):
         _check_footprint(config, kind, b, d, q.dtype, width)
-        walk, prefetch = _tables(layout, transposed, valid, bkc)
+        walk, prefetch = _tables(layout, transposed, valid, bkc, config.pattern if per_visit else None)
         q_of, k_of = walk.maps(rows_are_q=not transposed)
         q_spec, k_spec = _spec((None, None, bq, d), q_of, 1), _spec((None, None, bk, d), k_of, 1)
         rows_spec = _spec((None, None, None, NUM_SUBLANES, bq), q_of, 2)
@@ -494,13 +578,15 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
             scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]
             # Keys along sublanes, as the transposed scores: a column, read once per key block (the row).
             valid_spec, valid_in = _spec((None, bk, 1), k_of, 1, per_batch=False), valid.astype(jnp.int32)[..., None]
-            if bias is not None:
+            if per_visit:
+                bias_args, bias_specs = [by_query], [_spec((None, None, bq, by_query.shape[-1]), q_of, 1)]
+            elif bias is not None:
                 bias_args, bias_specs = [by_key], [_spec((None, None, bk, by_key.shape[-1]), k_of, 1)]
         name = f"block_sparse_flash_{kind}" if bias is None else f"block_sparse_flash_bias_{kind}"
         result = pl.pallas_call(
             functools.partial(kernel, walk=walk, **static),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=5,
+                num_scalar_prefetch=len(prefetch),
                 grid=(b, h, walk.length),
                 in_specs=[q_spec, k_spec, k_spec, valid_spec, q_spec, rows_spec, rows_spec, *bias_specs],
                 out_specs=out_specs,
@@ -520,9 +606,11 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
 
 
 def _dq_kernel(
-    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    *refs, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, *refs,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias, per_visit,
 ):
+    columns_ref, refs = (refs[0], refs[1:]) if per_visit else (None, refs)
+    q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, *refs = refs
     if has_bias:
         bias_ref, dq_ref, d_bias_ref, acc_ref = refs
     else:
@@ -530,6 +618,7 @@ def _dq_kernel(
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     # Read here, not in the masked bodies: a grid position is read outside conditionals.
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
+    column = None if columns_ref is None else walk.visit_column(columns_ref)
 
     @pl.when(first)
     def _init():
@@ -541,7 +630,9 @@ def _dq_kernel(
         keys = slice(c * block_kc, (c + 1) * block_kc)
         k = k_ref[keys, :]
         bias = shift = None
-        if bias_ref is not None:
+        if column is not None:
+            bias = _visit_tile(bias_ref[...], column + c * block_kc, block_kc)
+        elif bias_ref is not None:
             shift = _bias_rotation(qb * block_q, kb * block_k + c * block_kc, left, bias_ref.shape[-1])
             bias = _bias_tile(bias_ref[...], shift, block_kc)
         s = visit.scores(q_ref[...], k, qk_scale, dots, bias)
@@ -555,7 +646,10 @@ def _dq_kernel(
         acc_ref[...] += dots(ds, k, visit.NN)
         if d_bias_ref is not None:
             # ds is the gradient of the natural-log logits `scale * (q.k + bias)`: the bias's is ds * scale.
-            d_bias_ref[...] += _bias_gradient(ds * scale, shift, d_bias_ref.shape[-1])
+            if column is not None:
+                d_bias_ref[...] += _visit_gradient(ds * scale, column + c * block_kc, d_bias_ref.shape[-1])
+            else:
+                d_bias_ref[...] += _bias_gradient(ds * scale, shift, d_bias_ref.shape[-1])
 
     _sub_blocks(code, kflags_ref, qb=qb, kb=kb, block_q=block_q, block_k=block_k, block_kc=block_kc,
                 num_k_blocks=num_k_blocks, left=left, right=right, sub=sub, body=body)
@@ -566,12 +660,15 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref,
-    *refs, block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias,
+    base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, *refs,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias, per_visit,
 ):
+    columns_ref, refs = (refs[0], refs[1:]) if per_visit else (None, refs)
+    q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, *refs = refs
     bias_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs if has_bias else (None, *refs)
     kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
+    column = None if columns_ref is None else walk.visit_column(columns_ref)
 
     @pl.when(first)
     def _init():
@@ -584,7 +681,10 @@ def _dkv_kernel(
         keys = slice(c * block_kc, (c + 1) * block_kc)
         q, do = q_ref[...], do_ref[...]
         bias_t = None
-        if bias_ref is not None:
+        if column is not None:
+            # The visited query block's rows: the tile by query, transposed to the scores' [keys, queries].
+            bias_t = _visit_tile(bias_ref[...], column + c * block_kc, block_kc).T
+        elif bias_ref is not None:
             # By key: the key sub-block's rows, the query block's columns.
             shift = _bias_rotation(kb * block_k + c * block_kc, qb * block_q, right, bias_ref.shape[-1])
             bias_t = _bias_tile(bias_ref[keys, :], shift, block_q)

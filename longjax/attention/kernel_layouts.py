@@ -81,6 +81,9 @@ class BigBirdPattern:
     spec: BlockSparseSpec
     seq_len: int
     slot: int
+    # Kernel blocks of at most one slot on TPU too: a per-visit bias (`visit_bias_columns`) reads
+    # one consecutive run of columns per visit, which a block spanning several slots does not have.
+    within_slot: bool = False
 
     @property
     def kernel_len(self) -> int:
@@ -90,9 +93,10 @@ class BigBirdPattern:
         """A divisor of the slot, or on TPU a whole number of slots: a kernel block never splits a slot.
 
         A block shorter than the slot must divide it. A longer one is a slot
-        on GPU (the Triton kernels take no slot masks); on TPU the most whole
-        slots it holds, at most `MAX_SLOTS_PER_BLOCK` and the pattern's blocks
-        (64-token blocks: 128 positions, two slots, per 128 requested).
+        on GPU (the Triton kernels take no slot masks) and with `within_slot`;
+        else on TPU the most whole slots it holds, at most `MAX_SLOTS_PER_BLOCK`
+        and the pattern's blocks (64-token blocks: 128 positions, two slots, per
+        128 requested).
         """
         del interpret  # the slot already has a length the backend allows
         if block < self.slot:
@@ -102,7 +106,7 @@ class BigBirdPattern:
                     f"(block_size {self.spec.block_size}); a kernel block shorter than a slot must lie within one"
                 )
             return block
-        if not isinstance(block_sizes, block_sparse_kernels.TpuBlockSizes):
+        if self.within_slot or not isinstance(block_sizes, block_sparse_kernels.TpuBlockSizes):
             return self.slot
         return min(block // self.slot, MAX_SLOTS_PER_BLOCK, self.spec.num_blocks) * self.slot
 
@@ -127,7 +131,8 @@ class BigBirdPattern:
         columns `e * slot ...`: a visit of kernel key block c starts at
         `e * slot + c * block_k - b * slot`. Layout-independent, so the
         forward and backward layouts (other block lengths) share one bias.
-        GPU layouts only: their kernel blocks lie within a slot.
+        Layouts whose kernel blocks lie within a slot only: GPU layouts, and
+        TPU ones of a pattern built `within_slot`.
         """
         return bigbird_bias_columns(self.spec, self.slot, layout)
 

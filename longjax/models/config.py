@@ -23,7 +23,6 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from longjax import sections
@@ -120,8 +119,7 @@ AttentionConfig = FullAttention | SlidingWindowAttention | BlockSparseAttention 
 # The layer types whose ops compute Transformer-XL's position term themselves (relative_positions='native'),
 # and the implementations of each that do.
 NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
-    # 'pallas': the sliding window on the Triton (GPU) and Mosaic (TPU) kernels, BigBird on the Triton
-    # ones (the Mosaic kernels refuse its per-visit bias).
+    # 'pallas': the sliding window and BigBird on the Triton (GPU) and Mosaic (TPU) kernels.
     # impl None picks, per call, the first implementation of the backend that takes it.
     {
         FullAttention: FullAttention.IMPLS,
@@ -133,20 +131,13 @@ NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
 SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     {SlidingWindowAttention: (None, "xla", "pallas")}
 )
-# The (layer type, impl) pairs whose kernels refuse the term on some backends: BigBird's per-visit
-# bias is gathered per tile, which the Mosaic (TPU) kernels cannot.
-NATIVE_RELATIVE_REFUSED_ON: Mapping[tuple, tuple] = types.MappingProxyType(
-    {(BlockSparseAttention, "pallas"): ("tpu",)}
-)
 
 
-def takes_native_relative(attention, *, sequence_parallel: bool = False, backend: str | None = None) -> bool:
+def takes_native_relative(attention, *, sequence_parallel: bool = False) -> bool:
     """Whether a layer's op computes Transformer-XL's position term itself (its type and impl), on
-    `backend` ('cpu', 'gpu', 'tpu'; None: on some backend, without asking which, so that validating
-    a config starts no JAX backend)."""
+    every backend: a static question, so validating a config starts no JAX backend."""
     table = SEQUENCE_PARALLEL_NATIVE_RELATIVE_IMPLS if sequence_parallel else NATIVE_RELATIVE_IMPLS
-    refused_on = NATIVE_RELATIVE_REFUSED_ON.get((type(attention), attention.impl), ())
-    return attention.impl in table.get(type(attention), ()) and backend not in refused_on
+    return attention.impl in table.get(type(attention), ())
 # The layer types whose ops shard the sequence, and the implementations of each that do.
 SEQUENCE_PARALLEL_IMPLS: Mapping[type, tuple] = types.MappingProxyType(
     {SlidingWindowAttention: (None, "xla", "pallas"), BlockSparseAttention: (None, "xla"), PerformerAttention: (None, "xla")}
@@ -175,8 +166,8 @@ class TransformerConfig:
         'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers
         and kernels included, at the cost of heads `head_dim + d_model` wide) or
-        'auto' (per layer and call: 'native' where its op computes the term on
-        the default backend, 'features' elsewhere, and in calls with global tokens). All compute the
+        'auto' (per layer and call: 'native' where its op computes the term,
+        'features' elsewhere, and in calls with global tokens). All compute the
         same scores from the same parameters.
       max_positions: rows of the learned position table.
       position_offset: RoBERTa's padding offset: the first real token gets
@@ -300,11 +291,7 @@ class TransformerConfig:
         if self.position != "txl_relative" or self.relative_positions == "features":
             return False
         if self.relative_positions == "auto":
-            sharded = self.sequence_axis is not None
-            # At trace time, so the backend is up: 'auto' also leaves out kernels that refuse the term on it.
-            native = takes_native_relative(
-                self.attention[layer], sequence_parallel=sharded, backend=jax.default_backend()
-            )
+            native = takes_native_relative(self.attention[layer], sequence_parallel=self.sequence_axis is not None)
             return native and not global_tokens
         return True
 

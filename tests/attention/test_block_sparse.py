@@ -72,6 +72,8 @@ CASES = {
         (1, 45, 2, 8), dict(block_size=6, random_layout=_given_layout(2, 8, 3), global_blocks=(2,), relative=1)
     ),
     "relative_single_block": ((1, 5, 2, 8), dict(block_size=8, relative=0)),
+    # 12-token blocks: 16-position slots, each split by two 8-position Mosaic kernel blocks.
+    "relative_kernel_blocks_within_slot": ((1, 56, 2, 8), dict(block_size=12, causal=True, relative=2)),
 }
 
 # The Mosaic defaults on BigBird blocks shorter than them: 128-position kernel blocks spanning
@@ -83,6 +85,11 @@ WIDE_TILE_CASES = {
         (1, 384, 2, 8), dict(block_size=64, num_random_blocks=2, global_mask=((3, 300),), padding=(370,))
     ),
     "four_blocks_per_tile_causal": ((1, 256, 2, 8), dict(block_size=32, causal=True, global_blocks=(0, 5))),
+    # With relative positions the defaults' blocks stay within one 64-position slot (a visit reads
+    # one run of the per-visit bias's columns).
+    "relative_blocks_kept_to_a_slot": (
+        (1, 384, 2, 8), dict(block_size=64, num_random_blocks=2, padding=(370,), relative=0)
+    ),
 }
 
 
@@ -127,6 +134,9 @@ SUBSETS = {
     "pallas-tpu": {
         ("causal", "f32"), ("global_mask", "f32"), ("block_size_not_power_of_two", "f32"), ("short_sequence", "bf16"),
         ("global_mask_in_global_blocks", "f32"),
+        # The per-visit bias cut by lane rotations; 6-token blocks in 8-position slots.
+        ("relative", "f32"), ("relative_causal_padding", "bf16"), ("relative_given_layout_seq_not_multiple", "f32"),
+        ("relative_kernel_blocks_within_slot", "f32"),
     },
 }
 
@@ -357,10 +367,6 @@ def test_relative_is_refused_where_it_is_not_computed():
     for impl in ("xla", "pallas", "reference"):
         with pytest.raises(NotImplementedError, match="relative with global_mask"):
             block_sparse_attention(q, q, q, block_size=4, global_mask=global_mask, relative=relative, impl=impl)
-    with pytest.raises(NotImplementedError, match=r"the TPU \(Mosaic\) kernels take only a banded score bias"):
-        block_sparse_attention(
-            q, q, q, block_size=4, relative=relative, impl="pallas", interpret=True, block_sizes=TpuBlockSizes(8, 8, 8, 8)
-        )
     with jax.set_mesh(jax.make_mesh((1,), ("sequence",), axis_types=(jax.sharding.AxisType.Auto,))):
         with pytest.raises(NotImplementedError, match="relative positions .relative=. only unsharded"):
             block_sparse_attention(q, q, q, block_size=4, relative=relative, impl="xla", sequence_axis="sequence")

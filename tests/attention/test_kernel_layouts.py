@@ -113,7 +113,7 @@ def test_bigbird_layout_matches_mask(problem):
 @settings(max_examples=60)
 @given(_bigbird())
 def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
-    # The per-visit bias (relative positions on the Triton kernels): the visit of kernel blocks
+    # The per-visit bias (relative positions on the Pallas kernels): the visit of kernel blocks
     # (r, c) reads the keys of c at consecutive columns from its table entry. Those columns must
     # be key j's slot within the entry of j's block in the row's kernel key list (where
     # `_visit_bias` puts its term), the same from the forward and the transposed tables.
@@ -241,6 +241,9 @@ def test_bigbird_fit_takes_whole_slots_on_tpu_only():
     assert _fit(kernel_layouts.BigBirdPattern(three, seq_len=180, slot=64), 512, tpu) == 192
     with pytest.raises(NotImplementedError, match="block_sizes.block_q=24 does not divide the BigBird kernel slot"):
         _fit(pattern, 24, tpu)
+    # A pattern with a per-visit bias (within_slot) keeps TPU blocks to a slot, as on GPU.
+    within = dataclasses.replace(pattern, within_slot=True)
+    assert [_fit(within, b, tpu) for b in (16, 64, 128, 512)] == [16, 64, 64, 64]
     # Blocks past the slots leave empty kernel blocks at the end (no visits, rows written empty).
     assert pattern.padded_len((128, 192)) == 768
     layout = pattern.layout(128, 192, 768)

@@ -177,17 +177,6 @@ def test_roberta_position_ids_skip_padding():
     )
 
 
-def test_auto_takes_features_where_the_backend_kernels_refuse_the_term():
-    # BigBird's per-visit bias runs on the Triton kernels; the Mosaic ones refuse it, so on a TPU
-    # 'auto' gives an explicit impl='pallas' BigBird layer the features (impl None falls to XLA).
-    bigbird = models.BlockSparseAttention(block_size=4, impl="pallas")
-    assert models.config.takes_native_relative(bigbird, backend="gpu")
-    assert not models.config.takes_native_relative(bigbird, backend="tpu")
-    assert models.config.takes_native_relative(dataclasses.replace(bigbird, impl=None), backend="tpu")
-    window = models.SlidingWindowAttention(window=4, impl="pallas")
-    assert models.config.takes_native_relative(window, backend="tpu")
-
-
 def test_validating_relative_positions_starts_no_backend():
     # A run parses its config before `jax.distributed.initialize`, which refuses a started backend:
     # checking 'native' and 'auto' layers must not ask which backend there is.
