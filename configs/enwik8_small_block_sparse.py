@@ -23,8 +23,8 @@ def get_config():
     config.model.attention.impl = config_dict.placeholder(str)  # None | 'xla' | 'pallas' | 'reference'
     config.model.attention_per_layer = ml_collections.ConfigDict()  # every layer alike
     # The BigBird op computes the position term itself: XLA, and on a GPU or TPU the Pallas kernels
-    # (impl None tries them first; on a TPU their blocks then stay 64 wide, one BigBird block). On
-    # this CPU (XLA) 1.5x 'none' per train step where the head features cost 2.8x (bench_model.py).
+    # (impl None tries them first). On this CPU (XLA) 1.5x 'none' per train step where the head
+    # features cost 2.8x (bench_model.py).
     config.model.relative_positions = "auto"
     config.phases.window_scale = (1,) * len(config.phases.seq_len)  # no windows to scale
     return config

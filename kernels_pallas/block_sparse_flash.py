@@ -49,7 +49,7 @@ passes, not the float32 bias. The Triton kernels gather the bias tiles with
 integer-array loads; the Mosaic ones, which have no gather, cut each tile out
 of the query block's rows with a lane rotation (`block_sparse_tpu`): strided
 for the banded bias (the relative shift), plain to a visit's first column for
-the per-visit one. A per-visit bias needs kernel blocks within one slot.
+the per-visit one (a rotation per slot pair where a block spans several).
 
 Layout at this module's boundary: `[batch, seq, heads, head_dim]`.
 """
@@ -273,7 +273,10 @@ class Pattern(Protocol):
 
     # A pattern that takes a per-visit score bias (see `block_sparse_flash`'s `bias`) also has
     # `visit_bias_width: int` and `visit_bias_columns(layout) -> (columns, t_columns)`: int NumPy
-    # tables shaped as the layout's `codes` and `t_codes`, each visit's first bias column.
+    # tables shaped as the layout's `codes` and `t_codes`, each visit's first bias column (layouts
+    # within a slot, the Triton kernels'); and `slot: int` and `visit_bias_key_slots()`, int
+    # `[heads, slots, entries]`, the key slot whose keys each entry of a query slot's bias holds at
+    # columns `entry * slot ..` (the Mosaic kernels', whose blocks may span slots).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +345,8 @@ def block_sparse_flash(q, k, v, key_valid, *, pattern, scale: float, bias=None, 
         `visit_bias_columns` (BigBird's), a per-visit bias, float32 `[batch, seq,
         heads, pattern.visit_bias_width]`, the score of query i and key j of a
         visit whose keys start at `k0` and whose column entry is c0 gaining
-        `bias[i, c0 + j - k0]`; its layouts' kernel blocks must lie within one
-        slot (no sub-blocks; NotImplementedError otherwise). Differentiable.
+        `bias[i, c0 + j - k0]` (per slot pair of a visit whose blocks span
+        several slots, the pair's entry from `visit_bias_key_slots`). Differentiable.
       block_sizes: `GpuBlockSizes` (Triton) or `TpuBlockSizes` (Mosaic), whose
         type selects the lowering; None: each platform's defaults, the platform
         choosing when lowering (so a CPU host can export for either; see
@@ -382,15 +385,8 @@ def _check_bias(bias, config: _Config, q) -> None:
     layouts = (config.forward_layout, config.backward_layout)
     per_visit = getattr(config.pattern, "visit_bias_columns", None) is not None
     if per_visit:
-        # A visit reads one run of consecutive columns: its kernel blocks must lie within a slot, a
-        # layout without sub-blocks (GPU layouts always; TPU ones of a pattern that keeps them so).
-        for layout in layouts:
-            if layout.sub_block is not None:
-                raise NotImplementedError(
-                    f"a per-visit score bias needs kernel blocks within one slot of {layout.sub_block} positions, "
-                    f"got ({layout.block_q}, {layout.block_k}); build {type(config.pattern).__name__} so that "
-                    "its blocks fit one slot"
-                )
+        # GPU layouts have no sub-blocks (`block_sparse_gpu` refuses them); the TPU kernels read a
+        # run of columns per slot pair (`visit_bias_key_slots`).
         width, expected = config.pattern.visit_bias_width, "pattern.visit_bias_width"
     elif any(layout.left is None or layout.right is None or layout.sub_block is not None for layout in layouts):
         raise NotImplementedError(

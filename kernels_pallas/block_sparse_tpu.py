@@ -37,16 +37,18 @@ row j, column `right + i - j`) and cuts its transposed tiles the same way.
 The dq kernel accumulates the bias gradient into its row block with the
 inverse rotation (a stride of `Wp - 1`, i.e. -1 modulo the width).
 
-A per-visit bias (BigBird's relative positions: the pattern's
-`visit_bias_columns`, each visit's keys at consecutive columns of its query
-rows from the visit's first column) comes as the same row blocks, and the
-visits' first columns as a sixth scalar-prefetch table in the walk's order
-(`_visit_columns`). A tile is one plain lane rotation by its first column
-and a static slice; the dq kernel adds the gradient back with the inverse
-rotation. Its layouts' kernel blocks lie within one slot, so a visit reads one
-run of columns. The dk/dv kernel takes the visited query block's rows (as it
-takes its queries), cuts the tile the same way and transposes it to its
-`[keys, queries]` scores.
+A per-visit bias (BigBird's relative positions) comes as the same row
+blocks: query slot a's rows hold, at columns `e * slot ..`, the keys of key
+slot `key_slots[a, e]` (the pattern's `visit_bias_key_slots`, a sixth
+scalar-prefetch table). A visit finds the entry e of each (query slot, key
+slot) pair it covers by a scalar search of the query slot's few entries, and
+cuts the pair's tile with one plain lane rotation of the query slot's rows
+to `e * slot` (plus where the key block starts, for blocks within a slot);
+the key slots' lanes are selected and the query slots stacked. The dq kernel
+adds the gradient back with the inverse rotations. The dk/dv kernel takes the
+visited query block's rows (as it takes its queries), cuts the tile the same
+way and transposes it to its `[keys, queries]` scores. A table per query slot,
+not per visit, keeps SMEM within budget at 128K tokens and 16 heads.
 
 `forward` and `backward` take `[batch, seq, heads, head_dim]` arrays padded to
 the call's kernel length and the call's static configuration
@@ -124,9 +126,6 @@ class _Walk:
         """int32: the current grid step's sub-mask (its bits; int8 and int16 sign-extend above them)."""
         return sub_ref[self.index(pl.program_id(1), pl.program_id(2))].astype(jnp.int32)
 
-    def visit_column(self, columns_ref):
-        """int32: the current grid step's first per-visit bias column (`_visit_columns`)."""
-        return columns_ref[self.index(pl.program_id(1), pl.program_id(2))].astype(jnp.int32)
 
     def maps(self, rows_are_q: bool):
         """(q block, k block) index of grid step `(bi, hi, e)`, from the prefetched tables."""
@@ -179,42 +178,65 @@ def _spec(block_shape, block_of, tail: int, per_batch: bool = True):
 
 def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_kc: int, pattern=None):
     """(walk, the scalar-prefetch operands) of a kernel walking `layout` (transposed: by key block):
-    the five tables of every kernel, and with a per-visit bias (`pattern` given) its columns."""
+    the five tables of every kernel, and with a per-visit bias (`pattern` given) its key slots."""
     tables = layout.visit_tables(transposed)
     # 0/1 per (batch, key sub-block): int8 in SMEM.
     kflags = visit.key_block_flags(valid, block_kc).astype(jnp.int8).reshape(-1)
     prefetch = (*(jnp.asarray(a) for a in tables.arrays), kflags)
     if pattern is not None:
-        prefetch += (jnp.asarray(_visit_columns(pattern, layout, transposed)),)
+        prefetch += (jnp.asarray(_key_slots(pattern)),)
     return _Walk.of(tables), prefetch
 
 
 @functools.lru_cache(maxsize=64)
-def _visit_columns(pattern, layout: block_layout.BlockLayout, transposed: bool):
-    """Each visit's first per-visit bias column in the walk's order (`VisitTables`), smallest int.
-
-    The pattern's `visit_bias_columns` follow the layout's CSR order (`codes`, or `t_codes`
-    transposed); the walk holds the same visits in the same order, with fillers (computing
-    nothing, column 0) for empty rows and to pad each head's list. Cached (the footprint checks
-    and the kernels ask for the same table) and read-only, as the layout's own tables.
-    """
-    if layout.sub_block is not None:
-        raise NotImplementedError(
-            "a per-visit score bias needs kernel blocks within one slot of the pattern (a layout without "
-            f"sub-blocks), got blocks ({layout.block_q}, {layout.block_k}) over sub-blocks of {layout.sub_block}"
-        )
-    columns = pattern.visit_bias_columns(layout)[1 if transposed else 0]
-    _, _, flags = layout.flattened(transposed)
-    length = layout.visit_tables(transposed).length
-    walk = np.zeros((flags.shape[0], length), np.int64)
-    offsets = layout.t_offsets if transposed else layout.offsets
-    for h in range(flags.shape[0]):
-        real = np.flatnonzero(flags[h] & block_layout.FLAG_COMPUTE)
-        assert len(real) == offsets[h, -1], "the walk's visits are the layout's"
-        walk[h, real] = columns[h, : len(real)]
-    table = block_layout.smallest_int(walk.reshape(-1))
+def _key_slots(pattern) -> np.ndarray:
+    """The pattern's `visit_bias_key_slots` flattened, smallest int, read-only (cached: the footprint
+    checks and the kernels ask for the same table)."""
+    table = block_layout.smallest_int(np.asarray(pattern.visit_bias_key_slots()).reshape(-1))
     table.setflags(write=False)
     return table
+
+
+@dataclasses.dataclass(frozen=True)
+class _VisitBias:
+    """What a kernel needs to find a per-visit bias's columns: the pattern's slots and key lists."""
+
+    slot: int
+    num_slots: int  # query slots of the key-slot table (the pattern's blocks)
+    entries: int
+    heads: int  # heads of the key-slot table (1: shared by all)
+
+    @classmethod
+    def of(cls, pattern) -> _VisitBias:
+        heads, num_slots, entries = np.shape(pattern.visit_bias_key_slots())
+        return cls(slot=pattern.slot, num_slots=num_slots, entries=entries, heads=heads)
+
+    def columns(self, key_slots_ref, qb, kb, block_q: int, block_k: int, sub) -> list:
+        """int32 scalars: per (query slot i, key slot j) pair of the visit of blocks (qb, kb), at
+        `i * slots_k + j`, the bias column of the pair's first key in its query slot's rows.
+
+        A pair the visit does not attend (its sub-mask bit, or a slot past the pattern's) finds
+        no entry and reads column 0: its scores are masked, so neither its bias nor its gradient
+        counts.
+        """
+        slot = self.slot
+        n_q, n_k = (1, 1) if sub is None else (sub.sub_blocks_q, sub.sub_blocks_k)
+        head = pl.program_id(1) if self.heads > 1 else 0
+        found = []
+        # lax.div, not //: the blocks' positions are non-negative, and floor division's sign
+        # correction has no Mosaic lowering off a TPU host (export from a CPU one).
+        for i in range(n_q):
+            a = jnp.minimum(lax.div(qb * block_q, slot) + i, self.num_slots - 1)
+            row = (head * self.num_slots + a) * self.entries
+            for j in range(n_k):
+                b = lax.div(kb * block_k, slot) + j
+                entry = jnp.int32(0)
+                for e in range(self.entries):
+                    entry = jnp.where(key_slots_ref[row + e].astype(jnp.int32) == b, e, entry)
+                # A key block within a slot starts inside it; one of whole slots starts at slot j's start.
+                start = kb * block_k - b * slot if block_k < slot else 0
+                found.append(entry * slot + start)
+        return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +331,7 @@ def footprints(config, batch: int, head_dim: int, dtype, bias_width=None) -> dic
         n_sub = layout.block_k // key_compute_block(layout.block_k, compute)
         smem = (*layout.visit_tables(transposed).arrays, ((batch * layout.num_k_blocks * n_sub,), jnp.int8))
         if per_visit:
-            smem += (_visit_columns(config.pattern, layout, transposed),)
+            smem += (_key_slots(config.pattern),)
         ins, outs, scratch = _block_specs(
             kind, layout.block_q, layout.block_k, head_dim, dtype, bias_width,
             key_compute_block(layout.block_k, compute), per_visit,
@@ -396,17 +418,51 @@ def _bias_gradient(d_scores, shift, lanes: int):
     return pltpu.roll(padded, jnp.remainder(-shift, lanes), 1, stride=lanes - 1, stride_axis=0)
 
 
-def _visit_tile(rows, column, keys: int):
-    """The `[rows, keys]` per-visit bias tile reading columns `column ..` of `rows` `[rows, Wp]`: one
-    lane rotation and a static slice (the visit's columns are consecutive, within the width)."""
-    return pltpu.roll(rows, jnp.remainder(-column, rows.shape[-1]), 1)[:, :keys]
+def _slot_pieces(sub, rows: int, k_first: int, keys: int, columns):
+    """The slot pairs a per-visit bias tile is made of, by query slot: `[(row slice, [(lanes, shift),
+    ...]), ...]`, one `(lanes, shift)` per key slot j the tile's keys `k_first .. k_first + keys` of
+    the key block reach, `lanes` the bool `[1, keys]` of the tile's columns in key slot j (None: all
+    of them) and `shift` the pair's first column minus the tile column it lands at (traced int32)."""
+    if sub is None:
+        return [(slice(0, rows), [(None, columns[0] + k_first)])]
+    slot, n_k = sub.sub_block, sub.sub_blocks_k
+    slot_rows = rows // sub.sub_blocks_q
+    # Static: the key slots of the tile (one when the key block lies within a slot).
+    first_j, last_j = min(k_first // slot, n_k - 1), min((k_first + keys - 1) // slot, n_k - 1)
+    key_slot = lax.div(k_first + lax.broadcasted_iota(jnp.int32, (1, keys), 1), slot)  # as in _VisitBias.columns
+    return [
+        (slice(i * slot_rows, (i + 1) * slot_rows),
+         [(None if first_j == last_j else key_slot == j, columns[i * n_k + j] + k_first - j * slot)
+          for j in range(first_j, last_j + 1)])
+        for i in range(sub.sub_blocks_q)
+    ]
 
 
-def _visit_gradient(d_scores, column, lanes: int):
-    """The inverse of `_visit_tile`: `[rows, Wp]` holding `d_scores[:, t]` at column `column + t`, zeros elsewhere."""
+def _visit_tile(rows, columns, k_first: int, keys: int, sub):
+    """The `[rows, keys]` per-visit bias tile of keys `k_first ..` of a visit: per slot pair, the query
+    slot's rows `[slot rows, Wp]` rotated to the pair's first column (one lane rotation) and the
+    key slot's lanes taken; the query slots stacked."""
+    lanes = rows.shape[-1]
+    stacked = []
+    for part, pairs in _slot_pieces(sub, rows.shape[0], k_first, keys, columns):
+        tile = None
+        for in_slot, shift in pairs:
+            piece = pltpu.roll(rows[part], jnp.remainder(-shift, lanes), 1)[:, :keys]
+            tile = piece if tile is None else jnp.where(in_slot, piece, tile)
+        stacked.append(tile)
+    return stacked[0] if len(stacked) == 1 else jnp.concatenate(stacked, axis=0)
+
+
+def _add_visit_gradient(d_bias_ref, d_scores, columns, k_first: int, sub):
+    """The inverse of `_visit_tile`, added into `d_bias_ref` `[rows, Wp]`: `d_scores` `[rows, keys]`
+    back at each slot pair's columns (the inverse rotations)."""
     rows, keys = d_scores.shape
-    padded = jnp.concatenate([d_scores, jnp.zeros((rows, lanes - keys), d_scores.dtype)], axis=1)
-    return pltpu.roll(padded, jnp.remainder(column, lanes), 1)
+    lanes = d_bias_ref.shape[-1]
+    for part, pairs in _slot_pieces(sub, rows, k_first, keys, columns):
+        for in_slot, shift in pairs:
+            piece = d_scores[part] if in_slot is None else jnp.where(in_slot, d_scores[part], 0.0)
+            padded = jnp.concatenate([piece, jnp.zeros((piece.shape[0], lanes - keys), piece.dtype)], axis=1)
+            d_bias_ref[part, :] += pltpu.roll(padded, jnp.remainder(shift, lanes), 1)
 
 
 def _sub_blocks(code, kflags_ref, *, qb, kb, block_q, block_k, block_kc, num_k_blocks, left, right, sub, body):
@@ -454,7 +510,8 @@ def forward(q, k, v, valid, config, bias=None):
     kernel = functools.partial(
         _forward_kernel, block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, walk=walk,
         left=layout.left, right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
-        dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None, per_visit=per_visit,
+        dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None,
+        visit_bias=_VisitBias.of(config.pattern) if per_visit else None,
     )
     q_spec = _spec((None, None, bq, d), q_of, 1)
     bias_specs, bias_args = [], []
@@ -482,15 +539,15 @@ def forward(q, k, v, valid, config, bias=None):
 
 def _forward_kernel(
     base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, *refs,
-    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots, has_bias, per_visit,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, dots, has_bias, visit_bias,
 ):
-    columns_ref, refs = (refs[0], refs[1:]) if per_visit else (None, refs)
+    key_slots_ref, refs = (refs[0], refs[1:]) if visit_bias is not None else (None, refs)
     q_ref, k_ref, v_ref, valid_ref, *refs = refs
     bias_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs if has_bias else (None, *refs)
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     # Read here, not in the masked bodies: a grid position is read outside conditionals.
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
-    column = None if columns_ref is None else walk.visit_column(columns_ref)
+    columns = None if key_slots_ref is None else visit_bias.columns(key_slots_ref, qb, kb, block_q, block_k, sub)
 
     @pl.when(first)
     def _init():
@@ -501,8 +558,8 @@ def _forward_kernel(
     def body(c, masked):
         keys = slice(c * block_kc, (c + 1) * block_kc)
         bias = None
-        if column is not None:
-            bias = _visit_tile(bias_ref[...], column + c * block_kc, block_kc)
+        if columns is not None:
+            bias = _visit_tile(bias_ref[...], columns, c * block_kc, block_kc, sub)
         elif bias_ref is not None:
             shift = _bias_rotation(qb * block_q, kb * block_k + c * block_kc, left, bias_ref.shape[-1])
             bias = _bias_tile(bias_ref[...], shift, block_kc)
@@ -547,7 +604,7 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
     static = dict(block_q=bq, block_k=bk, block_kc=bkc, num_k_blocks=layout.num_k_blocks, left=layout.left,
                   right=layout.right, sub=_SubBlocks.of(layout), qk_scale=config.scale * visit.LOG2E,
                   scale=config.scale, dots=visit.dots_for(config.backend, q.dtype), has_bias=bias is not None,
-                  per_visit=per_visit)
+                  visit_bias=_VisitBias.of(config.pattern) if per_visit else None)
     if bias is not None:
         by_query = _bias_rows(bias, _bias_tile_width("dq", bq, bkc))
         # Per visit, dk/dv reads the visited query blocks' rows too; banded, the terms by key.
@@ -607,9 +664,9 @@ def backward(q, k, v, valid, do, lse2, row_term, config, bias=None):
 
 def _dq_kernel(
     base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, *refs,
-    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias, per_visit,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias, visit_bias,
 ):
-    columns_ref, refs = (refs[0], refs[1:]) if per_visit else (None, refs)
+    key_slots_ref, refs = (refs[0], refs[1:]) if visit_bias is not None else (None, refs)
     q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, *refs = refs
     if has_bias:
         bias_ref, dq_ref, d_bias_ref, acc_ref = refs
@@ -618,7 +675,7 @@ def _dq_kernel(
     qb, kb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     # Read here, not in the masked bodies: a grid position is read outside conditionals.
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
-    column = None if columns_ref is None else walk.visit_column(columns_ref)
+    columns = None if key_slots_ref is None else visit_bias.columns(key_slots_ref, qb, kb, block_q, block_k, sub)
 
     @pl.when(first)
     def _init():
@@ -630,8 +687,8 @@ def _dq_kernel(
         keys = slice(c * block_kc, (c + 1) * block_kc)
         k = k_ref[keys, :]
         bias = shift = None
-        if column is not None:
-            bias = _visit_tile(bias_ref[...], column + c * block_kc, block_kc)
+        if columns is not None:
+            bias = _visit_tile(bias_ref[...], columns, c * block_kc, block_kc, sub)
         elif bias_ref is not None:
             shift = _bias_rotation(qb * block_q, kb * block_k + c * block_kc, left, bias_ref.shape[-1])
             bias = _bias_tile(bias_ref[...], shift, block_kc)
@@ -646,8 +703,8 @@ def _dq_kernel(
         acc_ref[...] += dots(ds, k, visit.NN)
         if d_bias_ref is not None:
             # ds is the gradient of the natural-log logits `scale * (q.k + bias)`: the bias's is ds * scale.
-            if column is not None:
-                d_bias_ref[...] += _visit_gradient(ds * scale, column + c * block_kc, d_bias_ref.shape[-1])
+            if columns is not None:
+                _add_visit_gradient(d_bias_ref, ds * scale, columns, c * block_kc, sub)
             else:
                 d_bias_ref[...] += _bias_gradient(ds * scale, shift, d_bias_ref.shape[-1])
 
@@ -661,14 +718,14 @@ def _dq_kernel(
 
 def _dkv_kernel(
     base_ref, offset_ref, codes_ref, sub_ref, kflags_ref, *refs,
-    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias, per_visit,
+    block_q, block_k, block_kc, num_k_blocks, walk, left, right, sub, qk_scale, scale, dots, has_bias, visit_bias,
 ):
-    columns_ref, refs = (refs[0], refs[1:]) if per_visit else (None, refs)
+    key_slots_ref, refs = (refs[0], refs[1:]) if visit_bias is not None else (None, refs)
     q_ref, k_ref, v_ref, valid_ref, do_ref, lse_ref, rt_ref, *refs = refs
     bias_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs if has_bias else (None, *refs)
     kb, qb, code, first, last = walk.position(base_ref, offset_ref, codes_ref)
     sub_mask = None if sub is None else walk.sub_mask(sub_ref)
-    column = None if columns_ref is None else walk.visit_column(columns_ref)
+    columns = None if key_slots_ref is None else visit_bias.columns(key_slots_ref, qb, kb, block_q, block_k, sub)
 
     @pl.when(first)
     def _init():
@@ -681,9 +738,9 @@ def _dkv_kernel(
         keys = slice(c * block_kc, (c + 1) * block_kc)
         q, do = q_ref[...], do_ref[...]
         bias_t = None
-        if column is not None:
+        if columns is not None:
             # The visited query block's rows: the tile by query, transposed to the scores' [keys, queries].
-            bias_t = _visit_tile(bias_ref[...], column + c * block_kc, block_kc).T
+            bias_t = _visit_tile(bias_ref[...], columns, c * block_kc, block_kc, sub).T
         elif bias_ref is not None:
             # By key: the key sub-block's rows, the query block's columns.
             shift = _bias_rotation(kb * block_k + c * block_kc, qb * block_q, right, bias_ref.shape[-1])

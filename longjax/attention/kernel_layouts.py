@@ -81,9 +81,6 @@ class BigBirdPattern:
     spec: BlockSparseSpec
     seq_len: int
     slot: int
-    # Kernel blocks of at most one slot on TPU too: a per-visit bias (`visit_bias_columns`) reads
-    # one consecutive run of columns per visit, which a block spanning several slots does not have.
-    within_slot: bool = False
 
     @property
     def kernel_len(self) -> int:
@@ -93,10 +90,9 @@ class BigBirdPattern:
         """A divisor of the slot, or on TPU a whole number of slots: a kernel block never splits a slot.
 
         A block shorter than the slot must divide it. A longer one is a slot
-        on GPU (the Triton kernels take no slot masks) and with `within_slot`;
-        else on TPU the most whole slots it holds, at most `MAX_SLOTS_PER_BLOCK`
-        and the pattern's blocks (64-token blocks: 128 positions, two slots, per
-        128 requested).
+        on GPU (the Triton kernels take no slot masks); on TPU the most whole
+        slots it holds, at most `MAX_SLOTS_PER_BLOCK` and the pattern's blocks
+        (64-token blocks: 128 positions, two slots, per 128 requested).
         """
         del interpret  # the slot already has a length the backend allows
         if block < self.slot:
@@ -106,7 +102,7 @@ class BigBirdPattern:
                     f"(block_size {self.spec.block_size}); a kernel block shorter than a slot must lie within one"
                 )
             return block
-        if self.within_slot or not isinstance(block_sizes, block_sparse_kernels.TpuBlockSizes):
+        if not isinstance(block_sizes, block_sparse_kernels.TpuBlockSizes):
             return self.slot
         return min(block // self.slot, MAX_SLOTS_PER_BLOCK, self.spec.num_blocks) * self.slot
 
@@ -131,10 +127,19 @@ class BigBirdPattern:
         columns `e * slot ...`: a visit of kernel key block c starts at
         `e * slot + c * block_k - b * slot`. Layout-independent, so the
         forward and backward layouts (other block lengths) share one bias.
-        Layouts whose kernel blocks lie within a slot only: GPU layouts, and
-        TPU ones of a pattern built `within_slot`.
+        Layouts whose kernel blocks lie within a slot only (GPU layouts);
+        `visit_bias_key_slots` serves any.
         """
         return bigbird_bias_columns(self.spec, self.slot, layout)
+
+    def visit_bias_key_slots(self) -> np.ndarray:
+        """int32 `[heads, num_blocks, entries]`: the key block (slot) whose keys each entry of a query
+        block's per-visit bias holds, `num_blocks` for entries it does not use and for blocks without
+        a kernel key list (the global ones). For the TPU kernels, whose blocks may span several slots:
+        a visit finds each (query slot, key slot) pair's entry here, and reads that entry's run of
+        columns from `entry * slot` (plus where the key block starts in a slot it lies within).
+        """
+        return bigbird_bias_key_slots(self.spec)
 
 
 @functools.lru_cache(maxsize=128)
@@ -264,9 +269,7 @@ def bigbird_bias_columns(spec: BlockSparseSpec, slot: int, layout: BlockLayout):
         raise NotImplementedError(
             f"a per-visit bias needs kernel blocks within one slot of {slot}, got ({layout.block_q}, {layout.block_k})"
         )
-    query_blocks, key_blocks, key_used = block_sparse_lib.kernel_key_lists(spec)
-    row_of = np.full(spec.num_blocks, -1, np.int64)
-    row_of[query_blocks] = np.arange(len(query_blocks))
+    key_slots = bigbird_bias_key_slots(spec)
     tables = []
     for offsets, codes, transposed in ((layout.offsets, layout.codes, False), (layout.t_offsets, layout.t_codes, True)):
         table = np.zeros(codes.shape, np.int32)
@@ -275,14 +278,24 @@ def bigbird_bias_columns(spec: BlockSparseSpec, slot: int, layout: BlockLayout):
             owner, other, _ = layout.entries(h, transposed)
             q_tile, k_tile = (np.asarray(x, np.int64) for x in ((other, owner) if transposed else (owner, other)))
             a, b = q_tile * layout.block_q // slot, k_tile * layout.block_k // slot
-            row = row_of[a]
-            match = key_used[h, row] & (key_blocks[h, row] == b[:, None]) & (row >= 0)[:, None]
+            match = key_slots[h, a] == b[:, None]
             if np.any(match.sum(-1) != 1):
                 raise AssertionError("a BigBird layout visit is not exactly one entry of its row's key list")
             table[h, :total] = match.argmax(-1) * slot + k_tile * layout.block_k - b * slot
         table.setflags(write=False)  # cached and shared, as the layout's own arrays
         tables.append(table)
     return tuple(tables)
+
+
+@functools.lru_cache(maxsize=64)
+def bigbird_bias_key_slots(spec: BlockSparseSpec) -> np.ndarray:
+    """`BigBirdPattern.visit_bias_key_slots`: int32 `[heads, num_blocks, entries]`."""
+    query_blocks, key_blocks, key_used = block_sparse_lib.kernel_key_lists(spec)
+    heads, _, entries = key_blocks.shape
+    table = np.full((heads, spec.num_blocks, entries), spec.num_blocks, np.int32)
+    table[:, query_blocks] = np.where(key_used, key_blocks, spec.num_blocks)
+    table.setflags(write=False)
+    return table
 
 
 @dataclasses.dataclass(frozen=True)

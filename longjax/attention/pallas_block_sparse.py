@@ -40,8 +40,8 @@ kernels:
   leave out, then go through the XLA implementation's rows with the term
   (`block_sparse.global_blocks_relative`). The Mosaic (TPU) kernels cut the
   banded bias per tile by a strided lane rotation, and a per-visit one by a
-  plain rotation to the visit's column; for it their kernel blocks stay within
-  one slot (64-token BigBird blocks: 64-wide tiles, not the 128-wide two-slot ones).
+  plain rotation per slot pair to its entry's columns (`visit_bias_key_slots`:
+  a 128-wide tile of 64-token blocks is 2 x 2 pairs).
   Either bias goes to the kernels as a `ComputedBias` of the position queries
   and the table: recomputed in the backward pass, so what stays saved between
   the passes is those arrays, not the float32 bias (`left + right + 1` or
@@ -279,8 +279,7 @@ def block_sparse_pallas(
     `max_global_tokens` must already be resolved to an int when `global_mask` is given.
     `relative` (not with `global_mask`): the kernels take the position term of their window and
     random blocks as a per-visit bias, and the global blocks go through
-    `block_sparse.global_blocks_relative`. On TPU its kernel blocks are then one slot (one BigBird
-    block) long, whatever `block_sizes` asks for more.
+    `block_sparse.global_blocks_relative`.
     """
     block_sparse_kernels.check_block_sizes(block_sizes)
     interpret = common.resolve_interpret(interpret)
@@ -355,8 +354,7 @@ def _bigbird_kernel(q, k, v, key_valid, *relative, spec: BlockSparseSpec, scale,
         x = x[(slice(None),) * (axis + 1) + (slice(0, size),)]
         return x.reshape(x.shape[:axis] + (blocks * size,) + x.shape[axis + 2:])[(slice(None),) * axis + (slice(0, n),)]
 
-    # A per-visit bias keeps the kernel blocks within a slot on TPU too (see `BigBirdPattern.within_slot`).
-    pattern = BigBirdPattern(spec, seq_len=n, slot=slot, within_slot=bool(relative))
+    pattern = BigBirdPattern(spec, seq_len=n, slot=slot)
     bias = None
     if relative:
         bias = block_sparse_kernels.ComputedBias(functools.partial(_visit_bias, spec=spec, slot=slot), relative)

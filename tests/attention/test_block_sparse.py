@@ -85,10 +85,12 @@ WIDE_TILE_CASES = {
         (1, 384, 2, 8), dict(block_size=64, num_random_blocks=2, global_mask=((3, 300),), padding=(370,))
     ),
     "four_blocks_per_tile_causal": ((1, 256, 2, 8), dict(block_size=32, causal=True, global_blocks=(0, 5))),
-    # With relative positions the defaults' blocks stay within one 64-position slot (a visit reads
-    # one run of the per-visit bias's columns).
-    "relative_blocks_kept_to_a_slot": (
+    # The per-visit bias read per slot pair: 2 x 2 and 4 x 4 pairs a tile.
+    "relative_two_blocks_per_tile": (
         (1, 384, 2, 8), dict(block_size=64, num_random_blocks=2, padding=(370,), relative=0)
+    ),
+    "relative_four_blocks_per_tile_causal": (
+        (1, 256, 2, 8), dict(block_size=32, causal=True, global_blocks=(0, 5), relative=1)
     ),
 }
 

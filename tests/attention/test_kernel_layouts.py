@@ -121,9 +121,11 @@ def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
     layout = kernel_layouts.bigbird_layout(spec, seq_len=seq, slot=slot, block_q=block_q, block_k=block_k)
     if max(block_q, block_k) > slot:
         # The Triton kernels' blocks lie within a slot; a block over several slots has no
-        # consecutive columns to read, and must be refused rather than given wrong ones.
+        # consecutive columns to read, and must be refused rather than given wrong ones
+        # (the Mosaic kernels find a run per slot pair, from the key slots).
         with pytest.raises(NotImplementedError, match="kernel blocks within one slot"):
             kernel_layouts.bigbird_bias_columns(spec, slot, layout)
+        _check_key_slots(spec, seq, slot)
         return
     columns, t_columns = kernel_layouts.bigbird_bias_columns(spec, slot, layout)
     assert columns.shape == layout.codes.shape and t_columns.shape == layout.t_codes.shape
@@ -142,6 +144,23 @@ def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
             np.testing.assert_array_equal(key_blocks[h, row_of[a], entry], keys // slot)
             assert key_used[h, row_of[a], entry].all()
             np.testing.assert_array_equal(within, keys % slot)
+    _check_key_slots(spec, seq, slot)
+
+
+def _check_key_slots(spec, seq, slot):
+    # The Mosaic kernels' table (their blocks may span slots): per query block, the key block of each
+    # entry of its per-visit bias, as `_visit_bias` lays the entries out (`kernel_key_lists`), the
+    # blocks that have no list and the unused entries at num_blocks (which no key slot matches).
+    key_slots = kernel_layouts.BigBirdPattern(spec, seq_len=seq, slot=slot).visit_bias_key_slots()
+    query_blocks, key_blocks, key_used = block_sparse.kernel_key_lists(spec)
+    assert key_slots.shape == (key_blocks.shape[0], spec.num_blocks, key_blocks.shape[2])
+    np.testing.assert_array_equal(key_slots[:, query_blocks], np.where(key_used, key_blocks, spec.num_blocks))
+    others = np.setdiff1d(np.arange(spec.num_blocks), query_blocks)
+    assert np.all(key_slots[:, others] == spec.num_blocks)
+    # An entry per used key block: a search finds one entry at most.
+    for row in key_slots.reshape(-1, key_slots.shape[-1]):
+        used = row[row < spec.num_blocks]
+        assert len(np.unique(used)) == len(used)
 
 
 def _bigbird_4096(causal):
@@ -241,9 +260,6 @@ def test_bigbird_fit_takes_whole_slots_on_tpu_only():
     assert _fit(kernel_layouts.BigBirdPattern(three, seq_len=180, slot=64), 512, tpu) == 192
     with pytest.raises(NotImplementedError, match="block_sizes.block_q=24 does not divide the BigBird kernel slot"):
         _fit(pattern, 24, tpu)
-    # A pattern with a per-visit bias (within_slot) keeps TPU blocks to a slot, as on GPU.
-    within = dataclasses.replace(pattern, within_slot=True)
-    assert [_fit(within, b, tpu) for b in (16, 64, 128, 512)] == [16, 64, 64, 64]
     # Blocks past the slots leave empty kernel blocks at the end (no visits, rows written empty).
     assert pattern.padded_len((128, 192)) == 768
     layout = pattern.layout(128, 192, 768)

@@ -176,23 +176,3 @@ def test_requested_compute_blocks_reach_each_kernel():
     with pytest.raises(ValueError, match="block_k_compute=64 does not fit the key blocks"):
         block_sparse_flash.call_block_sizes(short_band, blocks, head_dim=64, dtype=jnp.bfloat16)
 
-
-def test_a_per_visit_bias_needs_kernel_blocks_within_a_slot():
-    # Two 8-position slots per 16-position Mosaic block: a visit would read two runs of the
-    # per-visit bias's columns, which the kernels cannot; refused, naming the blocks.
-    seq, heads, blocks = 64, 2, 8
-    spec = specs.BlockSparseSpec(
-        block_size=8, num_blocks=blocks, window_radius=1, global_blocks=(),
-        random_layout=bigbird_random_layout(blocks, heads, 1, global_blocks=(), seed=0), causal=False,
-    )
-    pattern = BigBirdPattern(spec, seq_len=seq, slot=8)
-    q = jnp.ones((1, seq, heads, 8))
-    bias = jnp.zeros((1, seq, heads, pattern.visit_bias_width))
-    call = lambda p: block_sparse_flash.block_sparse_flash(
-        q, q, q, jnp.ones((1, seq), bool), pattern=p, scale=1.0, bias=bias, interpret=True,
-        block_sizes=TpuBlockSizes(16, 16, 16, 16),
-    )
-    with pytest.raises(NotImplementedError, match=r"per-visit score bias needs kernel blocks within one slot of 8"):
-        call(pattern)
-    out, _ = call(dataclasses.replace(pattern, within_slot=True))  # 8-position blocks
-    assert out.shape == q.shape

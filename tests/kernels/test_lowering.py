@@ -143,9 +143,9 @@ def test_sliding_window_relative_lowers_for_tpu(block_sizes):
 @pytest.mark.parametrize("block_sizes", [TpuBlockSizes(), None], ids=["tpu-blocks", "default-blocks"])
 def test_bigbird_relative_lowers_for_tpu(block_sizes):
     # BigBird's term on the Mosaic kernels: the per-visit bias (6 entries of 64-position slots) as
-    # row blocks cut by a lane rotation to each visit's first column (a sixth scalar-prefetch
-    # table), the kernel blocks kept to one 64-token BigBird block. Without block sizes both
-    # lowerings are traced (each takes the per-visit bias) and the TPU export keeps Mosaic's.
+    # row blocks cut by a lane rotation per (query slot, key slot) pair of each 128-wide tile, the
+    # pair's entry found in a sixth scalar-prefetch table. Without block sizes both lowerings are
+    # traced (each takes the per-visit bias) and the TPU export keeps Mosaic's.
     x = jax.ShapeDtypeStruct((1, SEQ, HEADS, 64), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((2 * SEQ - 1, HEADS, 64), jnp.bfloat16)
 
@@ -158,7 +158,7 @@ def test_bigbird_relative_lowers_for_tpu(block_sizes):
 
     grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
     if block_sizes is not None:
-        assert _pallas_block_rows(jax.make_jaxpr(grad)(x, x, x, x, table).jaxpr) == [(64, 64)] * 3
+        assert _pallas_block_rows(jax.make_jaxpr(grad)(x, x, x, x, table).jaxpr) == [(128, 128)] * 3
     text = _export(grad, "tpu", (x, x, x, x, table))
     assert text.count("@tpu_custom_call(") == 3 and TRITON_CALL not in text
     assert f"{SEQ}x{SEQ}" not in text
