@@ -1,0 +1,208 @@
+"""Where an attention op's forward+backward time goes on this machine, per XLA operation.
+
+    python experiments/profile_attention.py [--ops sliding,block_sparse] [--seq 16384] [--repeats 3]
+                                            [--top 20] [--out experiments/results]
+
+For each op (the `bench_attention.py` cases whose names contain one of
+`--ops`) it compiles the same forward+backward program, runs it `--repeats`
+times under `jax.profiler.trace` with XLA:CPU's per-operation trace events
+(this script adds `--xla_cpu_enable_xprof_traceme=true` to XLA_FLAGS before
+JAX starts; the events cost a little time themselves), and sums each
+operation's time per run. An operation is a matrix product when it is a dot
+or a fusion computing one (XLA:CPU sends most to its YNNPACK library,
+`ynn_fusion`); its FLOPs come from the dot's shapes in the compiled HLO. It
+prints the top operations with their share of the time and, for products,
+their FLOP rate against this machine's float32 matmul rate (one 4096^3
+matmul), and writes CSV and a bar-chart PNG per op.
+
+The rates are per operation: with XLA's thunk executor, independent
+operations may run at once on the two cores, each then showing less than
+the rate it would have alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: XLA:CPU reads its flags once.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import glob  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import bench_attention  # noqa: E402
+import bench_common  # noqa: E402
+from bench_common import Column  # noqa: E402
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^%([\w.\-]+) .*\{$")
+
+
+def _product_flops(hlo: str) -> dict[str, float]:
+    """FLOPs of one execution of each instruction of a compiled HLO module that is, or fuses, a dot.
+
+    A dot's FLOPs are 2 x its output elements x the product of its left operand's contracting
+    dimensions; a fusion's are those of the dots its computation holds.
+    """
+    shapes, computation_of, calls, flops_in = {}, {}, {}, collections.Counter()
+    current = None
+    for line in hlo.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("(")[0]:
+            current = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, _, dims, op, rest = match.groups()
+        shapes[name] = [int(d) for d in dims.split(",") if d]
+        computation_of[name] = current
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        if called:
+            calls[name] = called.group(1)
+        if op == "dot":
+            lhs = re.match(r"%([\w.\-]+)", rest).group(1)
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+            depth = math.prod(shapes[lhs][int(i)] for i in contracting.split(",") if i)
+            flops_in[current] += 2 * math.prod(shapes[name]) * depth
+            flops_in["%" + name] = 2 * math.prod(shapes[name]) * depth
+    products = {}
+    for name in computation_of:
+        if "%" + name in flops_in:
+            products[name] = float(flops_in["%" + name])
+        elif name in calls and flops_in[calls[name]]:
+            products[name] = float(flops_in[calls[name]])
+    return products
+
+
+def _trace_times(compiled, args, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
+    """(seconds, calls) per operation name, per run."""
+    jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for _ in range(repeats):
+                jax.block_until_ready(compiled(*args))
+        (path,) = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    seconds, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        # Complete events of XLA operations; the executor's and Python's own spans are left out.
+        if event.get("ph") == "X" and not name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool")):
+            seconds[name] += event["dur"] * 1e-6 / repeats
+            calls[name] += 1
+    return dict(seconds), {name: count // repeats for name, count in calls.items()}
+
+
+def profile(case, seq: int, repeats: int, peak: float) -> list[dict]:
+    """One row per operation of the case's forward+backward at `seq`, slowest first."""
+    shape = jax.ShapeDtypeStruct((1, seq, bench_attention.HEADS, bench_attention.HEAD_DIM), jnp.float32)
+    compiled = bench_common.forward_backward(case.attention).lower(shape, shape, shape, shape).compile()
+    products = _product_flops(compiled.as_text())
+    keys = jax.random.split(jax.random.key(seq), 4)
+    args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
+    seconds, calls = _trace_times(compiled, args, repeats)
+    total = sum(seconds.values())
+    rows = []
+    for name, time in sorted(seconds.items(), key=lambda item: -item[1]):
+        flops = products.get(name, 0.0) * calls[name]
+        rows.append(dict(
+            op=case.name, seq=seq, operation=name, kind="product" if name in products else "other",
+            calls=calls[name], ms=time * 1e3, share=time / total,
+            gflops=flops / time / 1e9 if flops else float("nan"),
+            of_matmul=flops / time / peak if flops else float("nan"),
+        ))
+    return rows
+
+
+def summary(rows: list[dict], peak: float) -> dict:
+    """The products' and the other operations' time per run, and the products' FLOP rate."""
+    product_rows = [r for r in rows if r["kind"] == "product"]
+    product_ms = sum(r["ms"] for r in product_rows)
+    flops = sum(r["gflops"] * r["ms"] * 1e-3 for r in product_rows)  # GFLOP per run
+    total = sum(r["ms"] for r in rows)
+    return dict(
+        op=rows[0]["op"], seq=rows[0]["seq"], total_ms=total, product_ms=product_ms, other_ms=total - product_ms,
+        product_share=product_ms / total, product_gflops=flops / (product_ms * 1e-3) if product_ms else float("nan"),
+        product_of_matmul=flops * 1e9 / (product_ms * 1e-3) / peak if product_ms else float("nan"),
+    )
+
+
+TABLE = (
+    Column("operation", "operation", numeric=False),
+    Column("kind", "kind", numeric=False),
+    Column("calls", "calls"),
+    Column("ms / run", "ms", ".1f"),
+    Column("share", "share", ".1%"),
+    Column("GFLOP/s", "gflops", ".1f"),
+    Column("of matmul", "of_matmul", ".0%"),
+)
+SUMMARY = (
+    Column("op", "op", numeric=False),
+    Column("seq", "seq"),
+    Column("traced ms / run", "total_ms", ".0f"),
+    Column("products ms", "product_ms", ".0f"),
+    Column("other ms", "other_ms", ".0f"),
+    Column("products' share", "product_share", ".0%"),
+    Column("products GFLOP/s", "product_gflops", ".1f"),
+    Column("of matmul", "product_of_matmul", ".0%"),
+)
+
+
+def _plot(rows, top: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = rows[:top]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(shown) + 1.2))
+    colours = ["tab:blue" if r["kind"] == "product" else "tab:orange" for r in shown]
+    ax.barh([r["operation"] for r in shown][::-1], [r["ms"] for r in shown][::-1], color=colours[::-1])
+    ax.set_xlabel("ms per forward+backward (blue: matrix products)")
+    ax.set_title(f"{rows[0]['op']}, seq {rows[0]['seq']}: where the time goes", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="sliding,block_sparse", help="comma-separated substrings of op names")
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=20, help="operations shown in the table and the plot")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    peak = bench_attention.matmul_flops_per_second()
+    print(f"float32 matmul throughput (4096^3): {peak / 1e9:.1f} GFLOP/s")
+    os.makedirs(args.out, exist_ok=True)
+    summaries = []
+    for case in bench_attention._cases():
+        if not any(op in case.name for op in args.ops.split(",")):
+            continue
+        rows = profile(case, args.seq, args.repeats, peak)
+        summaries.append(summary(rows, peak))
+        stem = "profile_" + re.sub(r"[^a-z0-9]+", "_", case.name.lower()).strip("_") + f"_{args.seq}"
+        bench_common.write_csv(os.path.join(args.out, stem + ".csv"), rows, extra={"matmul_gflops": peak / 1e9})
+        _plot(rows, args.top, os.path.join(args.out, stem + ".png"))
+        print(f"\n{case.name}, seq {args.seq}:")
+        print(bench_common.markdown_table(rows[: args.top], TABLE))
+        print(f"wrote {os.path.join(args.out, stem)}.csv and .png")
+    print()
+    print(bench_common.markdown_table(summaries, SUMMARY))
+
+
+if __name__ == "__main__":
+    main()
