@@ -8,9 +8,12 @@ For each op (the `bench_attention.py` cases whose names contain one of
 times under `jax.profiler.trace` with XLA:CPU's per-operation trace events
 (this script adds `--xla_cpu_enable_xprof_traceme=true` to XLA_FLAGS before
 JAX starts; the events cost a little time themselves), and sums each
-operation's time per run. An operation is a matrix product when it is a dot
-or a fusion computing one (XLA:CPU sends most to its YNNPACK library,
-`ynn_fusion`); its FLOPs come from the dot's shapes in the compiled HLO. It
+operation's time per run (the compiled module's instructions; control flow,
+whose spans hold its body's operations or only its own bookkeeping, left
+out). An operation is a matrix product when it is a dot or a fusion
+computing one (XLA:CPU sends most to its YNNPACK library, `ynn_fusion`);
+its FLOPs come from the dots' shapes in the compiled HLO (dots only: the
+attention ops have no convolutions or matmul custom calls). It
 prints the top operations with their share of the time and, for products,
 their FLOP rate against this machine's float32 matmul rate (one 4096^3
 matmul), and writes CSV and a bar-chart PNG per op.
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import os
 
-# Before JAX starts: XLA:CPU reads its flags once.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+if __name__ == "__main__":
+    # Before JAX starts: XLA:CPU reads its flags once. (Imported, e.g. by its test, it leaves them.)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import functools  # noqa: E402
 import glob  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
@@ -43,49 +48,80 @@ import bench_attention  # noqa: E402
 import bench_common  # noqa: E402
 from bench_common import Column  # noqa: E402
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w-]*)\((.*)$")
-_COMPUTATION = re.compile(r"^%([\w.\-]+) .*\{$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+# Control flow: its trace span holds its body's operations, or only its own bookkeeping; either
+# way not an operation of its own.
+_CONTROL_FLOW = ("while", "conditional", "call")
 
 
-def _product_flops(hlo: str) -> dict[str, float]:
-    """FLOPs of one execution of each instruction of a compiled HLO module that is, or fuses, a dot.
+def _instruction(line: str):
+    """(name, shape dims or None for a tuple, opcode, operands and attributes) of an HLO instruction line."""
+    stripped = line.strip()
+    if stripped.startswith("ROOT "):
+        stripped = stripped[len("ROOT "):]
+    if not stripped.startswith("%") or " = " not in stripped:
+        return None
+    name, rhs = stripped[1:].split(" = ", 1)
+    if rhs.startswith("("):  # a tuple type: skip to its closing parenthesis
+        depth = 0
+        for end, char in enumerate(rhs):
+            depth += {"(": 1, ")": -1}.get(char, 0)
+            if depth == 0:
+                break
+        dims, rhs = None, rhs[end + 1:].lstrip()
+    else:
+        kind, _, rhs = rhs.partition(" ")
+        array = re.match(r"\w+\[([\d,]*)\]", kind)
+        dims = [int(d) for d in array.group(1).split(",") if d] if array else None
+    opcode = re.match(r"([\w-]+)\(", rhs)
+    return (name, dims, opcode.group(1), rhs[opcode.end():]) if opcode else None
+
+
+def _hlo_operations(hlo: str) -> tuple[dict[str, str], dict[str, float]]:
+    """({instruction: opcode}, {instruction: FLOPs of one execution}) of a compiled HLO module, the
+    latter for each instruction that is, or calls a computation holding, a dot.
 
     A dot's FLOPs are 2 x its output elements x the product of its left operand's contracting
-    dimensions; a fusion's are those of the dots its computation holds.
+    dimensions; a fusion's or call's are those of the dots its computation (and the ones it calls) holds.
     """
-    shapes, computation_of, calls, flops_in = {}, {}, {}, collections.Counter()
-    current = None
+    shapes, opcodes, calls, own = {}, {}, collections.defaultdict(list), collections.Counter()
+    instruction_flops, current = {}, None
     for line in hlo.splitlines():
         header = _COMPUTATION.match(line)
-        if header and "=" not in line.split("(")[0]:
+        if header:
             current = header.group(1)
             continue
-        match = _INSTRUCTION.match(line)
-        if not match:
+        parsed = _instruction(line)
+        if parsed is None:
             continue
-        name, _, dims, op, rest = match.groups()
-        shapes[name] = [int(d) for d in dims.split(",") if d]
-        computation_of[name] = current
-        called = re.search(r"calls=%([\w.\-]+)", rest)
-        if called:
-            calls[name] = called.group(1)
-        if op == "dot":
-            lhs = re.match(r"%([\w.\-]+)", rest).group(1)
+        name, dims, opcode, rest = parsed
+        shapes[name], opcodes[name] = dims, opcode
+        for called in re.findall(r"(?:calls|body|to_apply)=%([\w.\-]+)", rest):
+            calls[name].append(called)
+            calls[current].append(called)
+        if opcode == "dot":
+            lhs = re.search(r"%([\w.\-]+)", rest).group(1)
             contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
             depth = math.prod(shapes[lhs][int(i)] for i in contracting.split(",") if i)
-            flops_in[current] += 2 * math.prod(shapes[name]) * depth
-            flops_in["%" + name] = 2 * math.prod(shapes[name]) * depth
-    products = {}
-    for name in computation_of:
-        if "%" + name in flops_in:
-            products[name] = float(flops_in["%" + name])
-        elif name in calls and flops_in[calls[name]]:
-            products[name] = float(flops_in[calls[name]])
-    return products
+            instruction_flops[name] = 2.0 * math.prod(dims) * depth
+            own[current] += instruction_flops[name]
+
+    @functools.cache
+    def computation_flops(computation: str) -> float:
+        return own.get(computation, 0.0) + sum(computation_flops(c) for c in calls.get(computation, ()))
+
+    products = dict(instruction_flops)
+    for name, called in list(calls.items()):
+        if name in opcodes and opcodes[name] not in _CONTROL_FLOW:
+            flops = sum(computation_flops(c) for c in called)
+            if flops:
+                products[name] = flops
+    return opcodes, products
 
 
-def _trace_times(compiled, args, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
-    """(seconds, calls) per operation name, per run."""
+def _trace_times(compiled, args, repeats: int, opcodes) -> tuple[dict[str, float], dict[str, int]]:
+    """(seconds, calls) per run of each operation of the compiled module (`opcodes`, its
+    instructions) that the trace shows, control flow left out."""
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -97,8 +133,8 @@ def _trace_times(compiled, args, repeats: int) -> tuple[dict[str, float], dict[s
     seconds, calls = collections.Counter(), collections.Counter()
     for event in events:
         name = event.get("name", "")
-        # Complete events of XLA operations; the executor's and Python's own spans are left out.
-        if event.get("ph") == "X" and not name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool")):
+        # Complete events of the module's operations; host spans (Python, dispatch, the executor) are not.
+        if event.get("ph") == "X" and opcodes.get(name, "while") not in _CONTROL_FLOW:
             seconds[name] += event["dur"] * 1e-6 / repeats
             calls[name] += 1
     return dict(seconds), {name: count // repeats for name, count in calls.items()}
@@ -108,10 +144,10 @@ def profile(case, seq: int, repeats: int, peak: float) -> list[dict]:
     """One row per operation of the case's forward+backward at `seq`, slowest first."""
     shape = jax.ShapeDtypeStruct((1, seq, bench_attention.HEADS, bench_attention.HEAD_DIM), jnp.float32)
     compiled = bench_common.forward_backward(case.attention).lower(shape, shape, shape, shape).compile()
-    products = _product_flops(compiled.as_text())
+    opcodes, products = _hlo_operations(compiled.as_text())
     keys = jax.random.split(jax.random.key(seq), 4)
     args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
-    seconds, calls = _trace_times(compiled, args, repeats)
+    seconds, calls = _trace_times(compiled, args, repeats, opcodes)
     total = sum(seconds.values())
     rows = []
     for name, time in sorted(seconds.items(), key=lambda item: -item[1]):

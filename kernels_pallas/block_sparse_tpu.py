@@ -126,7 +126,6 @@ class _Walk:
         """int32: the current grid step's sub-mask (its bits; int8 and int16 sign-extend above them)."""
         return sub_ref[self.index(pl.program_id(1), pl.program_id(2))].astype(jnp.int32)
 
-
     def maps(self, rows_are_q: bool):
         """(q block, k block) index of grid step `(bi, hi, e)`, from the prefetched tables."""
 
@@ -188,13 +187,9 @@ def _tables(layout: block_layout.BlockLayout, transposed: bool, valid, block_kc:
     return _Walk.of(tables), prefetch
 
 
-@functools.lru_cache(maxsize=64)
 def _key_slots(pattern) -> np.ndarray:
-    """The pattern's `visit_bias_key_slots` flattened, smallest int, read-only (cached: the footprint
-    checks and the kernels ask for the same table)."""
-    table = block_layout.smallest_int(np.asarray(pattern.visit_bias_key_slots()).reshape(-1))
-    table.setflags(write=False)
-    return table
+    """The pattern's `visit_bias_key_slots` flattened, in the smallest int."""
+    return block_layout.smallest_int(np.asarray(pattern.visit_bias_key_slots()).reshape(-1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,11 +208,13 @@ class _VisitBias:
 
     def columns(self, key_slots_ref, qb, kb, block_q: int, block_k: int, sub) -> list:
         """int32 scalars: per (query slot i, key slot j) pair of the visit of blocks (qb, kb), at
-        `i * slots_k + j`, the bias column of the pair's first key in its query slot's rows.
+        `i * n_k + j` (n_k: the key block's slots, 1 within a slot), the bias column of the pair's
+        first key in its query slot's rows.
 
-        A pair the visit does not attend (its sub-mask bit, or a slot past the pattern's) finds
-        no entry and reads column 0: its scores are masked, so neither its bias nor its gradient
-        counts.
+        A pair the visit does not attend (its sub-mask bit off; a slot past the pattern's, whose
+        key slot `num_blocks` also marks unused entries) gets whatever column its search ends
+        on, read modulo the rows' width: its scores are masked, so neither its bias nor its
+        gradient counts.
         """
         slot = self.slot
         n_q, n_k = (1, 1) if sub is None else (sub.sub_blocks_q, sub.sub_blocks_k)
@@ -295,8 +292,8 @@ def _bias_tile_width(kind: str, block_q: int, block_kc: int, per_visit: bool = F
 
 
 def _per_visit(config, bias_width) -> bool:
-    """Whether a call's bias is per visit (the pattern has `visit_bias_columns`), not banded."""
-    return bias_width is not None and getattr(config.pattern, "visit_bias_columns", None) is not None
+    """Whether a call's bias is per visit (the pattern has `visit_bias_key_slots`), not banded."""
+    return bias_width is not None and getattr(config.pattern, "visit_bias_key_slots", None) is not None
 
 
 def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block_kc=None, per_visit=False):
@@ -318,8 +315,8 @@ def _block_specs(kind, block_q, block_k, head_dim, dtype, bias_width=None, block
 
 def footprints(config, batch: int, head_dim: int, dtype, bias_width=None) -> dict[str, tpu_footprint.Footprint]:
     """The SMEM and VMEM each TPU kernel of a call holds (its block specs, scratch and tables); with a
-    bias of `bias_width` columns (banded, or per visit for a pattern with `visit_bias_columns`), its
-    row blocks too, and a per-visit bias's column table."""
+    bias of `bias_width` columns (banded, or per visit for a pattern with `visit_bias_key_slots`), its
+    row blocks too, and a per-visit bias's key-slot table."""
     out = {}
     dtype = jnp.dtype(dtype)
     per_visit = _per_visit(config, bias_width)

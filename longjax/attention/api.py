@@ -349,8 +349,8 @@ def block_sparse_attention(
         relative positions computed in the op, the score of (i, j) gaining
         `scale * queries_i . r_{i-j}` (see `longjax.attention.relative`). Random
         and global blocks reach any offset, so the embeddings must cover
-        offsets up to seq - 1. impl='xla', 'reference' and 'pallas' on the Triton
-        kernels (the Mosaic ones refuse it); not with global_mask or sequence_axis.
+        offsets up to seq - 1. impl='xla', 'reference' and 'pallas' (the Triton and
+        Mosaic kernels); not with global_mask or sequence_axis.
 
     Returns:
       `[batch, seq, heads, head_dim]`, q's dtype.

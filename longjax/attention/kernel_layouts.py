@@ -267,7 +267,8 @@ def bigbird_bias_columns(spec: BlockSparseSpec, slot: int, layout: BlockLayout):
     """`BigBirdPattern.visit_bias_columns`: int32 tables shaped as `layout.codes` and `layout.t_codes`."""
     if layout.block_q > slot or layout.block_k > slot:
         raise NotImplementedError(
-            f"a per-visit bias needs kernel blocks within one slot of {slot}, got ({layout.block_q}, {layout.block_k})"
+            f"a per-visit bias column per visit needs kernel blocks within one slot of {slot}, got "
+            f"({layout.block_q}, {layout.block_k}); blocks spanning slots find theirs from visit_bias_key_slots"
         )
     key_slots = bigbird_bias_key_slots(spec)
     tables = []

@@ -160,8 +160,7 @@ class TransformerConfig:
         'native' (the ops compute the position term `(q_i + v) . r_{i-j}` for the
         offsets their blocks can have: sliding-window layers without global
         tokens (XLA, or the Triton and Mosaic kernels), BigBird layers without
-        global tokens (XLA, or the Triton kernels; the Mosaic ones refuse it),
-        and full layers; with the sequence
+        global tokens (XLA, or the Triton and Mosaic kernels), and full layers; with the sequence
         sharded, sliding-window layers (XLA or the kernels) only; other layers are an error),
         'features' (`d_model` extra query/key features per head,
         `positions.txl_relative_qkv`: any op, global tokens, Performer layers

@@ -161,6 +161,21 @@ def test_kernel_blocks_spanning_bigbird_blocks_match_reference(case):
     battery.assert_matches_reference(make(impl, extra), make("reference", {}), arrays)
 
 
+# The per-visit bias's slot pairs on Mosaic blocks of other shapes: a two-slot query block against
+# keys within a slot (and the reverse backward), and 32-key compute blocks inside a two-slot key block.
+RELATIVE_TPU_BLOCKS = {
+    "q_two_slots_k_within_slot": TpuBlockSizes(block_q=128, block_k=32, block_q_bwd=32, block_k_bwd=128),
+    "compute_blocks_within_slot": TpuBlockSizes(128, 128, 128, 128, block_k_compute=32),
+}
+
+
+@pytest.mark.parametrize("blocks", list(RELATIVE_TPU_BLOCKS))
+def test_relative_on_mosaic_blocks_of_other_shapes_matches_reference(blocks):
+    arrays, make = _build("relative_two_blocks_per_tile", jnp.float32, WIDE_TILE_CASES)
+    extra = {"interpret": True, "block_sizes": RELATIVE_TPU_BLOCKS[blocks]}
+    battery.assert_matches_reference(make("pallas", extra), make("reference", {}), arrays)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_under_jit_and_vmap(implementation):
     impl, extra = implementation

@@ -125,7 +125,7 @@ def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
         # (the Mosaic kernels find a run per slot pair, from the key slots).
         with pytest.raises(NotImplementedError, match="kernel blocks within one slot"):
             kernel_layouts.bigbird_bias_columns(spec, slot, layout)
-        _check_key_slots(spec, seq, slot)
+        _check_key_slots(spec, seq, slot, layout)
         return
     columns, t_columns = kernel_layouts.bigbird_bias_columns(spec, slot, layout)
     assert columns.shape == layout.codes.shape and t_columns.shape == layout.t_codes.shape
@@ -144,23 +144,31 @@ def test_bigbird_bias_columns_place_each_key_of_a_row_at_its_own_entry(problem):
             np.testing.assert_array_equal(key_blocks[h, row_of[a], entry], keys // slot)
             assert key_used[h, row_of[a], entry].all()
             np.testing.assert_array_equal(within, keys % slot)
-    _check_key_slots(spec, seq, slot)
+    _check_key_slots(spec, seq, slot, layout)
 
 
-def _check_key_slots(spec, seq, slot):
+def _check_key_slots(spec, seq, slot, layout):
     # The Mosaic kernels' table (their blocks may span slots): per query block, the key block of each
-    # entry of its per-visit bias, as `_visit_bias` lays the entries out (`kernel_key_lists`), the
-    # blocks that have no list and the unused entries at num_blocks (which no key slot matches).
+    # entry of its per-visit bias, as `_visit_bias` lays the entries out (`kernel_key_lists`). A visit
+    # searches its query slot's row for each (query slot, key slot) pair it covers: every pair it
+    # attends (its sub-mask bit; every visit of a layout within a slot) must be found exactly once,
+    # from the forward and the transposed walks alike.
     key_slots = kernel_layouts.BigBirdPattern(spec, seq_len=seq, slot=slot).visit_bias_key_slots()
     query_blocks, key_blocks, key_used = block_sparse.kernel_key_lists(spec)
-    assert key_slots.shape == (key_blocks.shape[0], spec.num_blocks, key_blocks.shape[2])
     np.testing.assert_array_equal(key_slots[:, query_blocks], np.where(key_used, key_blocks, spec.num_blocks))
-    others = np.setdiff1d(np.arange(spec.num_blocks), query_blocks)
-    assert np.all(key_slots[:, others] == spec.num_blocks)
-    # An entry per used key block: a search finds one entry at most.
-    for row in key_slots.reshape(-1, key_slots.shape[-1]):
-        used = row[row < spec.num_blocks]
-        assert len(np.unique(used)) == len(used)
+    n_q, n_k = max(1, layout.block_q // slot), max(1, layout.block_k // slot)
+    for h in range(layout.layout_heads):
+        for transposed in (False, True):
+            owner, other, _ = layout.entries(h, transposed)
+            rows, cols = (other, owner) if transposed else (owner, other)
+            sub_masks = layout.entry_sub_masks(h, transposed)
+            for r, c, sub in zip(rows.tolist(), cols.tolist(), sub_masks.tolist()):
+                for i in range(n_q):
+                    for j in range(n_k):
+                        if layout.sub_block is not None and not (sub >> (i * n_k + j)) & 1:
+                            continue
+                        a, b = r * layout.block_q // slot + i, c * layout.block_k // slot + j
+                        assert (key_slots[h, a] == b).sum() == 1, (h, transposed, a, b)
 
 
 def _bigbird_4096(causal):

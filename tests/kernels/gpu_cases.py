@@ -79,7 +79,7 @@ def relative_gradient(op: str, dtype, head_dim: int) -> str:
     reach = SEQ - 1 if dilation is None else max(dilation) * RELATIVE_WINDOW
     table = jax.ShapeDtypeStruct((2 * reach + 1, HEADS, head_dim), dtype)
     mask = jax.ShapeDtypeStruct((1, SEQ), jnp.bool_)
-    # block_sizes=None on a CPU host traces the Mosaic lowering too, which refuses BigBird's bias.
+    # The Triton kernels only: block_sizes=None on a CPU host would trace the Mosaic lowering too.
     options = dict(impl="pallas", interpret=False, block_sizes=GpuBlockSizes())
 
     def loss(q, k, v, queries, embeddings, padding_mask):

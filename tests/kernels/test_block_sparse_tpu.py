@@ -175,4 +175,3 @@ def test_requested_compute_blocks_reach_each_kernel():
     # 64 divides neither 200-key block: refused, naming the field.
     with pytest.raises(ValueError, match="block_k_compute=64 does not fit the key blocks"):
         block_sparse_flash.call_block_sizes(short_band, blocks, head_dim=64, dtype=jnp.bfloat16)
-

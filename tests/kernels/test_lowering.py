@@ -140,12 +140,16 @@ def test_sliding_window_relative_lowers_for_tpu(block_sizes):
     assert f"{SEQ}x{SEQ}" not in text
 
 
-@pytest.mark.parametrize("block_sizes", [TpuBlockSizes(), None], ids=["tpu-blocks", "default-blocks"])
+@pytest.mark.parametrize(
+    "block_sizes", [TpuBlockSizes(), None, TpuBlockSizes(block_q=128, block_k=32, block_q_bwd=32, block_k_bwd=128)],
+    ids=["tpu-blocks", "default-blocks", "mixed-blocks"],
+)
 def test_bigbird_relative_lowers_for_tpu(block_sizes):
     # BigBird's term on the Mosaic kernels: the per-visit bias (6 entries of 64-position slots) as
     # row blocks cut by a lane rotation per (query slot, key slot) pair of each 128-wide tile, the
     # pair's entry found in a sixth scalar-prefetch table. Without block sizes both lowerings are
-    # traced (each takes the per-visit bias) and the TPU export keeps Mosaic's.
+    # traced (each takes the per-visit bias) and the TPU export keeps Mosaic's. Mixed blocks: a
+    # two-slot query block against 32-key blocks within a slot, and dk/dv's transposed tiles of them.
     x = jax.ShapeDtypeStruct((1, SEQ, HEADS, 64), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((2 * SEQ - 1, HEADS, 64), jnp.bfloat16)
 
@@ -157,7 +161,7 @@ def test_bigbird_relative_lowers_for_tpu(block_sizes):
         return jnp.sum(out.astype(jnp.float32))
 
     grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-    if block_sizes is not None:
+    if block_sizes == TpuBlockSizes():
         assert _pallas_block_rows(jax.make_jaxpr(grad)(x, x, x, x, table).jaxpr) == [(128, 128)] * 3
     text = _export(grad, "tpu", (x, x, x, x, table))
     assert text.count("@tpu_custom_call(") == 3 and TRITON_CALL not in text
