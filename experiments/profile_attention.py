@@ -154,23 +154,27 @@ def profile(case, seq: int, repeats: int, peak: float) -> list[dict]:
         flops = products.get(name, 0.0) * calls[name]
         rows.append(dict(
             op=case.name, seq=seq, operation=name, kind="product" if name in products else "other",
-            calls=calls[name], ms=time * 1e3, share=time / total,
-            gflops=flops / time / 1e9 if flops else float("nan"),
-            of_matmul=flops / time / peak if flops else float("nan"),
+            calls=calls[name], ms=time * 1e3, share=time / total, gflop=flops / 1e9, **_rates(flops, time, peak),
         ))
     return rows
+
+
+def _rates(flops: float, seconds: float, peak: float) -> dict:
+    """GFLOP/s and the fraction of the matmul rate of `flops` in `seconds` (NaN without FLOPs)."""
+    if not flops:
+        return dict(gflops=float("nan"), of_matmul=float("nan"))
+    return dict(gflops=flops / seconds / 1e9, of_matmul=flops / seconds / peak)
 
 
 def summary(rows: list[dict], peak: float) -> dict:
     """The products' and the other operations' time per run, and the products' FLOP rate."""
     product_rows = [r for r in rows if r["kind"] == "product"]
     product_ms = sum(r["ms"] for r in product_rows)
-    flops = sum(r["gflops"] * r["ms"] * 1e-3 for r in product_rows)  # GFLOP per run
     total = sum(r["ms"] for r in rows)
+    rates = _rates(sum(r["gflop"] for r in product_rows) * 1e9, product_ms * 1e-3, peak)
     return dict(
         op=rows[0]["op"], seq=rows[0]["seq"], total_ms=total, product_ms=product_ms, other_ms=total - product_ms,
-        product_share=product_ms / total, product_gflops=flops / (product_ms * 1e-3) if product_ms else float("nan"),
-        product_of_matmul=flops * 1e9 / (product_ms * 1e-3) / peak if product_ms else float("nan"),
+        product_share=product_ms / total, product_gflops=rates["gflops"], product_of_matmul=rates["of_matmul"],
     )
 
 
