@@ -92,14 +92,16 @@ def _bigbird_keys_per_query(seq: int) -> float:
     return (sparse_keys + global_keys) / seq
 
 
-def matmul_flops_per_second(n: int = 4096, repeats: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    return 2 * n**3 / bench_common.median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
+def useful_flops(case: Case, seq: int) -> float | None:
+    """The useful FLOPs of the case's forward+backward at `seq`: 4 * seq * keys_per_query * head_dim *
+    heads forward, x3.5 with the backward (its five products); None where the op has no key count."""
+    if case.keys_per_query is None:
+        return None
+    return 3.5 * 4 * seq * case.keys_per_query(seq) * HEAD_DIM * HEADS
 
 
 def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
-    peak = matmul_flops_per_second()
+    peak = bench_common.matmul_flops_per_second()
     print(f"float32 matmul throughput (4096^3): {peak / 1e9:.1f} GFLOP/s")
     rows = []
     for case in _cases():
@@ -119,10 +121,10 @@ def bench(seqs, budget_bytes: float, repeats: int, ops: str = ""):
             keys = jax.random.split(jax.random.key(seq), 4)
             args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
             seconds = bench_common.median_seconds(compiled, *args, repeats=repeats)
-            if case.keys_per_query is None:
+            useful = useful_flops(case, seq)
+            if useful is None:
                 row.update(seconds=seconds, useful_gflops=float("nan"), fraction_of_matmul=float("nan"))
             else:
-                useful = 3.5 * 4 * seq * case.keys_per_query(seq) * HEAD_DIM * HEADS
                 row.update(seconds=seconds, useful_gflops=useful / seconds / 1e9,
                            fraction_of_matmul=useful / seconds / peak)
             rows.append(row)

@@ -8,6 +8,8 @@ The scripts in this folder import it as `bench_common`: run as
   call that compiles it, each call waited for with `jax.block_until_ready`;
 * `forward_backward`: the jitted program computing an attention's output and
   its gradients wrt q, k and v;
+* `matmul_flops_per_second`: this machine's float32 rate on one large matmul,
+  the yardstick of the FLOP rates the scripts report;
 * `write_csv`: rows (dicts with the same keys) and constant columns to a CSV file;
 * `Column`, `markdown_table`: rows as a Markdown table;
 * `Panel`, `plot_against_seq`: one line per op against the sequence length
@@ -25,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def median_seconds(fn: Callable, *args, repeats: int) -> float:
@@ -36,6 +39,13 @@ def median_seconds(fn: Callable, *args, repeats: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of one jitted float32 `[n, n] x [n, n]` matmul, the median of `repeats` calls."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    return 2 * n**3 / median_seconds(jax.jit(jnp.matmul), a, b, repeats=repeats)
 
 
 def forward_backward(attention: Callable) -> Callable:

@@ -61,6 +61,10 @@ step of each, so the machine's noise falls on all three alike):
 * 'HF LongformerForMaskedLM (PyTorch)'. Its memory is the growth of this process's resident memory
   while its step runs (sampled every 10 ms), not an XLA plan: the columns are not comparable.
 
+After the ratios it prints what the target asks of this machine: the step time 3x HF's allows at 4,096
+tokens, against the time the char LM's matrix products alone (`char_lm_product_flops`, a lower bound on
+its FLOPs) take at this machine's float32 rate on one 4096^3 matmul, measured in the same run.
+
 The peer needs torch and transformers (`pip install -e '.[peer]'`); without them its rows say skipped
 and how to install them. It runs on the CPU only: on a GPU or TPU backend its row is skipped.
 
@@ -565,6 +569,46 @@ def ratios(rows) -> list[str]:
     return lines
 
 
+def char_lm_product_flops(shape: Shape, seq: int) -> float:
+    """A lower bound on the FLOPs of the target's train step (the causal sliding-window char LM, position
+    'none', at `seq`): its matrix products only, each counted once.
+
+    Every parameter named `kernel` (the attention projections, the MLPs, the output layer) multiplies
+    each of the `seq` tokens' vectors: 2 FLOPs a weight forward, 4 backward (the input's and the
+    weight's gradients). Each layer's attention: query i attends min(i, window) + 1 keys, at
+    4 x head_dim x heads FLOPs a key forward (scores, output), x3.5 with the backward.
+    """
+    _, attention = ATTENTIONS["sliding_window"](shape, "xla")
+    program = char_lm_program(model_config(shape, attention, NONE), seq)
+    params = jax.eval_shape(program.init, jax.random.key(0))
+    weights = sum(
+        math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if getattr(path[-1], "key", None) == "kernel"
+    )
+    keys = np.minimum(np.arange(seq), shape.window).sum() + seq
+    attention_flops = shape.num_layers * 3.5 * 4 * shape.d_model * keys  # d_model = heads x head_dim
+    return 6 * seq * weights + attention_flops
+
+
+def target_bound(rows, shape: Shape, matmul_rate: float) -> list[str]:
+    """What the >= TARGET_RATIO x HF target asks of this machine: the step time it allows against the
+    time the char LM's matrix products alone take at `matmul_rate` (FLOP/s of one large matmul)."""
+    ok = {r["model"]: r for r in rows if r["group"] == "vs HF" and r["status"] == "ok" and r["seq"] == TARGET_SEQ}
+    if HF not in ok:
+        return []
+    allowed = ok[HF]["seconds"] / TARGET_RATIO
+    flops = char_lm_product_flops(shape, TARGET_SEQ)
+    lines = [
+        f"seq {TARGET_SEQ}: {TARGET_RATIO:g}x HF allows {allowed:.2f} s a step; the char LM's matrix products "
+        f"alone are {flops / 1e9:.0f} GFLOP, {flops / matmul_rate:.2f} s at this run's {matmul_rate / 1e9:.1f} "
+        f"GFLOP/s (one 4096^3 matmul): the whole step would have to run at {flops / allowed / matmul_rate:.0%} "
+        f"of that rate"
+    ]
+    if CHAR_LM in ok:
+        lines[0] += f" (it runs at {flops / ok[CHAR_LM]['seconds'] / matmul_rate:.0%})"
+    return lines
+
+
 # -------------------------------------------------------------------------------------- the longest sequence
 
 
@@ -770,6 +814,8 @@ def main(argv=None) -> None:
     programs = Programs()
     # The comparison first: it holds the headline ratio.
     peer = peer_rows(shape, peer_seqs, args.peer_repeats or repeats, programs) if args.peer else []
+    # After the comparison, before the matrix: the yardstick of the target's bound, on the same machine.
+    matmul_rate = bench_common.matmul_flops_per_second() if peer else math.nan
     rows = matrix_rows(preset, seqs, impls, repeats, programs, args.only, args.warmup) + peer
     search = max_seq_rows(preset, impls, budget, args.search_positions) if args.max_seq else []
     wall = time.perf_counter() - start
@@ -777,7 +823,8 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     extra = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), cpus=_cpus(),
                  num_layers=shape.num_layers, d_model=shape.d_model, num_heads=shape.num_heads, d_ff=shape.d_ff,
-                 batch=1, dtype="float32", repeats=repeats, matrix_warmup=args.warmup, optimizer_update="excluded")
+                 batch=1, dtype="float32", repeats=repeats, matrix_warmup=args.warmup, optimizer_update="excluded",
+                 matmul_gflops=matmul_rate / 1e9)
     csv_path, png_path = (os.path.join(args.out, "bench_model" + ext) for ext in (".csv", ".png"))
     written = []
     if rows:
@@ -797,7 +844,7 @@ def main(argv=None) -> None:
     if peer:
         print()
         print("longjax / HF Longformer train-step throughput:")
-        print("\n".join(ratios(rows)))
+        print("\n".join(ratios(rows) + target_bound(rows, shape, matmul_rate)))
     print(f"wrote {', '.join(written)} ({wall:.0f} s)")
 
 

@@ -16,7 +16,13 @@ its FLOPs come from the dots' shapes in the compiled HLO (dots only: the
 attention ops have no convolutions or matmul custom calls). It
 prints the top operations with their share of the time and, for products,
 their FLOP rate against this machine's float32 matmul rate (one 4096^3
-matmul), and writes CSV and a bar-chart PNG per op.
+matmul), and writes CSV and a bar-chart PNG per op. Its summary (also a CSV)
+gives each op's bound: its useful FLOPs (as `bench_attention.py` counts
+them) over the time during which at least one of its products ran, against
+the matmul rate, i.e. the fraction `bench_attention.py` would report if
+nothing but the products took time; and the products' FLOPs per useful
+FLOP, which is above 1 where products compute scores that the op then masks
+(the band's edge blocks).
 
 The rates are per operation: with XLA's thunk executor, independent
 operations may run at once on the two cores, each then showing less than
@@ -119,9 +125,20 @@ def _hlo_operations(hlo: str) -> tuple[dict[str, str], dict[str, float]]:
     return opcodes, products
 
 
-def _trace_times(compiled, args, repeats: int, opcodes) -> tuple[dict[str, float], dict[str, int]]:
+def _busy_seconds(intervals) -> float:
+    """The length of the union of `(start, end)` intervals: the time at least one of them ran."""
+    busy, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
+def _trace_times(compiled, args, repeats: int, opcodes, products) -> tuple[dict[str, float], dict[str, int], float]:
     """(seconds, calls) per run of each operation of the compiled module (`opcodes`, its
-    instructions) that the trace shows, control flow left out."""
+    instructions) that the trace shows, control flow left out; and the seconds per run during
+    which at least one of `products` ran (less than their sum where they ran at once)."""
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -130,24 +147,28 @@ def _trace_times(compiled, args, repeats: int, opcodes) -> tuple[dict[str, float
         (path,) = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)
         with gzip.open(path) as f:
             events = json.load(f)["traceEvents"]
-    seconds, calls = collections.Counter(), collections.Counter()
+    seconds, calls, product_spans = collections.Counter(), collections.Counter(), []
     for event in events:
         name = event.get("name", "")
         # Complete events of the module's operations; host spans (Python, dispatch, the executor) are not.
         if event.get("ph") == "X" and opcodes.get(name, "while") not in _CONTROL_FLOW:
             seconds[name] += event["dur"] * 1e-6 / repeats
             calls[name] += 1
-    return dict(seconds), {name: count // repeats for name, count in calls.items()}
+            if name in products:
+                product_spans.append((event["ts"] * 1e-6, (event["ts"] + event["dur"]) * 1e-6))
+    calls = {name: count // repeats for name, count in calls.items()}
+    return dict(seconds), calls, _busy_seconds(product_spans) / repeats
 
 
-def profile(case, seq: int, repeats: int, peak: float) -> list[dict]:
-    """One row per operation of the case's forward+backward at `seq`, slowest first."""
+def profile(case, seq: int, repeats: int, peak: float) -> tuple[list[dict], float]:
+    """One row per operation of the case's forward+backward at `seq`, slowest first; and the seconds per
+    run during which at least one matrix product ran."""
     shape = jax.ShapeDtypeStruct((1, seq, bench_attention.HEADS, bench_attention.HEAD_DIM), jnp.float32)
     compiled = bench_common.forward_backward(case.attention).lower(shape, shape, shape, shape).compile()
     opcodes, products = _hlo_operations(compiled.as_text())
     keys = jax.random.split(jax.random.key(seq), 4)
     args = [jax.random.normal(key, shape.shape, jnp.float32) for key in keys]
-    seconds, calls = _trace_times(compiled, args, repeats, opcodes)
+    seconds, calls, product_busy = _trace_times(compiled, args, repeats, opcodes, products)
     total = sum(seconds.values())
     rows = []
     for name, time in sorted(seconds.items(), key=lambda item: -item[1]):
@@ -156,7 +177,7 @@ def profile(case, seq: int, repeats: int, peak: float) -> list[dict]:
             op=case.name, seq=seq, operation=name, kind="product" if name in products else "other",
             calls=calls[name], ms=time * 1e3, share=time / total, gflop=flops / 1e9, **_rates(flops, time, peak),
         ))
-    return rows
+    return rows, product_busy
 
 
 def _rates(flops: float, seconds: float, peak: float) -> dict:
@@ -166,15 +187,31 @@ def _rates(flops: float, seconds: float, peak: float) -> dict:
     return dict(gflops=flops / seconds / 1e9, of_matmul=flops / seconds / peak)
 
 
-def summary(rows: list[dict], peak: float) -> dict:
-    """The products' and the other operations' time per run, and the products' FLOP rate."""
+def summary(rows: list[dict], product_busy: float, peak: float, useful_flops: float | None) -> dict:
+    """The products' and the other operations' time per run, the products' FLOP rate, and what bounds
+    the op's useful rate (`bench_attention.useful_flops`, None where the op has no such count).
+
+    `product_busy_ms` is the time at least one product ran (`profile`'s second result), less than the
+    products' summed time where two ran at once on the two cores. `computed_per_useful` is the
+    products' FLOPs over the useful ones (above 1 where a product computes scores the op then masks);
+    `bound_of_matmul` is the useful FLOPs over `product_busy_ms`, against the matmul rate: the fraction
+    `bench_attention.py` would report if every other operation took no time and the products ran as
+    they did here.
+    """
     product_rows = [r for r in rows if r["kind"] == "product"]
     product_ms = sum(r["ms"] for r in product_rows)
+    product_flops = sum(r["gflop"] for r in product_rows) * 1e9
     total = sum(r["ms"] for r in rows)
-    rates = _rates(sum(r["gflop"] for r in product_rows) * 1e9, product_ms * 1e-3, peak)
+    rates = _rates(product_flops, product_ms * 1e-3, peak)
+    bound = dict(computed_per_useful=float("nan"), bound_of_matmul=float("nan"))
+    if useful_flops:
+        bound = dict(computed_per_useful=product_flops / useful_flops,
+                     bound_of_matmul=_rates(useful_flops, product_busy, peak)["of_matmul"])
     return dict(
         op=rows[0]["op"], seq=rows[0]["seq"], total_ms=total, product_ms=product_ms, other_ms=total - product_ms,
+        product_busy_ms=product_busy * 1e3,
         product_share=product_ms / total, product_gflops=rates["gflops"], product_of_matmul=rates["of_matmul"],
+        **bound,
     )
 
 
@@ -193,9 +230,12 @@ SUMMARY = (
     Column("traced ms / run", "total_ms", ".0f"),
     Column("products ms", "product_ms", ".0f"),
     Column("other ms", "other_ms", ".0f"),
+    Column("a product running, ms", "product_busy_ms", ".0f"),
     Column("products' share", "product_share", ".0%"),
     Column("products GFLOP/s", "product_gflops", ".1f"),
     Column("of matmul", "product_of_matmul", ".0%"),
+    Column("computed / useful FLOPs", "computed_per_useful", ".2f"),
+    Column("bound: useful FLOPs in that time, of matmul", "bound_of_matmul", ".1%"),
 )
 
 
@@ -225,15 +265,15 @@ def main():
     parser.add_argument("--top", type=int, default=20, help="operations shown in the table and the plot")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
-    peak = bench_attention.matmul_flops_per_second()
+    peak = bench_common.matmul_flops_per_second()
     print(f"float32 matmul throughput (4096^3): {peak / 1e9:.1f} GFLOP/s")
     os.makedirs(args.out, exist_ok=True)
     summaries = []
     for case in bench_attention._cases():
         if not any(op in case.name for op in args.ops.split(",")):
             continue
-        rows = profile(case, args.seq, args.repeats, peak)
-        summaries.append(summary(rows, peak))
+        rows, product_busy = profile(case, args.seq, args.repeats, peak)
+        summaries.append(summary(rows, product_busy, peak, bench_attention.useful_flops(case, args.seq)))
         stem = "profile_" + re.sub(r"[^a-z0-9]+", "_", case.name.lower()).strip("_") + f"_{args.seq}"
         bench_common.write_csv(os.path.join(args.out, stem + ".csv"), rows, extra={"matmul_gflops": peak / 1e9})
         _plot(rows, args.top, os.path.join(args.out, stem + ".png"))
@@ -242,6 +282,8 @@ def main():
         print(f"wrote {os.path.join(args.out, stem)}.csv and .png")
     print()
     print(bench_common.markdown_table(summaries, SUMMARY))
+    bench_common.write_csv(os.path.join(args.out, f"profile_summary_{args.seq}.csv"), summaries,
+                           extra={"matmul_gflops": peak / 1e9})
 
 
 if __name__ == "__main__":

@@ -83,6 +83,28 @@ def test_the_target_is_judged_on_the_causal_model_at_4096():
     assert bench_model.ratios(rows)[1].endswith("= 2.90x -> target >= 3x NOT MET")
 
 
+def test_the_char_lm_product_flops_are_its_projections_mlps_output_layer_and_window():
+    shape = bench_model.PAPER
+    d, seq = shape.d_model, 4096
+    per_token_weights = shape.num_layers * (4 * d * d + 2 * d * shape.d_ff) + d * shape.vocab_size
+    # Causal window 256: query i attends itself and min(i, 256) keys to its left.
+    keys = sum(min(i, shape.window) + 1 for i in range(seq))
+    expected = 6 * seq * per_token_weights + shape.num_layers * 3.5 * 4 * d * keys
+    assert math.isclose(bench_model.char_lm_product_flops(shape, seq), expected, rel_tol=1e-12)
+
+
+def test_the_target_bound_is_the_products_time_against_the_step_3x_hf_allows():
+    rows = [dict(_vs_hf(bench_model.HF, 4096, 4096 / 18.0), seconds=18.0),
+            dict(_vs_hf(bench_model.CHAR_LM, 4096, 4096 / 9.0), seconds=9.0),
+            dict(_vs_hf(bench_model.HF, 2048, 2048 / 8.0), seconds=8.0)]
+    flops = bench_model.char_lm_product_flops(bench_model.PAPER, 4096)
+    rate = flops / 4.0  # the products alone would take 4 s; 3x HF allows 6 s
+    (line,) = bench_model.target_bound(rows, bench_model.PAPER, rate)
+    assert line.startswith("seq 4096: 3x HF allows 6.00 s a step;")
+    assert "4.00 s at this run's" in line and "run at 67% of that rate (it runs at 44%)" in line
+    assert bench_model.target_bound(rows[1:], bench_model.PAPER, rate) == []
+
+
 def _expected_matrix():
     preset = bench_model.PRESETS["quick"]
     cases = []

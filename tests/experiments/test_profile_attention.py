@@ -45,6 +45,23 @@ def test_profile_counts_the_band_products_and_writes_csv_and_png(tmp_path):
     assert math.isclose(counted, expected, rel_tol=1e-6)
     assert sum(int(row["calls"]) for row in products) == 7 * geometry.num_blocks
     assert "products' share" in done.stdout
+    # The summary's bound: the useful FLOPs bench_attention.py counts (513 keys a query), over the
+    # time some product ran, which is no more than their summed time and no less than the longest.
+    with open(tmp_path / f"profile_summary_{SEQ}.csv") as f:
+        (summary,) = list(csv.DictReader(f))
+    useful = 3.5 * 4 * SEQ * (2 * WINDOW + 1) * HEAD_DIM * HEADS
+    assert math.isclose(float(summary["computed_per_useful"]), expected / useful, rel_tol=1e-6)
+    busy_ms = float(summary["product_busy_ms"])
+    assert max(float(row["ms"]) for row in products) <= busy_ms * (1 + 1e-9)
+    assert busy_ms <= sum(float(row["ms"]) for row in products) * (1 + 1e-9)
+    assert math.isclose(float(summary["bound_of_matmul"]),
+                        useful / (busy_ms * 1e-3) / (float(summary["matmul_gflops"]) * 1e9), rel_tol=1e-6)
+
+
+def test_busy_time_is_the_union_of_the_intervals():
+    assert profile_attention._busy_seconds([]) == 0.0
+    assert profile_attention._busy_seconds([(5.0, 15.0), (0.0, 10.0), (20.0, 25.0), (21.0, 22.0)]) == 20.0
+    assert profile_attention._busy_seconds([(0.0, 1.0), (1.0, 2.0)]) == 2.0
 
 
 HLO = """HloModule m
