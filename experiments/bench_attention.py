@@ -94,7 +94,8 @@ def _bigbird_keys_per_query(seq: int) -> float:
 
 def useful_flops(case: Case, seq: int) -> float | None:
     """The useful FLOPs of the case's forward+backward at `seq`: 4 * seq * keys_per_query * head_dim *
-    heads forward, x3.5 with the backward (its five products); None where the op has no key count."""
+    heads forward, x3.5 with a flash-style backward (five products, the scores recomputed; an op that
+    keeps its probabilities runs x3); None where the op has no key count."""
     if case.keys_per_query is None:
         return None
     return 3.5 * 4 * seq * case.keys_per_query(seq) * HEAD_DIM * HEADS

@@ -19,10 +19,12 @@ their FLOP rate against this machine's float32 matmul rate (one 4096^3
 matmul), and writes CSV and a bar-chart PNG per op. Its summary (also a CSV)
 gives each op's bound: its useful FLOPs (as `bench_attention.py` counts
 them) over the time during which at least one of its products ran, against
-the matmul rate, i.e. the fraction `bench_attention.py` would report if
-nothing but the products took time; and the products' FLOPs per useful
-FLOP, which is above 1 where products compute scores that the op then masks
-(the band's edge blocks).
+the matmul rate. That is at most the fraction `bench_attention.py` would
+report if nothing but the products took time and they ran as they did here
+(the mean of traced runs, not the median wall time). It also gives the
+products' FLOPs per useful FLOP: above 1 where products compute scores that
+the op then masks (the band's edge blocks), below 1 where an op keeps its
+probabilities instead of recomputing them.
 
 The rates are per operation: with XLA's thunk executor, independent
 operations may run at once on the two cores, each then showing less than
@@ -46,6 +48,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -135,10 +138,18 @@ def _busy_seconds(intervals) -> float:
     return busy
 
 
-def _trace_times(compiled, args, repeats: int, opcodes, products) -> tuple[dict[str, float], dict[str, int], float]:
-    """(seconds, calls) per run of each operation of the compiled module (`opcodes`, its
-    instructions) that the trace shows, control flow left out; and the seconds per run during
-    which at least one of `products` ran (less than their sum where they ran at once)."""
+class Trace(NamedTuple):
+    """What the profiler's trace shows of a compiled module's operations, per run."""
+
+    seconds: dict[str, float]  # operation -> its time
+    calls: dict[str, int]  # operation -> how often it ran
+    product_busy: float  # seconds during which at least one matrix product ran
+
+
+def _trace_times(compiled, args, repeats: int, opcodes, products) -> Trace:
+    """The trace of `repeats` runs of `compiled`: each operation of the module (`opcodes`, its
+    instructions) that the trace shows, control flow left out; and the time during which at least
+    one of `products` ran (less than their sum where they ran at once)."""
     jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -157,12 +168,12 @@ def _trace_times(compiled, args, repeats: int, opcodes, products) -> tuple[dict[
             if name in products:
                 product_spans.append((event["ts"] * 1e-6, (event["ts"] + event["dur"]) * 1e-6))
     calls = {name: count // repeats for name, count in calls.items()}
-    return dict(seconds), calls, _busy_seconds(product_spans) / repeats
+    return Trace(dict(seconds), calls, _busy_seconds(product_spans) / repeats)
 
 
 def profile(case, seq: int, repeats: int, peak: float) -> tuple[list[dict], float]:
     """One row per operation of the case's forward+backward at `seq`, slowest first; and the seconds per
-    run during which at least one matrix product ran."""
+    run during which at least one matrix product ran (`Trace.product_busy`)."""
     shape = jax.ShapeDtypeStruct((1, seq, bench_attention.HEADS, bench_attention.HEAD_DIM), jnp.float32)
     compiled = bench_common.forward_backward(case.attention).lower(shape, shape, shape, shape).compile()
     opcodes, products = _hlo_operations(compiled.as_text())
@@ -191,12 +202,13 @@ def summary(rows: list[dict], product_busy: float, peak: float, useful_flops: fl
     """The products' and the other operations' time per run, the products' FLOP rate, and what bounds
     the op's useful rate (`bench_attention.useful_flops`, None where the op has no such count).
 
-    `product_busy_ms` is the time at least one product ran (`profile`'s second result), less than the
+    `product_busy_ms` is the time at least one product ran (`Trace.product_busy`), less than the
     products' summed time where two ran at once on the two cores. `computed_per_useful` is the
-    products' FLOPs over the useful ones (above 1 where a product computes scores the op then masks);
-    `bound_of_matmul` is the useful FLOPs over `product_busy_ms`, against the matmul rate: the fraction
-    `bench_attention.py` would report if every other operation took no time and the products ran as
-    they did here.
+    products' FLOPs over the useful ones (above 1 where a product computes scores the op then masks,
+    below 1 where an op keeps its probabilities); `bound_of_matmul` is the useful FLOPs over
+    `product_busy_ms`, against the matmul rate: at most the fraction `bench_attention.py` would report
+    if every other operation took no time and the products ran as they did here. NaN without a
+    traced product.
     """
     product_rows = [r for r in rows if r["kind"] == "product"]
     product_ms = sum(r["ms"] for r in product_rows)
@@ -204,7 +216,7 @@ def summary(rows: list[dict], product_busy: float, peak: float, useful_flops: fl
     total = sum(r["ms"] for r in rows)
     rates = _rates(product_flops, product_ms * 1e-3, peak)
     bound = dict(computed_per_useful=float("nan"), bound_of_matmul=float("nan"))
-    if useful_flops:
+    if useful_flops and product_busy > 0:
         bound = dict(computed_per_useful=product_flops / useful_flops,
                      bound_of_matmul=_rates(useful_flops, product_busy, peak)["of_matmul"])
     return dict(

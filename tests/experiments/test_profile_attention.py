@@ -23,7 +23,7 @@ def test_profile_counts_the_band_products_and_writes_csv_and_png(tmp_path):
     # A subprocess: the script sets XLA_FLAGS before JAX starts, which this process has done already.
     done = subprocess.run(
         [sys.executable, "experiments/profile_attention.py", "--ops", "sliding", "--seq", str(SEQ),
-         "--repeats", "1", "--top", "5", "--out", str(tmp_path)],
+         "--repeats", "2", "--top", "5", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "experiments")])},
     )
