@@ -591,10 +591,15 @@ def char_lm_product_flops(shape: Shape, seq: int) -> float:
     return 6 * seq * weights + attention_flops
 
 
+def _timed_at_target(rows) -> dict[str, dict]:
+    """The comparison's timed rows at TARGET_SEQ, by model."""
+    return {r["model"]: r for r in rows if r["group"] == "vs HF" and r["status"] == "ok" and r["seq"] == TARGET_SEQ}
+
+
 def target_bound(rows, shape: Shape, matmul_rate: float) -> list[str]:
     """What the >= TARGET_RATIO x HF target asks of this machine: the step time it allows against the
     time the char LM's matrix products alone take at `matmul_rate` (FLOP/s of one large matmul)."""
-    ok = {r["model"]: r for r in rows if r["group"] == "vs HF" and r["status"] == "ok" and r["seq"] == TARGET_SEQ}
+    ok = _timed_at_target(rows)
     if HF not in ok:
         return []
     allowed = ok[HF]["seconds"] / TARGET_RATIO
@@ -817,8 +822,7 @@ def main(argv=None) -> None:
     peer = peer_rows(shape, peer_seqs, args.peer_repeats or repeats, programs) if args.peer else []
     # After the comparison, before the matrix: the yardstick of the target's bound, on the same machine,
     # measured only where HF's step was timed at the target's length.
-    hf_timed = any(r["model"] == HF and r["seq"] == TARGET_SEQ and r["status"] == "ok" for r in peer)
-    matmul_rate = bench_common.matmul_flops_per_second() if hf_timed else None
+    matmul_rate = bench_common.matmul_flops_per_second() if HF in _timed_at_target(peer) else None
     rows = matrix_rows(preset, seqs, impls, repeats, programs, args.only, args.warmup) + peer
     search = max_seq_rows(preset, impls, budget, args.search_positions) if args.max_seq else []
     wall = time.perf_counter() - start
